@@ -1,0 +1,47 @@
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no DNS lookups from gradio
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+
+import glob
+import importlib.util
+
+import numpy as np
+import pytest
+
+from voxtral_app import checkpoint
+from voxtral_app.audio import SAMPLE_RATE, prepare, read_wav
+from voxtral_app.engine import EngineOptions, load_engine
+
+
+def package_file(package: str, *parts: str) -> str:
+    return os.path.join(os.path.dirname(importlib.util.find_spec(package).origin), *parts)
+
+
+SPEECH_WAV = package_file("fastrtc", "speech_to_text", "test_file.wav")  # ~ a spoken sentence
+GRADIO_WAVS = sorted(glob.glob(package_file("gradio", "media_assets", "audio", "*.wav")))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """A tiny random Voxtral and a real Tekken tokenizer, saved as a checkpoint directory."""
+    return checkpoint.build_tiny(str(tmp_path_factory.mktemp("tiny-voxtral")))
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_checkpoint):
+    """The tiny checkpoint loaded through the same code users hit (CPU, eager)."""
+    return load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=4, max_tokens=2048))
+
+
+@pytest.fixture(scope="session")
+def speech() -> np.ndarray:
+    """Real speech, mono float32 at 16 kHz."""
+    rate, samples = read_wav(SPEECH_WAV)
+    return prepare(rate, samples, max_seconds=300)
+
+
+@pytest.fixture(scope="session")
+def other_speech() -> np.ndarray:
+    rate, samples = read_wav(GRADIO_WAVS[0])
+    return prepare(rate, samples, max_seconds=300)[: 4 * SAMPLE_RATE]

@@ -1,0 +1,159 @@
+"""The engine against plain transformers generate, on the tiny random Voxtral (CPU)."""
+
+import base64
+
+import numpy as np
+import pytest
+import torch
+
+from voxtral_app import prompt
+from voxtral_app.audio import wav_bytes
+from voxtral_app.engine import EngineOptions, ModelLoadError, Sampling, load_engine
+
+GREEDY = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=24)
+
+
+def reference_tokens(engine, inputs, max_new_tokens):
+    """Greedy tokens from transformers' own generate for processor-made inputs."""
+    out = engine.model.generate(**inputs.to(engine.device), do_sample=False, max_new_tokens=max_new_tokens,
+                                eos_token_id=engine.eos_id, pad_token_id=engine.eos_id)
+    tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+    return tokens[: tokens.index(engine.eos_id)] if engine.eos_id in tokens else tokens
+
+
+def run(reply) -> str:
+    return "".join(reply)
+
+
+def test_stream_matches_plain_generate(engine, speech):
+    chat = engine.open_chat()
+    try:
+        reply = chat.start(speech, text="What was said?", sampling=GREEDY)
+        pieces = list(reply)
+    finally:
+        chat.close()
+    inputs = engine.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "audio", "base64": base64.b64encode(wav_bytes(speech)).decode()},
+                                      {"type": "text", "text": "What was said?"}]}], return_dict=True)
+    expected = reference_tokens(engine, inputs, GREEDY.max_new_tokens)
+    assert len(expected) > 3
+    assert reply.tokens == expected
+    assert "".join(pieces) == engine.processor.tokenizer.decode(expected, skip_special_tokens=True)
+    assert len(pieces) > 1  # streamed piece by piece, not in one go
+
+
+def pcm16(audio):
+    """The processor writes arrays as 16-bit WAV: hand both sides the same 16-bit samples."""
+    return np.round(audio * 32768).clip(-32768, 32767).astype(np.float32) / 32768
+
+
+def test_transcription_matches_plain_generate(engine, speech):
+    speech = pcm16(speech)
+    chat = engine.open_chat()
+    try:
+        reply = chat.transcribe(speech, language="en")
+        text = run(reply)
+        assert chat.messages == []  # transcripts are not part of the conversation
+    finally:
+        chat.close()
+    inputs = engine.processor.apply_transcription_request(language="en", audio=speech, model_id="voxtral",
+                                                          sampling_rate=16000, format=["wav"])
+    expected = reference_tokens(engine, inputs, 1024)
+    assert reply.tokens == expected
+    assert text == engine.processor.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_kv_reuse_matches_reencoding_everything(engine, speech, other_speech):
+    chat = engine.open_chat()
+    fresh = engine.open_chat()
+    try:
+        run(chat.start(speech, sampling=GREEDY))
+        second = chat.start(other_speech, text="And now?", sampling=GREEDY)
+        run(second)
+        history = chat.messages[:2]
+        assert history[1]["role"] == "assistant"
+
+        fresh.messages = list(history)
+        again = fresh.start(other_speech, text="And now?", sampling=GREEDY)
+        run(again)
+    finally:
+        chat.close()
+        fresh.close()
+    assert second.stats["cached_tokens"] > 375  # turn 1's audio was not encoded again
+    assert second.stats["prefill_tokens"] < again.stats["prefill_tokens"]
+    assert again.stats["cached_tokens"] == 0
+    assert second.tokens == again.tokens and len(second.tokens) > 3
+
+
+def test_concurrent_chats_match_running_alone(engine, speech, other_speech):
+    alone = []
+    for clip in (speech, other_speech):
+        chat = engine.open_chat()
+        alone.append(chat.start(clip, sampling=GREEDY))
+        run(alone[-1])
+        chat.close()
+    chats = [engine.open_chat() for _ in range(2)]
+    together = [chat.start(clip, sampling=GREEDY) for chat, clip in zip(chats, (speech, other_speech))]
+    texts = [run(reply) for reply in together]
+    for chat in chats:
+        chat.close()
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+    assert texts[0] != texts[1]
+
+
+def test_cancel_stops_generation(engine, speech):
+    chat = engine.open_chat()
+    reply = chat.start(speech, sampling=Sampling(max_new_tokens=500))
+    next(iter(reply))
+    chat.cancel()
+    rest = run(reply)
+    chat.settle()
+    assert reply.done and reply.generation.count < 500
+    assert chat.messages[-1]["role"] == "assistant" and chat.messages[-1]["content"] == reply.text
+    chat.close()
+    assert rest is not None
+
+
+def test_long_conversation_drops_oldest_turns(tiny_checkpoint, speech):
+    engine = load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=1, max_tokens=1024, warmup=False))
+    chat = engine.open_chat()
+    for _ in range(4):  # each turn is ~390 prompt tokens; only two fit with the reply budget
+        run(chat.start(speech, sampling=GREEDY))
+    users = [m for m in chat.messages if m["role"] == "user"]
+    assert 1 <= len(users) <= 2
+    chat.close()
+
+
+def test_compiled_path_matches_eager(tiny_checkpoint, engine, speech):
+    compiled = load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=2, max_tokens=2048,
+                                         compile=True))
+    assert compiled.decoder.compiled
+    replies = []
+    for eng in (compiled, engine):
+        chat = eng.open_chat()
+        replies.append(chat.start(speech, sampling=GREEDY))
+        run(replies[-1])
+        chat.close()
+    assert replies[0].tokens == replies[1].tokens
+
+
+def test_missing_model_says_how_to_point_at_a_local_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for model in (str(tmp_path / "nowhere"), "mistralai/not-a-real-voxtral"):
+        with pytest.raises(ModelLoadError, match="--model"):
+            load_engine(EngineOptions(model=model, device="cpu"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="not a loadable Voxtral checkpoint"):
+        load_engine(EngineOptions(model=str(tmp_path / "empty"), device="cpu"))
+
+
+def test_sampling_follows_temperature(engine, speech):
+    chat = engine.open_chat()
+    outputs = set()
+    for _ in range(3):
+        reply = chat.start(speech, sampling=Sampling(temperature=1.0, top_p=1.0, max_new_tokens=8))
+        outputs.add(tuple(list(reply) and reply.tokens))
+        chat.reset()
+    chat.close()
+    assert len(outputs) > 1  # random weights, temperature 1: replies differ
+    assert torch.get_num_threads() >= 1

@@ -1,0 +1,60 @@
+"""Token ids from our prompt code == mistral-common's reference encoding of the same request."""
+
+import base64
+import os
+
+from mistral_common.protocol.instruct.chunk import AudioChunk, RawAudio, TextChunk
+from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.transcription.request import TranscriptionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from transformers import AutoProcessor
+
+from voxtral_app import prompt
+from voxtral_app.audio import wav_bytes
+from voxtral_app.checkpoint import AUDIO_TOKEN_ID, BEGIN_AUDIO_ID, TRANSCRIBE_ID
+
+
+def raw_audio(clip):
+    return RawAudio(data=base64.b64encode(wav_bytes(clip)).decode(), format="wav")
+
+
+def test_multi_turn_audio_chat_matches_mistral_common(tiny_checkpoint, speech, other_speech):
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    messages = [
+        prompt.user_message(speech),
+        prompt.assistant_message("Hello there."),
+        prompt.user_message(other_speech, "And this one?"),
+    ]
+    ours = prompt.chat_prompt(processor, messages)
+
+    reference = MistralTokenizer.from_file(os.path.join(tiny_checkpoint, "tekken.json")).encode_chat_completion(
+        ChatCompletionRequest(messages=[
+            UserMessage(content=[AudioChunk(input_audio=raw_audio(speech))]),
+            AssistantMessage(content="Hello there."),
+            UserMessage(content=[AudioChunk(input_audio=raw_audio(other_speech)), TextChunk(text="And this one?")]),
+        ]))
+    assert ours.ids == reference.tokens
+    # 20.75 s -> one 30 s block (375 tokens); 4 s -> one block
+    assert ours.ids.count(BEGIN_AUDIO_ID) == 2
+    assert ours.ids.count(AUDIO_TOKEN_ID) == 2 * 375
+    assert len(ours.audio) == 2 and all(len(clip) % prompt.CHUNK_SAMPLES == 0 for clip in ours.audio)
+
+
+def test_transcription_request_matches_mistral_common(tiny_checkpoint, speech):
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    tokenizer = MistralTokenizer.from_file(os.path.join(tiny_checkpoint, "tekken.json"))
+    for language in ("en", None):
+        ours = prompt.transcription_prompt(processor, speech, language, "voxtral")
+        reference = tokenizer.encode_transcription(
+            TranscriptionRequest(model="voxtral", audio=raw_audio(speech), language=language))
+        assert ours.ids == reference.tokens
+        assert ours.ids[-1] == TRANSCRIBE_ID
+    assert processor.tokenizer.decode(ours.ids[-5:]).endswith("[/INST][TRANSCRIBE]")
+
+
+def test_audio_features_one_chunk_per_30_seconds(tiny_checkpoint, speech):
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    long_clip = prompt.chat_prompt(processor, [prompt.user_message(speech.repeat(2))]).audio[0]  # 41.5 s
+    features = prompt.audio_features(processor, [long_clip], "cpu")
+    assert tuple(features.shape) == (2, 128, prompt.CHUNK_FRAMES)

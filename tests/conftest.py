@@ -45,3 +45,51 @@ def speech() -> np.ndarray:
 def other_speech() -> np.ndarray:
     rate, samples = read_wav(GRADIO_WAVS[0])
     return prepare(rate, samples, max_seconds=300)[: 4 * SAMPLE_RATE]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """The real app (uvicorn) on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app):
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    ws="websockets"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        import time
+
+        while not self.server.started:
+            time.sleep(0.05)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def app_engine(tiny_checkpoint):
+    """A separate engine for the served app, so server tests never share slots with engine tests."""
+    return load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=3, max_tokens=4096))
+
+
+@pytest.fixture(scope="session")
+def live_server(app_engine):
+    from voxtral_app.server import create_app
+    from voxtral_app.tts import VoiceOptions, load_speaker
+
+    server = LiveServer(create_app(app_engine, speaker=load_speaker(VoiceOptions(engine="espeak"))))
+    yield server
+    server.stop()

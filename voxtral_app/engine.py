@@ -84,8 +84,12 @@ def checkpoint_path(model: str) -> str:
                              f"{error}). {download_hint(model)}") from error
 
 
-def load_engine(options: EngineOptions) -> "Engine":
-    """Load processor and model from a hub id or local directory and start the decode thread."""
+def load_engine(options: EngineOptions, background_warmup: bool = False) -> "Engine":
+    """Load processor and model from a hub id or local directory and start the decode thread.
+
+    With `background_warmup` the warm-up (and compilation) runs while the caller goes on to
+    serve; `engine.ready` is set when it is done.
+    """
     from transformers import AutoProcessor, VoxtralForConditionalGeneration
 
     device = resolve_device(options.device)
@@ -100,7 +104,14 @@ def load_engine(options: EngineOptions) -> "Engine":
                              f"{download_hint(options.model)}") from error
     model.eval()
     logger.info("loaded %s on %s (%s) in %.1f s", options.model, device, dtype, time.perf_counter() - started)
-    return Engine(model, processor, options)
+    engine = Engine(model, processor, options)
+    if not options.warmup:
+        engine.ready.set()
+    elif background_warmup:
+        threading.Thread(target=engine.warm_up, name="voxtral-warmup", daemon=True).start()
+    else:
+        engine.warm_up()
+    return engine
 
 
 @dataclass(eq=False)
@@ -144,9 +155,8 @@ class Engine:
         self.active: list[Generation] = []
         self.wake = threading.Condition()
         self.thread = threading.Thread(target=self.run, name="voxtral-decode", daemon=True)
+        self.ready = threading.Event()  # set once warm-up (and compilation) is done
         self.thread.start()
-        if options.warmup:
-            self.warm_up()
 
     # -- conversations --------------------------------------------------------------------------
 
@@ -186,6 +196,7 @@ class Engine:
         finally:
             for chat in chats:
                 chat.close()
+            self.ready.set()
         logger.info("warm-up done in %.1f s (compiled: %s)", time.perf_counter() - started, self.decoder.compiled)
 
     # -- decode thread --------------------------------------------------------------------------
@@ -344,10 +355,10 @@ class Chat:
     def discard(self, reply: Reply) -> None:
         """Drop a reply that was started speculatively, and the user turn it answered."""
         reply.cancel()
-        reply.record = False
+        recorded, reply.record = reply.record, False
         if self.current is reply:
             self.settle()
-            if reply.generation.ids and self.messages and self.messages[-1]["role"] == "user":
+            if recorded and self.messages and self.messages[-1]["role"] == "user":
                 self.messages.pop()
 
     def cancel(self) -> None:

@@ -1,0 +1,282 @@
+"""The reply step: a finished turn of speech -> Voxtral's streamed reply, as chat updates (and speech).
+
+`VoxtralHandler` is fastrtc's ReplyOnPause with our turn-taking (streaming VAD, short pause,
+retract-on-resume, barge-in) and one `Conversation` per connection: fastrtc copies the handler for
+each WebRTC, WebSocket or phone connection, so a conversation's messages and KV cache live on that
+copy and never reach another connection. Replies go out as AdditionalOutputs(history, status): the
+Gradio chat messages and a small status dict (latencies), and as audio when replies are spoken.
+"""
+
+import asyncio
+import logging
+import queue
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from fastrtc import AdditionalOutputs, ReplyOnPause
+from fastrtc.utils import create_message, get_current_context
+
+from .audio import SAMPLE_RATE, AudioError, prepare
+from .engine import CHAT, TRANSCRIBE, Chat, Engine, EngineBusy, Reply
+from .tts import SentenceSplitter
+from .turn import TurnEvent, TurnOptions, TurnTaker
+from .vad import SileroPauseModel, to_16k
+
+logger = logging.getLogger(__name__)
+
+MODES = ("chat", "transcribe")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One connection's choices in the UI (or from `stream.set_input(webrtc_id, *values)`)."""
+
+    mode: str = "chat"  # "chat": Voxtral answers; "transcribe": Voxtral writes down what was said
+    language: str = ""  # transcription language code, "" = let Voxtral detect it
+    temperature: float = CHAT.temperature  # chat sampling temperature (transcription is always greedy)
+    spoken: bool = False  # also speak replies (always on for phone calls)
+
+    @classmethod
+    def from_values(cls, values: list) -> "Settings":
+        """UI input values (mode, language, temperature, spoken), tolerant of junk and short lists."""
+        names = ("mode", "language", "temperature", "spoken")
+        values = [v for v in values if not hasattr(v, "webrtc_id")][-len(names):]  # drop the WebRTC value
+        given = dict(zip(names, values))
+        mode = given.get("mode") if given.get("mode") in MODES else cls.mode
+        try:
+            temperature = min(max(float(given.get("temperature", cls.temperature)), 0.0), 2.0)
+        except (TypeError, ValueError):
+            temperature = cls.temperature
+        language = str(given.get("language") or "").strip().lower()[:8]
+        return cls(mode, "" if language in ("", "auto") else language, temperature, bool(given.get("spoken")))
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    turns: TurnOptions = TurnOptions()
+    max_audio_s: float = 300.0  # a turn longer than this keeps its last part (engine's cap)
+    ui_interval_s: float = 0.05  # streamed text reaches the UI at most this often (first token at once)
+    phone_spoken: bool = True  # phone callers cannot read: replies are spoken on calls
+
+
+@dataclass
+class Turn:
+    """Timings of one turn, for the INFO line and the UI."""
+
+    speech_end: float  # perf_counter time the last speech arrived
+    turn_end: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+
+    def status(self, reply: Reply | None) -> dict:
+        stats = reply.stats if reply is not None else {}
+        first = None if self.first_token is None else round((self.first_token - self.speech_end) * 1000)
+        return {"pause_ms": round((self.turn_end - self.speech_end) * 1000), "first_token_ms": first,
+                "tokens": stats.get("tokens", 0), "tokens_per_s": round(stats.get("tokens_per_s", 0.0), 1),
+                "prefill_tokens": stats.get("prefill_tokens", 0), "cached_tokens": stats.get("cached_tokens", 0)}
+
+
+class Conversation:
+    """One person's conversation: engine chat (KV cache) + the chat messages the UI shows."""
+
+    def __init__(self, engine: Engine, options: ChatOptions, speaker=None):
+        self.engine = engine
+        self.options = options
+        self.speaker = speaker  # text-to-speech for spoken replies (None: text only)
+        self.chat: Chat | None = None
+        self.history: list[dict] = []  # gradio "messages" format
+        self.last_reply: Reply | None = None
+        self.last_shown = 0  # history length before the last turn was shown (for retraction)
+
+    def open(self) -> None:
+        if self.chat is None:
+            self.chat = self.engine.open_chat()
+
+    def close(self) -> None:
+        if self.chat is not None:
+            self.chat.close()
+            self.chat = None
+
+    def clear(self) -> None:
+        if self.chat is not None:
+            self.chat.reset()
+        self.history = []
+        self.last_reply = None
+
+    def cancel(self) -> None:
+        if self.last_reply is not None:
+            self.last_reply.cancel()
+
+    def retract(self) -> AdditionalOutputs:
+        """Take back the last turn and its reply: the person was not done speaking."""
+        if self.last_reply is not None and self.chat is not None:
+            self.chat.discard(self.last_reply)
+            self.last_reply = None
+        self.history = self.history[: self.last_shown]
+        return AdditionalOutputs(list(self.history), {"retracted": True})
+
+    def outputs(self, status: dict) -> AdditionalOutputs:
+        return AdditionalOutputs([dict(m) for m in self.history], status)
+
+    def respond(self, rate: int, samples: np.ndarray, settings: Settings, speech_end: float | None = None,
+                spoken: bool = False) -> Iterator:
+        """One turn: audio in -> AdditionalOutputs as the reply streams (with audio when spoken)."""
+        turn = Turn(speech_end=speech_end or time.perf_counter())
+        self.last_shown = len(self.history)
+        try:
+            audio = prepare(rate, samples, self.options.max_audio_s)
+        except AudioError as error:
+            yield self.outputs({"error": str(error)})
+            return
+        self.open()
+        label = "🎙️ %.1f s of speech" % (len(audio) / SAMPLE_RATE)
+        self.history.append({"role": "user", "content": label})
+        if settings.mode == "transcribe":
+            reply = self.chat.transcribe(audio, settings.language or None)
+        else:
+            reply = self.chat.start(audio, sampling=replace(CHAT, temperature=settings.temperature))
+        self.last_reply = reply
+        self.history.append({"role": "assistant", "content": ""})
+        splitter = SentenceSplitter() if spoken and self.speaker is not None else None
+        last_update = 0.0
+        try:
+            for piece in reply:
+                now = time.perf_counter()
+                if turn.first_token is None:
+                    turn.first_token = now
+                self.history[-1]["content"] = reply.text
+                sentences = splitter.push(piece) if splitter is not None else []
+                for sentence in sentences:
+                    yield self.speaker.synthesize(sentence), self.outputs(turn.status(reply))
+                    last_update = time.perf_counter()
+                if not sentences and (last_update == 0.0 or now - last_update >= self.options.ui_interval_s):
+                    yield self.outputs(turn.status(reply))
+                    last_update = now
+            for sentence in splitter.flush() if splitter is not None else []:
+                yield self.speaker.synthesize(sentence), self.outputs(turn.status(reply))
+        except RuntimeError as error:  # the engine failed this turn: say so, keep serving
+            logger.exception("turn failed")
+            self.history[-1]["content"] = reply.text + f"\n\n⚠️ {error}"
+        status = turn.status(reply)
+        if reply.generation.cancelled.is_set():
+            status["interrupted"] = True
+        if not reply.text and not reply.generation.cancelled.is_set():
+            self.history[-1]["content"] = "…"  # nothing generated (an immediate end of sequence)
+        self.history[-1]["metadata"] = {"title": latency_line(status)}
+        logger.info("turn: mode=%s audio=%.1fs pause=%sms first_token=%sms prefill=%d cached=%d tokens=%d %.1f tok/s%s",
+                    settings.mode, len(audio) / SAMPLE_RATE, status["pause_ms"], status["first_token_ms"],
+                    status["prefill_tokens"], status["cached_tokens"], status["tokens"], status["tokens_per_s"],
+                    " (interrupted)" if status.get("interrupted") else "")
+        yield self.outputs(status)
+
+
+def latency_line(status: dict) -> str:
+    first = status.get("first_token_ms")
+    parts = [f"⏱ {first} ms to first token" if first is not None else "⏱ no tokens",
+             f"{status.get('tokens_per_s', 0)} tok/s"]
+    if status.get("interrupted"):
+        parts.append("interrupted")
+    return " · ".join(parts)
+
+
+class VoxtralHandler(ReplyOnPause):
+    """ReplyOnPause with streaming turn-taking and a per-connection Voxtral conversation."""
+
+    def __init__(self, engine: Engine, options: ChatOptions = ChatOptions(), speaker=None):
+        super().__init__(self.reply, model=SileroPauseModel(), input_sample_rate=SAMPLE_RATE,
+                         output_sample_rate=24_000, can_interrupt=True)
+        self.engine = engine
+        self.options = options
+        self.speaker = speaker
+        self.conversation = Conversation(engine, options, speaker)
+        self.turns = TurnTaker(options.turns)
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # ("turn", TurnEvent) | ("retract", None)
+        self.settings = Settings()
+        self.refused: str | None = None
+
+    def copy(self) -> "VoxtralHandler":
+        return VoxtralHandler(self.engine, self.options, self.speaker)
+
+    # -- connection lifetime ----------------------------------------------------------------------
+
+    def start_up(self) -> None:
+        try:
+            self.conversation.open()
+        except EngineBusy as error:
+            self.refused = f"The server is full ({error}). Please try again in a minute."
+            logger.warning("refused a connection: %s", error)
+            self.send_message_sync(create_message("error", self.refused))
+
+    def shutdown(self) -> None:
+        self.conversation.cancel()
+        self.conversation.close()
+
+    def set_args(self, args: list) -> None:
+        super().set_args(args)
+        self.settings = Settings.from_values(list(args))
+        if self.phone_mode:
+            self.settings = replace(self.settings, spoken=self.options.phone_spoken)
+
+    # -- audio in: turn events --------------------------------------------------------------------
+
+    def receive(self, frame: tuple[int, np.ndarray]) -> None:
+        if self.refused:
+            return
+        rate, samples = frame
+        for event in self.turns.feed(to_16k(rate, samples)):
+            self.on_turn_event(event)
+
+    def on_turn_event(self, event: TurnEvent) -> None:
+        if event.kind == "speech":  # barge-in: stop the reply being generated and spoken
+            if self.generator is not None:
+                logger.info("barge-in: stopping the reply")
+                self.conversation.cancel()
+                self.stop_speaking()
+        elif event.kind == "resume":  # the turn was not over: take the reply back
+            logger.debug("speech resumed %.0f ms after the turn ended; retracting", 1000 * self.turns.options.resume_s)
+            self.conversation.cancel()
+            self.stop_speaking()
+            self.jobs.put(("retract", None))
+        elif event.kind == "end":
+            self.jobs.put(("turn", event))
+            self.event.set()
+
+    def stop_speaking(self) -> None:
+        self.clear_queue()
+        if self.phone_mode:  # Twilio keeps playing what it has buffered until told to clear
+            context = get_current_context()
+            if context.websocket is not None:
+                asyncio.run_coroutine_threadsafe(
+                    context.websocket.send_json({"event": "clear", "streamSid": context.webrtc_id}), self.loop)
+
+    # -- replies out ------------------------------------------------------------------------------
+
+    def emit(self):
+        if self.generator is None:
+            try:
+                kind, event = self.jobs.get(timeout=0.02)  # block briefly: fastrtc polls emit in a loop
+            except queue.Empty:
+                return None
+            self.send_message_sync(create_message("log", "pause_detected"))
+            if kind == "retract":
+                return self.conversation.retract()
+            self.generator = self.reply(event)
+        try:
+            return next(self.generator)
+        except StopIteration:
+            self.generator = None
+            self.send_message_sync(create_message("log", "response_starting"))
+            return None
+        except Exception as error:  # a turn boundary: log, tell the person, keep serving
+            logger.exception("reply failed")
+            self.generator = None
+            return AdditionalOutputs(list(self.conversation.history), {"error": f"reply failed: {error}"})
+
+    def reply(self, event: TurnEvent):
+        """fastrtc's reply fn, for one finished turn (audio as float32 16 kHz)."""
+        spoken = self.settings.spoken or self.phone_mode
+        yield from self.conversation.respond(SAMPLE_RATE, event.audio, self.settings, event.speech_end, spoken)
+
+    def reset(self) -> None:  # ReplyOnPause's reset would drop our queued turns; nothing to reset here
+        self.generator = None

@@ -1,0 +1,143 @@
+"""A headless client for the app (aiortc WebRTC): speak audio into it and read the replies.
+
+Used by the tests and bench/turn_latency.py, and handy for scripting the app:
+
+    client = await Client.connect("http://127.0.0.1:7860")
+    sent = await client.say(audio_16k)        # real-time paced; -> when the last sample went out
+    history = await client.reply()            # the chat history once the reply is complete
+"""
+
+import asyncio
+import fractions
+import json
+import time
+import uuid
+
+import httpx
+import numpy as np
+import soxr
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
+from av import AudioFrame
+
+from .audio import SAMPLE_RATE
+
+RTC_RATE = 48_000  # Hz, what WebRTC (Opus) carries
+FRAME = 960  # samples per 20 ms frame at 48 kHz
+
+
+class SpeechTrack(AudioStreamTrack):
+    """A microphone that plays queued audio in real time and silence in between."""
+
+    def __init__(self):
+        super().__init__()
+        self.buffer = np.zeros(0, dtype=np.int16)
+        self.marks: list[tuple[int, asyncio.Future]] = []  # (samples still to send, future set when sent)
+        self.sent = 0
+
+    def play(self, audio: np.ndarray, mark_at: float | None = None) -> asyncio.Future:
+        """Queue float32 16 kHz audio; the future gets the perf_counter time sample `mark_at` s went out."""
+        pcm = soxr.resample(audio.astype(np.float32), SAMPLE_RATE, RTC_RATE)
+        offset = len(self.buffer) + int((len(audio) / SAMPLE_RATE if mark_at is None else mark_at) * RTC_RATE)
+        self.buffer = np.concatenate([self.buffer, (np.clip(pcm, -1, 1) * 32767).astype(np.int16)])
+        future = asyncio.get_running_loop().create_future()
+        self.marks.append((self.sent + offset, future))
+        return future
+
+    @property
+    def queued_s(self) -> float:
+        return len(self.buffer) / RTC_RATE
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if hasattr(self, "_timestamp"):
+            self._timestamp += FRAME
+            await asyncio.sleep(self._start + self._timestamp / RTC_RATE - time.time())
+        else:
+            self._start, self._timestamp = time.time(), 0
+        chunk, self.buffer = self.buffer[:FRAME], self.buffer[FRAME:]
+        chunk = np.pad(chunk, (0, FRAME - len(chunk)))
+        self.sent += FRAME
+        now = time.perf_counter()
+        for mark in [m for m in self.marks if m[0] <= self.sent]:
+            if not mark[1].done():
+                mark[1].set_result(now)
+            self.marks.remove(mark)
+        frame = AudioFrame.from_ndarray(chunk[None], format="s16", layout="mono")
+        frame.pts, frame.sample_rate, frame.time_base = self._timestamp, RTC_RATE, fractions.Fraction(1, RTC_RATE)
+        return frame
+
+
+class Client:
+    """One WebRTC connection to /webrtc/offer plus the /outputs event stream."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.webrtc_id = uuid.uuid4().hex[:12]
+        self.pc = RTCPeerConnection()
+        self.track = SpeechTrack()
+        self.events: asyncio.Queue = asyncio.Queue()  # (perf_counter time, {"history", "status"})
+        self.messages: list[str] = []  # data-channel messages from the server
+        self.http = httpx.AsyncClient(timeout=30)
+        self.reader: asyncio.Task | None = None
+
+    @classmethod
+    async def connect(cls, url: str, **settings) -> "Client":
+        client = cls(url)
+        await client.start(settings)
+        return client
+
+    async def start(self, settings: dict) -> None:
+        self.pc.addTrack(self.track)
+        channel = self.pc.createDataChannel("text")
+        channel.on("message", self.messages.append)
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        response = await self.http.post(f"{self.url}/webrtc/offer", json={
+            "sdp": self.pc.localDescription.sdp, "type": "offer", "webrtc_id": self.webrtc_id})
+        answer = response.json()
+        if response.status_code != 200 or "sdp" not in answer:
+            raise ConnectionError(f"offer refused ({response.status_code}): {answer}")
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        for _ in range(100):  # the outputs route exists once the audio track is connected
+            if (await self.http.get(f"{self.url}/health")).status_code == 200 and await self.open_outputs():
+                break
+            await asyncio.sleep(0.05)
+        if settings:
+            await self.http.post(f"{self.url}/input", json={"webrtc_id": self.webrtc_id, **settings})
+
+    async def open_outputs(self) -> bool:
+        request = self.http.build_request("GET", f"{self.url}/outputs", params={"webrtc_id": self.webrtc_id})
+        response = await self.http.send(request, stream=True)
+        if response.status_code != 200:
+            await response.aclose()
+            return False
+        self.reader = asyncio.create_task(self.read(response))
+        return True
+
+    async def read(self, response) -> None:
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                self.events.put_nowait((time.perf_counter(), json.loads(line[6:])))
+
+    def say(self, audio: np.ndarray, speech_end_s: float | None = None) -> asyncio.Future:
+        """Speak float32 16 kHz audio; -> future: perf_counter time the end of speech was sent."""
+        return self.track.play(audio, speech_end_s)
+
+    async def next_event(self, timeout: float = 30.0) -> tuple[float, dict]:
+        return await asyncio.wait_for(self.events.get(), timeout)
+
+    async def reply(self, timeout: float = 60.0) -> list[dict]:
+        """Wait for a finished reply (a status with a latency line); -> the chat history."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            _, event = await self.next_event(max(0.1, deadline - time.perf_counter()))
+            history = event["history"]
+            if history and history[-1]["role"] == "assistant" and history[-1].get("metadata"):
+                return history
+
+    async def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+        await self.pc.close()
+        await self.http.aclose()

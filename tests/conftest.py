@@ -63,6 +63,7 @@ class LiveServer:
 
         import uvicorn
 
+        self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
@@ -87,9 +88,11 @@ def app_engine(tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def live_server(app_engine):
+    from voxtral_app.chat import ChatOptions
     from voxtral_app.server import create_app
     from voxtral_app.tts import VoiceOptions, load_speaker
 
-    server = LiveServer(create_app(app_engine, speaker=load_speaker(VoiceOptions(engine="espeak"))))
+    options = ChatOptions(reply_tokens=48)  # short replies keep the tests quick
+    server = LiveServer(create_app(app_engine, options, speaker=load_speaker(VoiceOptions(engine="espeak"))))
     yield server
     server.stop()

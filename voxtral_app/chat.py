@@ -57,6 +57,7 @@ class Settings:
 class ChatOptions:
     turns: TurnOptions = TurnOptions()
     max_audio_s: float = 300.0  # a turn longer than this keeps its last part (engine's cap)
+    reply_tokens: int = CHAT.max_new_tokens  # longest chat reply, tokens
     ui_interval_s: float = 0.05  # streamed text reaches the UI at most this often (first token at once)
     phone_spoken: bool = True  # phone callers cannot read: replies are spoken on calls
 
@@ -135,7 +136,8 @@ class Conversation:
         if settings.mode == "transcribe":
             reply = self.chat.transcribe(audio, settings.language or None)
         else:
-            reply = self.chat.start(audio, sampling=replace(CHAT, temperature=settings.temperature))
+            reply = self.chat.start(audio, sampling=replace(CHAT, temperature=settings.temperature,
+                                                                  max_new_tokens=self.options.reply_tokens))
         self.last_reply = reply
         self.history.append({"role": "assistant", "content": ""})
         splitter = SentenceSplitter() if spoken and self.speaker is not None else None

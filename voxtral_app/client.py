@@ -127,14 +127,19 @@ class Client:
     async def next_event(self, timeout: float = 30.0) -> tuple[float, dict]:
         return await asyncio.wait_for(self.events.get(), timeout)
 
-    async def reply(self, timeout: float = 60.0) -> list[dict]:
-        """Wait for a finished reply (a status with a latency line); -> the chat history."""
+    async def reply(self, timeout: float = 60.0, quiet_s: float = 1.2) -> list[dict]:
+        """Wait for a finished reply that stays (no retraction within `quiet_s`); -> the chat history."""
         deadline = time.perf_counter() + timeout
+        history = None
         while True:
-            _, event = await self.next_event(max(0.1, deadline - time.perf_counter()))
+            finished = bool(history) and history[-1]["role"] == "assistant" and bool(history[-1].get("metadata"))
+            try:
+                _, event = await self.next_event(quiet_s if finished else max(0.1, deadline - time.perf_counter()))
+            except TimeoutError:
+                if finished:
+                    return history
+                raise
             history = event["history"]
-            if history and history[-1]["role"] == "assistant" and history[-1].get("metadata"):
-                return history
 
     async def close(self) -> None:
         if self.reader is not None:

@@ -49,8 +49,8 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
         status = gr.Markdown(engine_status(engine))
         with gr.Row():
             with gr.Column(scale=1):
-                microphone = WebRTC(modality="audio", mode="send-receive", label="Microphone",
-                                    rtc_configuration=rtc_configuration)
+                microphone = WebRTC(modality="audio", mode="send-receive", label="Microphone",  # full_screen would cover the page
+                                    rtc_configuration=rtc_configuration, full_screen=False)
                 mode = gr.Radio(["chat", "transcribe"], value="chat", label="Mode")
                 language = gr.Dropdown(LANGUAGES, value="auto", label="Transcription language")
                 temperature = gr.Slider(0.0, 1.0, value=Settings.temperature, step=0.05, label="Temperature")

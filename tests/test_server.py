@@ -1,0 +1,192 @@
+"""The served app on 127.0.0.1 with real clients: aiortc WebRTC, WebSockets, plain HTTP."""
+
+import asyncio
+import audioop
+import base64
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+import websockets
+
+from voxtral_app.audio import SAMPLE_RATE
+from conftest import LiveServer
+from voxtral_app.chat import ChatOptions
+from voxtral_app.client import Client
+from voxtral_app.server import create_app
+
+SILENCE = np.zeros(int(1.5 * SAMPLE_RATE), np.float32)
+
+
+def utterance(speech, seconds=3.0):
+    clip = speech[: int(seconds * SAMPLE_RATE)]
+    return np.concatenate([clip, SILENCE]), seconds
+
+
+def users(history):
+    return [m for m in history if m["role"] == "user"]
+
+
+async def turn(client, clip_and_end):
+    clip, end = clip_and_end
+    client.say(clip, end)
+    return await client.reply(60)
+
+
+def test_health(live_server):
+    body = httpx.get(f"{live_server.url}/health").json()
+    assert body["status"] == "ok" and body["device"] == "cpu" and body["max_sessions"] == 3
+    assert "active_sessions" in body
+
+
+def test_two_turns_over_webrtc(live_server, speech, other_speech):
+    async def run():
+        client = await Client.connect(live_server.url)
+        try:
+            first = await turn(client, utterance(speech))
+            second = await turn(client, utterance(other_speech))
+        finally:
+            await client.close()
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert [m["role"] for m in first] == ["user", "assistant"]
+    assert first[1]["content"].strip()
+    assert [m["role"] for m in second] == ["user", "assistant", "user", "assistant"]
+    assert "first token" in second[-1]["metadata"]["title"]
+
+
+def test_two_clients_see_only_their_own_history(live_server, speech, other_speech):
+    async def run():
+        a = await Client.connect(live_server.url)
+        b = await Client.connect(live_server.url, mode="transcribe")
+        try:
+            return await asyncio.gather(turn(a, utterance(speech, 2.0)), turn(b, utterance(other_speech, 3.0)))
+        finally:
+            await a.close()
+            await b.close()
+
+    history_a, history_b = asyncio.run(run())
+    assert [m["role"] for m in history_a] == ["user", "assistant"] == [m["role"] for m in history_b]
+    assert history_a[0]["content"].startswith("🎙️ 2.")  # only its own turn, not the other's
+    assert history_a[1]["content"] != history_b[1]["content"]
+
+
+def test_disconnect_mid_reply_stops_generation(app_engine, speech):
+    server = LiveServer(create_app(app_engine, ChatOptions(reply_tokens=3000)))  # a reply of ~1 min on CPU
+
+    async def run():
+        client = await Client.connect(server.url, temperature=1.0)
+        clip, end = utterance(speech)
+        client.say(clip, end)
+        while True:  # wait for the reply to start streaming, then hang up
+            _, event = await client.next_event(60)
+            if event["history"] and event["history"][-1]["role"] == "assistant" and event["history"][-1]["content"]:
+                break
+        await client.close()
+        return time.time()
+
+    try:
+        closed = asyncio.run(run())
+        while time.time() < closed + 10 and (app_engine.active or app_engine.active_chats):
+            time.sleep(0.05)
+        stopped = time.time() - closed
+    finally:
+        server.stop()
+    assert not app_engine.active and app_engine.active_chats == 0  # generation stopped, slot released
+    assert stopped < 5
+
+
+@pytest.mark.parametrize("body", [
+    "not json",
+    json.dumps({"type": "offer", "webrtc_id": "x"}),  # no sdp
+    json.dumps({"sdp": "v=0\r\ngarbage", "type": "offer", "webrtc_id": "y"}),
+    json.dumps({"sdp": "hello", "type": "offer", "webrtc_id": "z"}),
+    json.dumps({"sdp": "v=0", "type": "answer", "webrtc_id": "w"}),
+    json.dumps(["a list"]),
+])
+def test_bad_offers_get_4xx_and_server_keeps_serving(live_server, body):
+    response = httpx.post(f"{live_server.url}/webrtc/offer", content=body,
+                          headers={"content-type": "application/json"})
+    assert 400 <= response.status_code < 500
+    assert response.json()["status"] == "failed"
+    assert not live_server.app.state.stream.pcs  # no leaked peer connections
+    assert httpx.get(f"{live_server.url}/health").status_code == 200
+
+
+def test_video_only_sdp_is_refused(live_server):
+    async def run():
+        from aiortc import RTCPeerConnection
+
+        pc = RTCPeerConnection()
+        pc.createDataChannel("text")
+        await pc.setLocalDescription(await pc.createOffer())
+        response = httpx.post(f"{live_server.url}/webrtc/offer",
+                              json={"sdp": pc.localDescription.sdp, "type": "offer", "webrtc_id": "nodata"})
+        await pc.close()
+        return response
+
+    response = asyncio.run(run())
+    assert response.status_code == 400 and "audio" in response.json()["message"]
+
+
+def mulaw_frames(audio, rate, frame_s=0.02):
+    pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+    if rate != SAMPLE_RATE:
+        import soxr
+
+        pcm = (soxr.resample(audio, SAMPLE_RATE, rate) * 32767).clip(-32768, 32767).astype(np.int16)
+    step = int(rate * frame_s)
+    for i in range(0, len(pcm), step):
+        yield base64.b64encode(audioop.lin2ulaw(pcm[i:i + step].tobytes(), 2)).decode()
+
+
+def test_websocket_turn_and_bad_messages(live_server, speech):
+    async def run():
+        ws_url = live_server.url.replace("http", "ws") + "/websocket/offer"
+        async with websockets.connect(ws_url) as ws:
+            errors = []
+            for bad in ["{not json", json.dumps({"event": "media", "media": {"payload": "%%%"}}),
+                        json.dumps({"event": "teleport"}), json.dumps([1, 2])]:
+                await ws.send(bad)
+                errors.append(json.loads(await ws.recv()))
+            await ws.send(json.dumps({"event": "start", "websocket_id": "ws-1"}))
+            await asyncio.sleep(0.2)
+            async with httpx.AsyncClient(timeout=60) as http:
+                async with http.stream("GET", f"{live_server.url}/outputs", params={"webrtc_id": "ws-1"}) as events:
+                    clip, _ = utterance(speech)
+                    for payload in mulaw_frames(clip, SAMPLE_RATE):
+                        await ws.send(json.dumps({"event": "media", "media": {"payload": payload}}))
+                        await asyncio.sleep(0.02)
+                    async for line in events.aiter_lines():
+                        if line.startswith("data: "):
+                            history = json.loads(line[6:])["history"]
+                            if history and history[-1].get("metadata"):
+                                break
+            await ws.send(json.dumps({"event": "stop"}))
+            return errors, history
+
+    errors, history = asyncio.run(run())
+    assert all(e["event"] == "error" for e in errors) and len(errors) == 4
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    assert httpx.get(f"{live_server.url}/health").json()["status"] == "ok"
+
+
+def test_over_the_limit_gets_a_clear_message(live_server, app_engine):
+    async def run():
+        clients = [await Client.connect(live_server.url) for _ in range(app_engine.options.slots)]
+        try:
+            await asyncio.sleep(0.5)
+            with pytest.raises(ConnectionError, match="concurrency_limit_reached"):
+                await Client.connect(live_server.url)
+        finally:
+            for client in clients:
+                await client.close()
+
+    asyncio.run(run())
+    deadline = time.time() + 10
+    while time.time() < deadline and app_engine.active_chats:
+        time.sleep(0.1)
+    assert app_engine.active_chats == 0

@@ -78,10 +78,10 @@ def timed(device: torch.device, repeats: int, fn, *args) -> float:
 
 
 def copy_bandwidth(device: torch.device) -> float:
-    """Device memory bandwidth, bytes/s: a large copy reads and writes every byte once."""
+    """Device memory bandwidth, bytes/s: a large copy reads and writes every byte once (best of 10)."""
     source = torch.ones(COPY_BYTES[device.type], dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
-    return 2 * source.numel() / timed(device, 5, target.copy_, source)
+    return 2 * source.numel() / min(elapsed(device, target.copy_, source) for _ in range(10))
 
 
 def decode_step_bytes(model) -> int:
@@ -108,9 +108,11 @@ def build(config: str, device: torch.device, compile: bool | None, workdir: str)
         return engine.model, engine.processor, lambda: engine
     from transformers import AutoProcessor
 
+    config = checkpoint.full_size_config()
     checkpoint.save_processor(workdir)  # the tiny checkpoint's processor: the real Tekken tokenizer
+    config.save_pretrained(workdir)  # without config.json the tokenizer loads as TokenizersBackend, no chat template
     processor = AutoProcessor.from_pretrained(workdir)
-    model = checkpoint.random_model(checkpoint.full_size_config(), dtype=torch.bfloat16, device=str(device))
+    model = checkpoint.random_model(config, dtype=torch.bfloat16, device=str(device))
 
     def make_engine():
         engine = Engine(model, processor, options)
@@ -262,7 +264,9 @@ def measure(config: str, device: torch.device, compile: bool | None, tokens: int
     def turn(i: int) -> str:
         stats = [replies[i].stats for replies, _ in chats]
         first = statistics.median(s["first_token_s"] for s in stats)
-        return f"{ms(first)} (prefill {stats[0]['prefill_tokens']}, cached {stats[0]['cached_tokens']})"
+        decode = statistics.median(1 / s["tokens_per_s"] for s in stats)
+        return (f"{ms(first)} (prefill {stats[0]['prefill_tokens']}, cached {stats[0]['cached_tokens']}; "
+                f"then {ms(decode)}/token)")
 
     cache = sum(t.numel() * t.element_size() for t in engine.decoder.cache.keys + engine.decoder.cache.values)
     if device.type == "cuda":

@@ -196,6 +196,7 @@ class VoxtralHandler(ReplyOnPause):
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # ("turn", TurnEvent) | ("retract", None)
         self.settings = Settings()
         self.refused: str | None = None
+        self.playing_until = 0.0  # monotonic time the spoken reply sent so far ends playing
 
     def copy(self) -> "VoxtralHandler":
         return VoxtralHandler(self.engine, self.options, self.speaker)
@@ -231,7 +232,7 @@ class VoxtralHandler(ReplyOnPause):
 
     def on_turn_event(self, event: TurnEvent) -> None:
         if event.kind == "speech":  # barge-in: stop the reply being generated and spoken
-            if self.generator is not None:
+            if self.generator is not None or time.monotonic() < self.playing_until:
                 logger.info("barge-in: stopping the reply")
                 self.conversation.cancel()
                 self.stop_speaking()
@@ -245,6 +246,7 @@ class VoxtralHandler(ReplyOnPause):
             self.event.set()
 
     def stop_speaking(self) -> None:
+        self.playing_until = 0.0
         self.clear_queue()
         if self.phone_mode:  # Twilio keeps playing what it has buffered until told to clear
             context = get_current_context()
@@ -265,7 +267,11 @@ class VoxtralHandler(ReplyOnPause):
                 return self.conversation.retract()
             self.generator = self.reply(event)
         try:
-            return next(self.generator)
+            output = next(self.generator)
+            if isinstance(output, tuple) and isinstance(output[0], tuple):  # (rate, audio), outputs
+                rate, audio = output[0]
+                self.playing_until = max(self.playing_until, time.monotonic()) + len(audio) / rate
+            return output
         except StopIteration:
             self.generator = None
             self.send_message_sync(create_message("log", "response_starting"))

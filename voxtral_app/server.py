@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from .chat import ChatOptions, VoxtralHandler
 from .engine import Engine
+from .tts import VoiceOptions, load_speaker
 from .ui import build_ui
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,11 @@ def create_app(engine: Engine, chat_options: ChatOptions | None = None, options:
     instead of VoxtralHandler (bench/turn_latency.py compares fastrtc's default turn-taking).
     """
     chat_options = chat_options or ChatOptions(max_audio_s=engine.options.max_audio_s)
+    if speaker is None:
+        try:
+            speaker = load_speaker(VoiceOptions())
+        except RuntimeError as error:
+            logger.warning("spoken replies are off: %s", error)
     handler = handler or VoxtralHandler(engine, chat_options, speaker)
     slots = engine.options.slots
     stream = Stream(handler, modality="audio", mode="send-receive", concurrency_limit=slots,

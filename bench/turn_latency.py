@@ -1,0 +1,529 @@
+"""Turn latency over real WebRTC: end of speech -> pause detected -> first reply token at the client.
+
+    python bench/turn_latency.py                      # tiny random Voxtral on CPU, both turn-takers, ~5 min
+    python bench/turn_latency.py --turns 20 --gap-turns 20 --profile
+
+Starts the real app (create_app + uvicorn on 127.0.0.1) twice in one run, one after the other on the
+same engine: once with fastrtc's ReplyOnPause at its default settings (VAD over 0.6 s chunks) and once
+with ours (VoxtralHandler: streaming 32 ms VAD, 0.16 s pause, retract on resume). An aiortc client
+speaks into each in real time: espeak-ng sentences and cuts of fastrtc's test recording, each trimmed
+to its last sample above -40 dBFS so the end of speech is known to a sample, then 2 s of silence.
+Latencies run from the moment the frame with that last sample left the client to the arrival of the
+"pause_detected" data-channel message and of the first /outputs event with reply text. Utterances of
+two phrases with 200/300/500 ms of silence between them count false turn-ends (two user turns left in
+the chat); a reply started in the gap and taken back counts as "retracted" instead.
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # random weights: nothing to download
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no DNS lookups from gradio
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import io
+import json
+import logging
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import soundfile as sf
+import transformers
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from fastrtc import ReplyOnPause  # noqa: E402
+
+from voxtral_app import checkpoint  # noqa: E402
+from voxtral_app.audio import SAMPLE_RATE, prepare, read_wav  # noqa: E402
+from voxtral_app.chat import ChatOptions, Conversation, Settings  # noqa: E402
+from voxtral_app.client import Client  # noqa: E402
+from voxtral_app.engine import EngineOptions, load_engine  # noqa: E402
+from voxtral_app.server import create_app  # noqa: E402
+from voxtral_app.vad import SileroPauseModel  # noqa: E402
+
+END_DBFS = -40.0  # speech starts/ends at the first/last sample above this level
+TAIL_S = 2.0  # silence after each utterance: room for fastrtc's 0.6-1.2 s pause and the reply
+GAPS_MS = (200, 300, 500)  # mid-sentence pauses for the false turn-end rate
+REPLY_TOKENS = 16  # short replies: the next utterance waits for the reply to finish
+TIMEOUT_S = 10.0  # an utterance with no finished reply this long after its speech ended is dropped
+CUT_SILENCE_S = 0.3  # the test recording is cut into utterances at silences at least this long
+CUT_S = (1.0, 6.0)  # shortest, longest cut kept, seconds
+
+SENTENCES = [  # no commas: espeak-ng pauses at punctuation, and these must be one stretch of speech
+    "What is the weather going to be like this weekend",
+    "Can you recommend a good book about the history of science",
+    "I would like to book a table for two people tonight",
+    "Please tell me a short joke about computers",
+    "How long does it take to fly from Paris to Tokyo",
+    "Explain how a rainbow forms in simple words",
+    "My favourite colour has always been a deep shade of blue",
+    "Remind me to call my sister after lunch tomorrow",
+    "Which planet in our solar system has the most moons",
+    "Translate good morning into French and Spanish",
+]
+PHRASES = [  # (before the pause, after it): a thinking pause in the middle of a sentence
+    ("I was thinking about", "going to the beach tomorrow"),
+    ("Could you tell me", "what time the museum opens"),
+    ("The best way to learn a language", "is to speak it every day"),
+    ("I need to buy", "some milk and a loaf of bread"),
+    ("Yesterday my friend and I", "watched a very long movie"),
+    ("Do you know", "how tall the Eiffel tower is"),
+    ("My plan for the weekend", "is to clean out the garage"),
+    ("What would happen if", "the moon disappeared tonight"),
+    ("I am looking for", "a recipe with chicken and rice"),
+    ("Tell me something", "interesting about octopuses"),
+]
+
+
+# -- speech with a known end -----------------------------------------------------------------------
+
+
+def trim(audio: np.ndarray) -> np.ndarray:
+    """Cut to the first..last sample above END_DBFS: the clip ends exactly where its speech ends."""
+    loud = np.flatnonzero(np.abs(audio) > 10 ** (END_DBFS / 20))
+    if not len(loud):
+        raise ValueError("no speech above %.0f dBFS" % END_DBFS)
+    return audio[loud[0]: loud[-1] + 1]
+
+
+def espeak(text: str) -> np.ndarray:
+    """A sentence spoken by espeak-ng -> float32 16 kHz, trimmed."""
+    wav = subprocess.run(["espeak-ng", "-v", "en-us", "--stdout", text], capture_output=True, check=True).stdout
+    samples, rate = sf.read(io.BytesIO(wav), dtype="float32")
+    return trim(prepare(rate, samples, max_seconds=60))
+
+
+def recording_cuts() -> list[np.ndarray]:
+    """fastrtc's test recording (~21 s, one speaker) cut at its silences into 1-6 s utterances."""
+    path = os.path.join(os.path.dirname(importlib.util.find_spec("fastrtc").origin), "speech_to_text", "test_file.wav")
+    audio = prepare(*read_wav(path), max_seconds=300)
+    hop = SAMPLE_RATE // 100  # 10 ms frames
+    frames = audio[: len(audio) // hop * hop].reshape(-1, hop)
+    loud = np.abs(frames).max(axis=1) > 10 ** (END_DBFS / 20)
+    cuts, start, quiet = [], None, 0
+    for i, is_loud in enumerate(np.append(loud, [False] * 100)):
+        if is_loud:
+            start = i if start is None else start
+            quiet = 0
+        elif start is not None:
+            quiet += 1
+            if quiet * hop >= CUT_SILENCE_S * SAMPLE_RATE:
+                cuts.append(trim(audio[start * hop: (i - quiet + 1) * hop]))
+                start, quiet = None, 0
+    return [cut for cut in cuts if CUT_S[0] * SAMPLE_RATE <= len(cut) <= CUT_S[1] * SAMPLE_RATE]
+
+
+@dataclass
+class Utterance:
+    kind: str  # "espeak", "recording" (latency turns) or "gap" (two phrases with a pause between)
+    text: str
+    audio: np.ndarray  # float32 16 kHz; speech ends at the last sample
+    gap_ms: int = 0
+
+
+def plan(turns: int, gap_turns: int) -> list[Utterance]:
+    """Latency turns and gap utterances, interleaved so both see the conversation grow alike."""
+    cuts = recording_cuts()
+    latency = []
+    for i in range(turns):  # two espeak sentences to one recording cut
+        if i % 3 == 2 and cuts:
+            latency.append(Utterance("recording", f"test_file.wav cut {i // 3 % len(cuts)}", cuts[i // 3 % len(cuts)]))
+        else:
+            text = SENTENCES[(i - i // 3) % len(SENTENCES)]
+            latency.append(Utterance("espeak", text, espeak(text)))
+    gaps = []
+    for i in range(gap_turns):
+        for gap_ms in GAPS_MS:
+            before, after = PHRASES[(i * len(GAPS_MS) + GAPS_MS.index(gap_ms)) % len(PHRASES)]
+            audio = np.concatenate([espeak(before), np.zeros(gap_ms * SAMPLE_RATE // 1000, np.float32), espeak(after)])
+            gaps.append(Utterance("gap", f"{before} … {after}", audio, gap_ms))
+    mixed, every = [], max(1, round(len(gaps) / max(1, len(latency))))
+    while latency or gaps:
+        mixed += latency[:1] + gaps[:every]
+        latency, gaps = latency[1:], gaps[every:]
+    return mixed
+
+
+# -- the two apps ----------------------------------------------------------------------------------
+
+
+class DefaultTurns(ReplyOnPause):
+    """fastrtc's ReplyOnPause with its default AlgoOptions, answering with the same Conversation.
+
+    Only the VAD model is ours: the same Silero model from the silero-vad package, because fastrtc's
+    own default downloads it.
+    """
+
+    def __init__(self, engine, options: ChatOptions):
+        super().__init__(self.reply, model=SileroPauseModel())
+        self.engine, self.options, self.speaker = engine, options, None  # what the UI's upload path reads
+        self.conversation = Conversation(engine, options)
+
+    def copy(self) -> "DefaultTurns":
+        return DefaultTurns(self.engine, self.options)
+
+    def reply(self, audio: tuple):
+        rate, samples = audio
+        yield from self.conversation.respond(rate, samples, Settings())
+
+    def shutdown(self) -> None:
+        self.conversation.cancel()
+        self.conversation.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """The app under uvicorn on 127.0.0.1, in a background thread (as tests/conftest.py runs it)."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+# -- the client ------------------------------------------------------------------------------------
+
+
+class Stamped(list):
+    """Data-channel messages as (perf_counter arrival time, message)."""
+
+    def append(self, message) -> None:
+        super().append((time.perf_counter(), message))
+
+
+class TimedClient(Client):
+    def __init__(self, url: str):
+        super().__init__(url)
+        self.messages = Stamped()  # bound as the channel's message callback in start()
+        self.history: list[dict] = []  # chat history from the latest /outputs event
+
+
+def log_text(message: str) -> str | None:
+    try:
+        body = json.loads(message)
+    except ValueError:
+        return None
+    return body.get("data") if isinstance(body, dict) and body.get("type") == "log" else None
+
+
+def users(history: list[dict]) -> int:
+    return sum(message["role"] == "user" for message in history)
+
+
+def has_text(event: dict) -> bool:
+    history = event["history"]
+    return bool(history) and history[-1]["role"] == "assistant" and bool(history[-1]["content"]) \
+        and not event["status"].get("retracted")
+
+
+def finished(event: dict) -> bool:
+    """A reply that is over: the latency line is set on the last assistant message."""
+    return has_text(event) and bool(event["history"][-1].get("metadata"))
+
+
+@dataclass
+class Outcome:
+    utterance: Utterance
+    pause_ms: float | None  # end of speech sent -> "pause_detected" at the client
+    first_token_ms: float | None  # end of speech sent -> first /outputs event with reply text
+    user_turns: int  # user turns the utterance left in the chat (1 unless it was split)
+    retracted: int  # replies started in a pause and taken back when speech resumed
+    replied: bool
+    profile: dict = field(default_factory=dict)  # server-side stamps of the final turn (--profile)
+
+
+async def speak(client: TimedClient, utterance: Utterance, profiler: "Profiler | None") -> Outcome:
+    """Say one utterance (+ TAIL_S silence), wait for its reply to finish (or TIMEOUT_S), measure."""
+    users_before, messages_from = users(client.history), len(client.messages)
+    profiles_from = len(profiler.turns) if profiler else 0
+    audio = np.concatenate([utterance.audio, np.zeros(int(TAIL_S * SAMPLE_RATE), np.float32)])
+    speech_sent = client.say(audio, len(utterance.audio) / SAMPLE_RATE)
+    events: list[tuple[float, dict]] = []
+    sent = deadline = None
+    while True:
+        try:
+            arrived, event = await asyncio.wait_for(client.events.get(), 0.05)
+            events.append((arrived, event))
+            client.history = event["history"]
+        except (asyncio.TimeoutError, TimeoutError):
+            pass
+        if sent is None and speech_sent.done():
+            sent = speech_sent.result()
+            deadline = sent + TIMEOUT_S
+        done = sent is not None and events and events[-1][0] >= sent and finished(events[-1][1]) \
+            and users(client.history) > users_before
+        if done and client.track.queued_s == 0 or deadline is not None and time.perf_counter() > deadline:
+            break
+    while client.track.queued_s > 0:  # a dropped turn: still let its silence play out
+        await asyncio.sleep(0.05)
+
+    retracts = [i for i, (_, e) in enumerate(events) if e["status"].get("retracted")]
+    final = events[retracts[-1] + 1:] if retracts else events  # events of the turn that was not taken back
+    first = next((t for t, e in final if has_text(e)), None)
+    pauses = [t for t, m in client.messages[messages_from:] if log_text(m) == "pause_detected"]
+    if first is not None:  # the pause that started the reply counted (a retract also sends one)
+        pause = max((t for t in pauses if t <= first), default=None)
+    else:
+        pause = min((t for t in pauses if sent is not None and t >= sent), default=None)
+    ms = (lambda t: None if t is None or sent is None else 1000 * (t - sent))
+    profile = {}
+    if profiler and len(profiler.turns) > profiles_from and sent is not None:
+        profile = {name: 1000 * (t - sent) for name, t in profiler.turns[-1].items()}
+        if first is not None:
+            profile["client: first token event arrived"] = 1000 * (first - sent)
+    return Outcome(utterance, ms(pause), ms(first), users(client.history) - users_before, len(retracts),
+                   bool(events) and finished(events[-1][1]) and users(client.history) > users_before, profile)
+
+
+async def drive(url: str, utterances: list[Utterance], profiler: "Profiler | None", name: str) -> list[Outcome]:
+    client = await TimedClient.connect(url)
+    try:
+        await client.say(np.zeros(SAMPLE_RATE // 2, np.float32))  # the connection settles in silence first
+        outcomes = []
+        for i, utterance in enumerate(utterances):
+            outcome = await speak(client, utterance, profiler)
+            outcomes.append(outcome)
+            logging.getLogger("bench").info(
+                "%s %d/%d %s%s: pause %s ms, first token %s ms, user turns %d, retracted %d%s", name, i + 1,
+                len(utterances), utterance.kind, f" {utterance.gap_ms} ms" if utterance.gap_ms else "",
+                rounded(outcome.pause_ms), rounded(outcome.first_token_ms), outcome.user_turns, outcome.retracted,
+                "" if outcome.replied else " DROPPED")
+        return outcomes
+    finally:
+        await client.close()
+
+
+def rounded(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+# -- where the time goes (--profile) ---------------------------------------------------------------
+
+
+class Profiler:
+    """Server-side perf_counter stamps per turn, patched onto the app's functions (same process)."""
+
+    def __init__(self):
+        self.turns: list[dict] = []
+        self.lock = threading.Lock()
+
+    def begin(self, **stamps) -> None:
+        with self.lock:
+            self.turns.append(dict(stamps))
+
+    def mark(self, name: str, at: float | None = None) -> None:
+        with self.lock:
+            if self.turns and name not in self.turns[-1]:
+                self.turns[-1][name] = at if at is not None else time.perf_counter()
+
+    def wrap(self, owner, attr: str, done: str, start: str | None = None) -> None:
+        original = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            if start:
+                self.mark(start)
+            result = original(*args, **kwargs)
+            self.mark(done)
+            return result
+
+        setattr(owner, attr, timed)
+
+    def install(self) -> None:
+        """Stamp each step from the end of speech to the first /outputs event leaving the server."""
+        from fastrtc import Stream
+
+        from voxtral_app import chat, engine, generate, prompt
+        from voxtral_app.chat import VoxtralHandler
+
+        profiler = self
+        on_turn_event = VoxtralHandler.on_turn_event
+
+        def turn_event(handler, event):
+            if event.kind == "end":
+                profiler.begin(**{"ours: last speech window in (VAD)": event.speech_end,
+                                  "ours: turn end (pause_s of silence)": time.perf_counter()})
+            on_turn_event(handler, event)
+
+        VoxtralHandler.on_turn_event = turn_event
+        default_reply = DefaultTurns.reply
+
+        def reply(handler, audio):
+            profiler.begin(**{"default: pause detected, reply fn called": time.perf_counter()})
+            yield from default_reply(handler, audio)
+
+        DefaultTurns.reply = reply
+        respond = Conversation.respond  # a generator: stamp its first step, not its creation
+
+        def stepped(*args, **kwargs):
+            generator = respond(*args, **kwargs)
+            self.mark("respond() started")
+            yield from generator
+
+        Conversation.respond = stepped
+        self.wrap(chat, "prepare", "audio prepared")
+        self.wrap(prompt, "user_message", "user message built (wav + base64)")
+        self.wrap(prompt, "chat_prompt", "prompt built (apply_chat_template)")
+        self.wrap(prompt, "audio_features", "log-mel features")
+        self.wrap(engine.Engine, "submit", "submitted to the decode thread")
+        self.wrap(generate.Decoder, "prefill", "prefill done", start="prefill started")
+        emit = engine.Engine.emit
+
+        def first_token(engine_, generation, token):
+            self.mark("first token sampled")
+            return emit(engine_, generation, token)
+
+        engine.Engine.emit = first_token
+        self.wrap(Conversation, "outputs", "first output yielded by respond()")
+        set_outputs = Stream.set_additional_outputs
+
+        def set_additional_outputs(stream, webrtc_id):
+            put = set_outputs(stream, webrtc_id)
+
+            def stamped(outputs):
+                history = outputs.args[0]
+                if history and history[-1].get("role") == "assistant" and history[-1].get("content"):
+                    profiler.mark("on the /outputs queue")
+                put(outputs)
+
+            return stamped
+
+        Stream.set_additional_outputs = set_additional_outputs
+
+
+def breakdown(outcomes: list[Outcome]) -> list[tuple[str, float]]:
+    """Median ms after the end of speech was sent, per stamp, over the latency turns, in time order."""
+    stamps = defaultdict(list)
+    for outcome in outcomes:
+        for name, ms in outcome.profile.items():
+            stamps[name].append(ms)
+    rows = [(name, float(np.median(values))) for name, values in stamps.items()]
+    return sorted(rows, key=lambda row: row[1])
+
+
+# -- results ---------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    import torch
+
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
+    return f"{model} · {os.cpu_count()} cores · torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def row(name: str, outcomes: list[Outcome]) -> dict:
+    latency = [o for o in outcomes if o.utterance.kind != "gap"]
+    pauses = [o.pause_ms for o in latency if o.pause_ms is not None]
+    firsts = [o.first_token_ms for o in latency if o.first_token_ms is not None]
+    result = {"name": name, "turns": f"{len(latency)} + {len(outcomes) - len(latency)} with a pause",
+              "pause p50": percentile(pauses, 50), "pause p90": percentile(pauses, 90),
+              "first p50": percentile(firsts, 50), "first p90": percentile(firsts, 90),
+              "retracted": sum(o.retracted for o in outcomes), "dropped": sum(not o.replied for o in outcomes),
+              "total": len(outcomes)}
+    for gap_ms in GAPS_MS:
+        split = [o.user_turns > 1 for o in outcomes if o.utterance.gap_ms == gap_ms]
+        result[gap_ms] = (sum(split), len(split))
+    return result
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| configuration | turns | pause detected p50 (ms) | p90 | first token at client p50 (ms) | p90 | "
+             + " | ".join(f"false turn-ends, {g} ms pause" for g in GAPS_MS) + " | speculative replies retracted | "
+             "dropped turns |", "|---" * (8 + len(GAPS_MS)) + "|"]
+    for r in rows:
+        splits = [f"{100 * k / n:.0f}% ({k}/{n})" if n else "-" for k, n in (r[g] for g in GAPS_MS)]
+        lines.append(f"| {r['name']} | {r['turns']} | {rounded(r['pause p50'])} | {rounded(r['pause p90'])} | "
+                     f"{rounded(r['first p50'])} | {rounded(r['first p90'])} | " + " | ".join(splits)
+                     + f" | {r['retracted']} | {r['dropped']}/{r['total']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--turns", type=int, default=12, help="latency turns per configuration (single sentences)")
+    parser.add_argument("--gap-turns", type=int, default=7,
+                        help=f"utterances per mid-sentence pause length ({', '.join(map(str, GAPS_MS))} ms)")
+    parser.add_argument("--reply-tokens", type=int, default=REPLY_TOKENS, help="longest reply, tokens")
+    parser.add_argument("--profile", action="store_true", help="stamp the server's steps and print where the time goes")
+    parser.add_argument("-v", "--verbose", action="store_true", help="one line per utterance, and the app's turn lines")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()  # checkpoint writing and loading
+    if args.verbose:
+        for name in ("bench", "voxtral_app.chat"):
+            logging.getLogger(name).setLevel(logging.INFO)
+
+    started = time.perf_counter()
+    print(f"**{machine()}** · tiny random Voxtral on CPU · {args.reply_tokens}-token replies\n", flush=True)
+    profiler = Profiler() if args.profile else None
+    if profiler:
+        profiler.install()
+    utterances = plan(args.turns, args.gap_turns)
+    with tempfile.TemporaryDirectory() as workdir:
+        path = checkpoint.build_tiny(os.path.join(workdir, "tiny"))
+        engine = load_engine(EngineOptions(model=path, device="cpu", slots=2))
+        options = ChatOptions(max_audio_s=engine.options.max_audio_s, reply_tokens=args.reply_tokens)
+        configurations = [  # one app at a time: fastrtc's default emit loop polls without sleeping
+            ("fastrtc default (ReplyOnPause, 0.6 s chunks)", lambda: create_app(
+                engine, options, handler=DefaultTurns(engine, options))),
+            ("ours (VoxtralHandler, pause 0.16 s)", lambda: create_app(engine, options)),
+        ]
+        rows, outcomes = [], {}
+        for name, build in configurations:
+            with contextlib.redirect_stdout(io.StringIO()):  # gradio prints "new /" when mounted
+                app = build()
+            server = LiveServer(app)
+            try:
+                outcomes[name] = asyncio.run(drive(server.url, utterances, profiler, name.split()[0]))
+            finally:
+                server.stop()
+            rows.append(row(name, outcomes[name]))
+
+    print(table(rows))
+    default, ours = rows[0]["first p50"], rows[1]["first p50"]
+    if default and ours:
+        print(f"\np50 first token at client, default / ours: {default / ours:.1f}x "
+              f"({default:.0f} ms / {ours:.0f} ms)")
+    if profiler:
+        for name, results in outcomes.items():
+            steps = breakdown([o for o in results if o.utterance.kind != "gap"])
+            print(f"\nWhere the time goes, {name}: median ms after the end of speech left the client\n")
+            print("| step | ms |\n|---|---|")
+            for step, ms in steps:
+                print(f"| {step} | {ms:.0f} |")
+    print(f"\n{len(utterances)} utterances per configuration · wall time {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -108,11 +108,11 @@ def build(config: str, device: torch.device, compile: bool | None, workdir: str)
         return engine.model, engine.processor, lambda: engine
     from transformers import AutoProcessor
 
-    config = checkpoint.full_size_config()
+    full = checkpoint.full_size_config()
     checkpoint.save_processor(workdir)  # the tiny checkpoint's processor: the real Tekken tokenizer
-    config.save_pretrained(workdir)  # without config.json the tokenizer loads as TokenizersBackend, no chat template
+    full.save_pretrained(workdir)  # without config.json the tokenizer loads as TokenizersBackend: no chat template
     processor = AutoProcessor.from_pretrained(workdir)
-    model = checkpoint.random_model(config, dtype=torch.bfloat16, device=str(device))
+    model = checkpoint.random_model(full, dtype=torch.bfloat16, device=str(device))
 
     def make_engine():
         engine = Engine(model, processor, options)
@@ -183,10 +183,6 @@ def first_token_end_to_end(engine, audio) -> float:
     return reply.generation.first_token - started
 
 
-def decode_s_per_token(engine, audio, tokens: int) -> float:
-    return 1 / one_turn(engine, audio, tokens).stats["tokens_per_s"]
-
-
 def conversation(engine, audio, tokens: int) -> tuple[list, list]:
     """TURNS turns of one chat -> (their Replies, the messages its last turn answered)."""
     chat = engine.open_chat()
@@ -222,7 +218,7 @@ def ours_column(engine, features, clips, tokens: int, repeats: int) -> dict:
     for name, audio in clips.items():
         row[f"ttft {name}"] = median_of(partial(first_token_s, engine, audio), repeats)
     row["ttft e2e"] = median_of(partial(first_token_end_to_end, engine, clips["5 s"]), repeats)
-    row["decode"] = median_of(partial(decode_s_per_token, engine, clips["5 s"], tokens), repeats)
+    row["decode"] = median_of(lambda: 1 / one_turn(engine, clips["5 s"], tokens).stats["tokens_per_s"], repeats)
     for chats in CONCURRENCY:
         row[f"aggregate {chats}"] = median_of(partial(aggregate_tokens_per_s, engine, clips["5 s"], chats, tokens),
                                               repeats)
@@ -307,10 +303,10 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default=None, help="default: cpu for tiny, cuda for full")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the engine's hot path (default: on with CUDA, off on CPU)")
-    parser.add_argument("--tokens", type=int, default=None, help="tokens per reply (default: 32 tiny, 128 full)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per reply (default: 16 tiny, 128 full)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per number; the median is shown")
     args = parser.parse_args(argv)
-    tokens = args.tokens or (32 if args.config == "tiny" else 128)
+    tokens = args.tokens or (16 if args.config == "tiny" else 128)
     if tokens < 2:
         parser.error("--tokens must be at least 2: decode speed is measured after the first token")
     device = resolve_device(args.device or ("cpu" if args.config == "tiny" else "cuda"))

@@ -332,10 +332,11 @@ class Profiler:
     def __init__(self):
         self.turns: list[dict] = []
         self.lock = threading.Lock()
+        self.last_loud = 0.0  # when fastrtc last handed the handler a frame with speech in it
 
     def begin(self, **stamps) -> None:
         with self.lock:
-            self.turns.append(dict(stamps))
+            self.turns.append({"server: last frame with speech reached the handler": self.last_loud, **stamps})
 
     def mark(self, name: str, at: float | None = None) -> None:
         with self.lock:
@@ -362,6 +363,13 @@ class Profiler:
         from voxtral_app.chat import VoxtralHandler
 
         profiler = self
+        for handler in (VoxtralHandler, DefaultTurns):
+            def receive(handler_, frame, original=handler.receive):
+                if np.abs(frame[1]).max(initial=0) > 32768 * 10 ** (END_DBFS / 20):  # int16 frames
+                    profiler.last_loud = time.perf_counter()
+                original(handler_, frame)
+
+            handler.receive = receive
         on_turn_event = VoxtralHandler.on_turn_event
 
         def turn_event(handler, event):
@@ -475,11 +483,13 @@ def main(argv=None) -> None:
                         help=f"utterances per mid-sentence pause length ({', '.join(map(str, GAPS_MS))} ms)")
     parser.add_argument("--reply-tokens", type=int, default=REPLY_TOKENS, help="longest reply, tokens")
     parser.add_argument("--profile", action="store_true", help="stamp the server's steps and print where the time goes")
+    parser.add_argument("--only", choices=("default", "ours"), help="run one configuration (no ratio)")
     parser.add_argument("-v", "--verbose", action="store_true", help="one line per utterance, and the app's turn lines")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()  # checkpoint writing and loading
+    logging.getLogger("voxtral_app.tts").setLevel(logging.ERROR)  # replies are not spoken here
     if args.verbose:
         for name in ("bench", "voxtral_app.chat"):
             logging.getLogger(name).setLevel(logging.INFO)
@@ -501,6 +511,8 @@ def main(argv=None) -> None:
         ]
         rows, outcomes = [], {}
         for name, build in configurations:
+            if args.only and not name.startswith({"default": "fastrtc", "ours": "ours"}[args.only]):
+                continue
             with contextlib.redirect_stdout(io.StringIO()):  # gradio prints "new /" when mounted
                 app = build()
             server = LiveServer(app)
@@ -511,8 +523,8 @@ def main(argv=None) -> None:
             rows.append(row(name, outcomes[name]))
 
     print(table(rows))
-    default, ours = rows[0]["first p50"], rows[1]["first p50"]
-    if default and ours:
+    if len(rows) == 2 and rows[0]["first p50"] and rows[1]["first p50"]:
+        default, ours = rows[0]["first p50"], rows[1]["first p50"]
         print(f"\np50 first token at client, default / ours: {default / ours:.1f}x "
               f"({default:.0f} ms / {ours:.0f} ms)")
     if profiler:

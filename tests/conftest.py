@@ -96,3 +96,17 @@ def live_server(app_engine):
     server = LiveServer(create_app(app_engine, options, speaker=load_speaker(VoiceOptions(engine="espeak"))))
     yield server
     server.stop()
+
+
+def espeak(text: str) -> np.ndarray:
+    """espeak-ng speech, float32 16 kHz, with its leading/trailing silence trimmed."""
+    import io
+    import subprocess
+
+    import soundfile as sf
+
+    wav = subprocess.run(["espeak-ng", "-v", "en-us", "--stdout", text], capture_output=True, check=True).stdout
+    samples, rate = sf.read(io.BytesIO(wav), dtype="float32")
+    audio = prepare(rate, samples, max_seconds=300)
+    loud = np.flatnonzero(np.abs(audio) > 0.01)
+    return audio[loud[0]: loud[-1] + 1]

@@ -6,6 +6,7 @@ import re
 import time
 import wave
 
+import httpx
 import numpy as np
 import pytest
 
@@ -19,13 +20,14 @@ CHROMIUM_ARGS = [
     "--disable-gpu",
     "--disable-quic",
     "--no-first-run",
-    "--disable-background-networking",  # with no network these calls make chromium hang
+    "--disable-background-networking",  # with no network these make chromium hang
     "--disable-component-update",
     "--disable-sync",
 ]
 SPEECH_S = 4.0  # of SPEECH_WAV, then
-SILENCE_S = 3.0  # of silence, so a turn ends; chromium loops the file
-REPLY_TIMEOUT_MS = 90_000  # typically ~10 s on CPU
+SILENCE_S = 3.0  # of silence, so the turn ends; chromium loops the file
+REPLY_TIMEOUT_MS = 90_000  # a turn takes ~5 s on CPU
+OUTPUT_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "test-output")  # git-ignored
 
 
 def write_fake_mic(path: str, speech: np.ndarray) -> str:
@@ -37,6 +39,10 @@ def write_fake_mic(path: str, speech: np.ndarray) -> str:
         out.setframerate(SAMPLE_RATE)
         out.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
     return path
+
+
+def active_sessions(server) -> int:
+    return httpx.get(f"{server.url}/health").json()["active_sessions"]
 
 
 @pytest.fixture
@@ -53,23 +59,37 @@ def browser(tmp_path, speech):
         browser.close()
 
 
-def test_speaking_into_the_microphone_gets_a_reply(live_server, browser, tmp_path):
+def test_speaking_into_the_microphone_gets_a_reply(live_server, browser):
     from playwright.sync_api import expect
 
     started = time.perf_counter()
+    sessions_before = active_sessions(live_server)
     page = browser.new_page()
-    page.goto(live_server.url)
-    expect(page.get_by_text(re.compile(r"Ready: .* on cpu"))).to_be_visible()
+    screenshot = os.path.join(OUTPUT_DIR, "browser-reply.png")
+    try:
+        page.goto(live_server.url)
+        expect(page.get_by_text(re.compile(r"Ready: .+ on cpu"))).to_be_visible()  # ui.engine_status
 
-    microphone = page.locator(".block", has=page.get_by_test_id("block-label").filter(has_text="Microphone"))
-    microphone.get_by_role("button", name="Click to Access Microphone").click()
-    microphone.get_by_role("button", name="start stream").click()
+        block = page.locator(".block")  # a Gradio component, found by its label
+        microphone = block.filter(has=page.get_by_test_id("block-label").filter(has_text="Microphone"))
+        conversation = block.filter(has=page.get_by_test_id("block-label").filter(has_text="Conversation"))
+        microphone.get_by_role("button", name="Click to Access Microphone").click()
+        microphone.get_by_role("button", name="start stream").click()  # "Record"
 
-    conversation = page.locator(".block", has=page.get_by_test_id("block-label").filter(has_text="Conversation"))
-    reply = conversation.get_by_test_id("bot").last
-    expect(reply).to_have_text(re.compile(r"\S"), timeout=REPLY_TIMEOUT_MS)
-    print(reply.inner_html())
+        reply = conversation.get_by_test_id("bot").first
+        # the turn's last update carries the latency title: the whole reply reached the page
+        expect(reply).to_contain_text("ms to first token", timeout=REPLY_TIMEOUT_MS)
+        expect(reply.locator(".message-content")).to_have_text(re.compile(r"\S"))  # the reply text itself
+        expect(conversation.get_by_test_id("user").first).to_contain_text("s of speech")
+    finally:
+        os.makedirs(OUTPUT_DIR, exist_ok=True)
+        page.screenshot(path=screenshot, full_page=True)
+        print(f"\nscreenshot: {screenshot}")
 
-    screenshot = tmp_path / "reply.png"
-    page.screenshot(path=screenshot, full_page=True)
-    print(f"\nscreenshot: {screenshot} ({time.perf_counter() - started:.1f} s)")
+    # stop, and wait for the server to let go: no reply may still be decoding when pytest exits
+    microphone.get_by_role("button", name="start stream").filter(has_text="Stop").click()
+    deadline = time.monotonic() + 30
+    while active_sessions(live_server) > sessions_before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert active_sessions(live_server) <= sessions_before, "the server kept the stopped WebRTC connection"
+    print(f"reply: {reply.locator('.message-content').inner_text()!r} ({time.perf_counter() - started:.1f} s)")

@@ -89,6 +89,7 @@ class Conversation:
         self.history: list[dict] = []  # gradio "messages" format
         self.last_reply: Reply | None = None
         self.last_shown = 0  # history length before the last turn was shown (for retraction)
+        self.shown_turn: int | None = None  # id of the turn shown last
 
     def open(self) -> None:
         if self.chat is None:
@@ -109,22 +110,29 @@ class Conversation:
         if self.last_reply is not None:
             self.last_reply.cancel()
 
-    def retract(self) -> AdditionalOutputs:
-        """Take back the last turn and its reply: the person was not done speaking."""
+    def retract(self, turn_id: int) -> AdditionalOutputs | None:
+        """Take back turn `turn_id` and its reply (the person was not done speaking), if it was shown."""
+        if self.shown_turn != turn_id:
+            return None  # it never started: nothing to take back
         if self.last_reply is not None and self.chat is not None:
             self.chat.discard(self.last_reply)
             self.last_reply = None
         self.history = self.history[: self.last_shown]
+        self.shown_turn = None
         return AdditionalOutputs(list(self.history), {"retracted": True})
 
     def outputs(self, status: dict) -> AdditionalOutputs:
         return AdditionalOutputs([dict(m) for m in self.history], status)
 
     def respond(self, rate: int, samples: np.ndarray, settings: Settings, speech_end: float | None = None,
-                spoken: bool = False) -> Iterator:
-        """One turn: audio in -> AdditionalOutputs as the reply streams (with audio when spoken)."""
+                spoken: bool = False, turn_id: int | None = None, stopped=lambda: False) -> Iterator:
+        """One turn: audio in -> AdditionalOutputs as the reply streams (with audio when spoken).
+
+        `stopped()` is polled as tokens arrive; once it is true the reply is cancelled.
+        """
         turn = Turn(speech_end=speech_end or time.perf_counter())
         self.last_shown = len(self.history)
+        self.shown_turn = turn_id
         try:
             audio = prepare(rate, samples, self.options.max_audio_s)
         except AudioError as error:
@@ -144,6 +152,8 @@ class Conversation:
         last_update = 0.0
         try:
             for piece in reply:
+                if stopped():
+                    reply.cancel()
                 now = time.perf_counter()
                 if turn.first_token is None:
                     turn.first_token = now
@@ -193,7 +203,9 @@ class VoxtralHandler(ReplyOnPause):
         self.speaker = speaker
         self.conversation = Conversation(engine, options, speaker)
         self.turns = TurnTaker(options.turns)
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # ("turn", TurnEvent) | ("retract", None)
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # ("turn" | "retract", turn id, TurnEvent | None)
+        self.turn_id = 0  # id of the last turn that ended
+        self.retracted: set[int] = set()  # turns taken back because speech resumed
         self.settings = Settings()
         self.refused: str | None = None
         self.playing_until = 0.0  # monotonic time the spoken reply sent so far ends playing
@@ -237,12 +249,14 @@ class VoxtralHandler(ReplyOnPause):
                 self.conversation.cancel()
                 self.stop_speaking()
         elif event.kind == "resume":  # the turn was not over: take the reply back
-            logger.debug("speech resumed %.0f ms after the turn ended; retracting", 1000 * self.turns.options.resume_s)
-            self.conversation.cancel()
+            logger.debug("speech resumed within %.0f ms of the turn's end; retracting it", 1000 * self.turns.options.resume_s)
+            self.retracted.add(self.turn_id)
             self.stop_speaking()
-            self.jobs.put(("retract", None))
+            self.jobs.put(("retract", self.turn_id, None))
         elif event.kind == "end":
-            self.jobs.put(("turn", event))
+            self.turn_id += 1
+            self.send_message_sync(create_message("log", "pause_detected"))
+            self.jobs.put(("turn", self.turn_id, event))
             self.event.set()
 
     def stop_speaking(self) -> None:
@@ -259,13 +273,14 @@ class VoxtralHandler(ReplyOnPause):
     def emit(self):
         if self.generator is None:
             try:
-                kind, event = self.jobs.get(timeout=0.02)  # block briefly: fastrtc polls emit in a loop
+                kind, turn_id, event = self.jobs.get(timeout=0.02)  # block briefly: fastrtc polls emit in a loop
             except queue.Empty:
                 return None
-            self.send_message_sync(create_message("log", "pause_detected"))
             if kind == "retract":
-                return self.conversation.retract()
-            self.generator = self.reply(event)
+                return self.conversation.retract(turn_id)
+            if turn_id in self.retracted:
+                return None  # taken back before it started
+            self.generator = self.reply(event, turn_id)
         try:
             output = next(self.generator)
             if isinstance(output, tuple) and isinstance(output[0], tuple):  # (rate, audio), outputs
@@ -281,10 +296,11 @@ class VoxtralHandler(ReplyOnPause):
             self.generator = None
             return AdditionalOutputs(list(self.conversation.history), {"error": f"reply failed: {error}"})
 
-    def reply(self, event: TurnEvent):
+    def reply(self, event: TurnEvent, turn_id: int = 0):
         """fastrtc's reply fn, for one finished turn (audio as float32 16 kHz)."""
         spoken = self.settings.spoken or self.phone_mode
-        yield from self.conversation.respond(SAMPLE_RATE, event.audio, self.settings, event.speech_end, spoken)
+        yield from self.conversation.respond(SAMPLE_RATE, event.audio, self.settings, event.speech_end, spoken,
+                                             turn_id, stopped=lambda: turn_id in self.retracted)
 
     def reset(self) -> None:  # ReplyOnPause's reset would drop our queued turns; nothing to reset here
         self.generator = None

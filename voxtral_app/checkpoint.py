@@ -42,6 +42,8 @@ def save_processor(path: str) -> None:
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "tekken.json"), "w") as f:
         json.dump(tekken_json(), f)
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:  # without config.json, AutoTokenizer
+        json.dump({"tokenizer_class": "MistralCommonBackend"}, f)  # would not pick mistral-common
     tokenizer = MistralCommonBackend.from_pretrained(path)
     VoxtralProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tokenizer).save_pretrained(path)
 

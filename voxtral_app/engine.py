@@ -193,6 +193,9 @@ class Engine:
             replies = [chat.start(audio, sampling=Sampling(max_new_tokens=4)) for chat in chats]
             for reply in replies:
                 "".join(reply)
+            if self.decoder.compiled:
+                with self.wake:  # the decode thread waits: no user is served before ready anyway
+                    self.decoder.warm_up()
         finally:
             for chat in chats:
                 chat.close()
@@ -223,8 +226,9 @@ class Engine:
         try:
             logits = self.decoder.prefill(generation.slot, generation.ids, generation.start, generation.features)
             s = generation.sampling
-            token = int(sample(logits[None], torch.tensor([s.temperature], device=self.device),
-                               torch.tensor([s.top_p], device=self.device))[0])
+            token = int(logits.argmax()) if s.temperature <= 0 else int(sample(
+                logits[None], torch.tensor([s.temperature], device=self.device),
+                torch.tensor([s.top_p], device=self.device))[0])
         except Exception as error:  # OOM, bad input: fail this turn, keep serving
             logger.exception("prefill failed")
             generation.error = error
@@ -341,16 +345,18 @@ class Chat:
 
     def start(self, audio: np.ndarray | None = None, text: str = "", sampling: Sampling = CHAT) -> Reply:
         """Add a user turn and start the reply (prefill begins now; iterate the Reply for text)."""
+        started = time.perf_counter()
         self.settle()
         self.messages.append(prompts.user_message(audio, text))
         prompt = self.fit(sampling)
-        return self.launch(prompt, sampling, record=True)
+        return self.launch(prompt, sampling, record=True, started=started)
 
     def transcribe(self, audio: np.ndarray, language: str | None = None) -> Reply:
         """Start a transcription of `audio`; it is not added to the conversation."""
+        started = time.perf_counter()
         self.settle()
         prompt = prompts.transcription_prompt(self.engine.processor, audio, language, self.engine.options.model)
-        return self.launch(prompt, TRANSCRIBE, record=False)
+        return self.launch(prompt, TRANSCRIBE, record=False, started=started)
 
     def discard(self, reply: Reply) -> None:
         """Drop a reply that was started speculatively, and the user turn it answered."""
@@ -392,7 +398,7 @@ class Chat:
             raise ValueError(f"this turn needs {len(prompt.ids)} prompt tokens; the limit is {limit}")
         return prompt
 
-    def launch(self, prompt: prompts.Prompt, sampling: Sampling, record: bool) -> Reply:
+    def launch(self, prompt: prompts.Prompt, sampling: Sampling, record: bool, started: float) -> Reply:
         starts = prompts.audio_block_starts(prompt.ids, self.engine.begin_audio_id)
         clips = list(zip(starts, map(clip_key, prompt.audio)))
         keep = min(common_prefix(self.cached, prompt.ids), len(prompt.ids) - 1)
@@ -400,7 +406,8 @@ class Chat:
             if start < keep and cached != (start, key):  # same tokens, different sound: re-encode
                 keep = start
         new_clips = [clip for clip, (start, _) in zip(prompt.audio, clips) if start >= keep]
-        generation = Generation(self.slot, prompt.ids[keep:], keep, self.engine.features(new_clips), sampling)
+        generation = Generation(self.slot, prompt.ids[keep:], keep, self.engine.features(new_clips), sampling,
+                                submitted=started)
         self.current = Reply(self.engine, self.engine.submit(generation), record)
         self.prompt_ids, self.prompt_clips = prompt.ids, clips
         return self.current

@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 
 MIN_WINDOW = 256  # tokens; smallest attention window a decode step reads
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # decode batches are padded up to one of these sizes
+TOP_CANDIDATES = 1024  # tokens considered when sampling; at Voxtral's temperature 0.2 the rest is ~0 mass
 
 
 class SlotCache:
@@ -59,17 +60,16 @@ def causal_mask(positions: torch.Tensor, window: int) -> torch.Tensor:
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """[B, V] logits -> [B] tokens: nucleus sampling per row, greedy where temperature is 0.
 
-    Runs on the device without a host sync (exponential-race sampling instead of multinomial).
+    Only the TOP_CANDIDATES likeliest tokens compete (a top-k instead of sorting 131k), and the
+    draw is an exponential race instead of multinomial: no host sync, CUDA-graph friendly.
     """
-    logits = logits.float()
-    greedy = logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature.clamp_min(1e-5)[:, None], dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_probs = sorted_probs * (mass_before < top_p[:, None])  # the top token always stays
-    race = sorted_probs / torch.empty_like(sorted_probs).exponential_(1.0)
-    sampled = order.gather(-1, race.argmax(dim=-1, keepdim=True)).squeeze(-1)
-    return torch.where(temperature > 0, sampled, greedy)
+    top_logits, top_ids = logits.float().topk(min(TOP_CANDIDATES, logits.shape[-1]), dim=-1)  # sorted
+    probs = torch.softmax(top_logits / temperature.clamp_min(1e-5)[:, None], dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    probs = probs * (mass_before < top_p[:, None])  # the top token always stays
+    race = probs / torch.empty_like(probs).exponential_(1.0)
+    sampled = top_ids.gather(-1, race.argmax(dim=-1, keepdim=True)).squeeze(-1)
+    return torch.where(temperature > 0, sampled, top_ids[:, 0])
 
 
 def bucket(n: int, sizes) -> int:
@@ -101,6 +101,11 @@ class Decoder:
         self._step = self.step_eager
         if compile:
             cuda = self.device.type == "cuda"
+            # one graph per (batch bucket, window, greedy or not): windows are few powers of two
+            variants = 2 * len(self.batch_buckets) * (max_tokens // MIN_WINDOW).bit_length() + 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, variants)
+            torch._dynamo.config.accumulated_recompile_limit = max(
+                torch._dynamo.config.accumulated_recompile_limit, 4 * variants)
             self._encode = torch.compile(self.encode_eager, fullgraph=True, dynamic=False)
             # CUDA graphs on GPU remove the per-kernel launch cost that dominates a batch-1 step.
             self._step = torch.compile(self.step_eager, mode="reduce-overhead" if cuda else None,
@@ -130,13 +135,14 @@ class Decoder:
         return self.model.lm_head(hidden[0, -1])
 
     @torch.no_grad()
-    def step_eager(self, rows, tokens, positions, window: int, temperature, top_p) -> torch.Tensor:
+    def step_eager(self, rows, tokens, positions, window: int, temperature, top_p, greedy: bool) -> torch.Tensor:
         """One decode step for B rows: [B] tokens at [B] positions -> [B] sampled next tokens."""
         positions = positions[:, None]
         self.cache.route(rows, positions, window)
         hidden = self.text(input_ids=tokens[:, None], attention_mask=causal_mask(positions, window),
                            position_ids=positions, cache=self.cache, use_cache=True).last_hidden_state
-        return sample(self.model.lm_head(hidden[:, -1]), temperature, top_p)
+        logits = self.model.lm_head(hidden[:, -1])
+        return logits.argmax(dim=-1) if greedy else sample(logits, temperature, top_p)
 
     def step(self, rows: list[int], tokens: list[int], positions: list[int],
              temperature: list[float], top_p: list[float]) -> list[int]:
@@ -152,5 +158,16 @@ class Decoder:
         window = window_for(max(positions) + 1, self.max_tokens)
         out = self._step(tensor(rows, scratch, torch.long), tensor(tokens, 0, torch.long),
                          tensor(positions, 0, torch.long), window,
-                         tensor(temperature, 0.0, torch.float32), tensor(top_p, 1.0, torch.float32))
+                         tensor(temperature, 0.0, torch.float32), tensor(top_p, 1.0, torch.float32),
+                         not any(t > 0 for t in temperature))  # a Python bool: one compiled variant each
         return out[:n].tolist()
+
+    def warm_up(self) -> None:
+        """Run the decode step at every batch bucket and window (greedy and sampled) once, so that
+        compilation and CUDA-graph capture happen at start-up, not in a user's turn."""
+        windows = sorted({window_for(2 ** i, self.max_tokens) for i in range(8, 31) if 2 ** i <= 2 * self.max_tokens})
+        for size in self.batch_buckets:
+            for window in windows:
+                for temperature in (0.0, 1.0):
+                    self.step([self.cache.scratch_row] * size, [0] * size, [window - 1] * size,
+                              [temperature] * size, [1.0] * size)

@@ -67,7 +67,7 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
         inputs = [microphone, mode, language, temperature, spoken]
         microphone.stream(handler, inputs=inputs, outputs=[microphone], concurrency_limit=concurrency_limit,
                           time_limit=time_limit)
-        microphone.on_additional_outputs(show, outputs=[chatbot, last_turn], queue=False, show_progress="hidden")
+        microphone.on_additional_outputs(show, outputs=[chatbot, last_turn], concurrency_limit=concurrency_limit)
 
         def clear_conversation(value, conversation):
             live = microphone.handlers.get(webrtc_id(value) or "")

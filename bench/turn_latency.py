@@ -1,17 +1,20 @@
 """Turn latency over real WebRTC: end of speech -> pause detected -> first reply token at the client.
 
-    python bench/turn_latency.py                      # tiny random Voxtral on CPU, both turn-takers, ~5 min
-    python bench/turn_latency.py --turns 20 --gap-turns 20 --profile
+    python bench/turn_latency.py                        # tiny random Voxtral on CPU, both turn-takers, ~5 min
+    python bench/turn_latency.py --profile              # ... and where the time goes, step by step
+    python bench/turn_latency.py --turns 30 --gap-turns 20 --pause-s 0.16 0.1
 
-Starts the real app (create_app + uvicorn on 127.0.0.1) twice in one run, one after the other on the
-same engine: once with fastrtc's ReplyOnPause at its default settings (VAD over 0.6 s chunks) and once
-with ours (VoxtralHandler: streaming 32 ms VAD, 0.16 s pause, retract on resume). An aiortc client
-speaks into each in real time: espeak-ng sentences and cuts of fastrtc's test recording, each trimmed
-to its last sample above -40 dBFS so the end of speech is known to a sample, then 2 s of silence.
-Latencies run from the moment the frame with that last sample left the client to the arrival of the
-"pause_detected" data-channel message and of the first /outputs event with reply text. Utterances of
-two phrases with 200/300/500 ms of silence between them count false turn-ends (two user turns left in
-the chat); a reply started in the gap and taken back counts as "retracted" instead.
+Starts the real app (create_app + uvicorn on 127.0.0.1) once per configuration, one after the other,
+on one engine: fastrtc's ReplyOnPause at its default settings (VAD over 0.6 s chunks), then ours
+(VoxtralHandler: streaming 32 ms VAD, 0.16 s pause, retract on resume). An aiortc client in its own
+process (as a browser would be) speaks into each in real time: espeak-ng sentences and cuts of
+fastrtc's test recording, each trimmed to its last sample above -40 dBFS so the end of speech is
+known to a sample, then 2 s of silence. Latencies run from the moment the frame with that last
+sample left the client to the arrival of the "pause_detected" data-channel message and of the first
+/outputs event with reply text. Utterances of two phrases with 200/300/500 ms of silence between
+them count false turn-ends (two user turns left in the chat); a reply started in the gap and taken
+back when speech resumed counts as "retracted" instead. Every CALL_UTTERANCES utterances the client
+reconnects, so each conversation stays inside the engine's KV cache.
 """
 
 import os
@@ -27,6 +30,7 @@ import importlib.util
 import io
 import json
 import logging
+import multiprocessing
 import socket
 import subprocess
 import sys
@@ -34,7 +38,8 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
 
 import numpy as np
 import soundfile as sf
@@ -52,11 +57,14 @@ from voxtral_app.engine import EngineOptions, load_engine  # noqa: E402
 from voxtral_app.server import create_app  # noqa: E402
 from voxtral_app.vad import SileroPauseModel  # noqa: E402
 
+logger = logging.getLogger("bench")
+
 END_DBFS = -40.0  # speech starts/ends at the first/last sample above this level
 TAIL_S = 2.0  # silence after each utterance: room for fastrtc's 0.6-1.2 s pause and the reply
 GAPS_MS = (200, 300, 500)  # mid-sentence pauses for the false turn-end rate
 REPLY_TOKENS = 16  # short replies: the next utterance waits for the reply to finish
 TIMEOUT_S = 10.0  # an utterance with no finished reply this long after its speech ended is dropped
+CALL_UTTERANCES = 10  # utterances per connection: ~400 KV tokens each (a clip is padded to 30 s), 8192 fit
 CUT_SILENCE_S = 0.3  # the test recording is cut into utterances at silences at least this long
 CUT_S = (1.0, 6.0)  # shortest, longest cut kept, seconds
 
@@ -109,8 +117,7 @@ def recording_cuts() -> list[np.ndarray]:
     path = os.path.join(os.path.dirname(importlib.util.find_spec("fastrtc").origin), "speech_to_text", "test_file.wav")
     audio = prepare(*read_wav(path), max_seconds=300)
     hop = SAMPLE_RATE // 100  # 10 ms frames
-    frames = audio[: len(audio) // hop * hop].reshape(-1, hop)
-    loud = np.abs(frames).max(axis=1) > 10 ** (END_DBFS / 20)
+    loud = np.abs(audio[: len(audio) // hop * hop].reshape(-1, hop)).max(axis=1) > 10 ** (END_DBFS / 20)
     cuts, start, quiet = [], None, 0
     for i, is_loud in enumerate(np.append(loud, [False] * 100)):
         if is_loud:
@@ -138,14 +145,15 @@ def plan(turns: int, gap_turns: int) -> list[Utterance]:
     latency = []
     for i in range(turns):  # two espeak sentences to one recording cut
         if i % 3 == 2 and cuts:
-            latency.append(Utterance("recording", f"test_file.wav cut {i // 3 % len(cuts)}", cuts[i // 3 % len(cuts)]))
+            n = i // 3 % len(cuts)
+            latency.append(Utterance("recording", f"test_file.wav cut {n}", cuts[n]))
         else:
             text = SENTENCES[(i - i // 3) % len(SENTENCES)]
             latency.append(Utterance("espeak", text, espeak(text)))
     gaps = []
     for i in range(gap_turns):
-        for gap_ms in GAPS_MS:
-            before, after = PHRASES[(i * len(GAPS_MS) + GAPS_MS.index(gap_ms)) % len(PHRASES)]
+        for j, gap_ms in enumerate(GAPS_MS):
+            before, after = PHRASES[(i * len(GAPS_MS) + j) % len(PHRASES)]
             audio = np.concatenate([espeak(before), np.zeros(gap_ms * SAMPLE_RATE // 1000, np.float32), espeak(after)])
             gaps.append(Utterance("gap", f"{before} … {after}", audio, gap_ms))
     mixed, every = [], max(1, round(len(gaps) / max(1, len(latency))))
@@ -155,7 +163,7 @@ def plan(turns: int, gap_turns: int) -> list[Utterance]:
     return mixed
 
 
-# -- the two apps ----------------------------------------------------------------------------------
+# -- the apps --------------------------------------------------------------------------------------
 
 
 class DefaultTurns(ReplyOnPause):
@@ -207,7 +215,18 @@ class LiveServer:
         self.thread.join(10)
 
 
-# -- the client ------------------------------------------------------------------------------------
+def configurations(engine, reply_tokens: int, pauses_s: list[float]) -> list[tuple[str, callable]]:
+    """(name, app factory): fastrtc's default first, then ours at each pause length."""
+    options = ChatOptions(max_audio_s=engine.options.max_audio_s, reply_tokens=reply_tokens)
+    configs = [("fastrtc default (ReplyOnPause, 0.6 s chunks)",
+                lambda: create_app(engine, options, handler=DefaultTurns(engine, options)))]
+    for pause_s in pauses_s:
+        ours = replace(options, turns=replace(options.turns, pause_s=pause_s))
+        configs.append((f"ours (VoxtralHandler, pause {pause_s:g} s)", lambda ours=ours: create_app(engine, ours)))
+    return configs
+
+
+# -- the client (its own process) ------------------------------------------------------------------
 
 
 class Stamped(list):
@@ -250,18 +269,19 @@ def finished(event: dict) -> bool:
 @dataclass
 class Outcome:
     utterance: Utterance
+    started: float  # perf_counter (CLOCK_MONOTONIC: the same clock in every process) when it was queued
+    sent: float | None  # when the frame with the last sample of speech left the client
+    ended: float  # when its reply had finished (or it was given up)
     pause_ms: float | None  # end of speech sent -> "pause_detected" at the client
     first_token_ms: float | None  # end of speech sent -> first /outputs event with reply text
     user_turns: int  # user turns the utterance left in the chat (1 unless it was split)
     retracted: int  # replies started in a pause and taken back when speech resumed
     replied: bool
-    profile: dict = field(default_factory=dict)  # server-side stamps of the final turn (--profile)
 
 
-async def speak(client: TimedClient, utterance: Utterance, profiler: "Profiler | None") -> Outcome:
+async def speak(client: TimedClient, utterance: Utterance) -> Outcome:
     """Say one utterance (+ TAIL_S silence), wait for its reply to finish (or TIMEOUT_S), measure."""
-    users_before, messages_from = users(client.history), len(client.messages)
-    profiles_from = len(profiler.turns) if profiler else 0
+    users_before, messages_from, started = users(client.history), len(client.messages), time.perf_counter()
     audio = np.concatenate([utterance.audio, np.zeros(int(TAIL_S * SAMPLE_RATE), np.float32)])
     speech_sent = client.say(audio, len(utterance.audio) / SAMPLE_RATE)
     events: list[tuple[float, dict]] = []
@@ -276,10 +296,11 @@ async def speak(client: TimedClient, utterance: Utterance, profiler: "Profiler |
         if sent is None and speech_sent.done():
             sent = speech_sent.result()
             deadline = sent + TIMEOUT_S
-        done = sent is not None and events and events[-1][0] >= sent and finished(events[-1][1]) \
+        done = sent is not None and bool(events) and events[-1][0] >= sent and finished(events[-1][1]) \
             and users(client.history) > users_before
         if done and client.track.queued_s == 0 or deadline is not None and time.perf_counter() > deadline:
             break
+    ended = time.perf_counter()
     while client.track.queued_s > 0:  # a dropped turn: still let its silence play out
         await asyncio.sleep(0.05)
 
@@ -287,36 +308,44 @@ async def speak(client: TimedClient, utterance: Utterance, profiler: "Profiler |
     final = events[retracts[-1] + 1:] if retracts else events  # events of the turn that was not taken back
     first = next((t for t, e in final if has_text(e)), None)
     pauses = [t for t, m in client.messages[messages_from:] if log_text(m) == "pause_detected"]
-    if first is not None:  # the pause that started the reply counted (a retract also sends one)
+    if first is not None:  # the pause that started the reply (a retract sends one too)
         pause = max((t for t in pauses if t <= first), default=None)
     else:
         pause = min((t for t in pauses if sent is not None and t >= sent), default=None)
-    ms = (lambda t: None if t is None or sent is None else 1000 * (t - sent))
-    profile = {}
-    if profiler and len(profiler.turns) > profiles_from and sent is not None:
-        profile = {name: 1000 * (t - sent) for name, t in profiler.turns[-1].items()}
-        if first is not None:
-            profile["client: first token event arrived"] = 1000 * (first - sent)
-    return Outcome(utterance, ms(pause), ms(first), users(client.history) - users_before, len(retracts),
-                   bool(events) and finished(events[-1][1]) and users(client.history) > users_before, profile)
+
+    def ms(t):
+        return None if t is None or sent is None else 1000 * (t - sent)
+
+    return Outcome(utterance, started, sent, ended, ms(pause), ms(first), users(client.history) - users_before,
+                   len(retracts), done)
 
 
-async def drive(url: str, utterances: list[Utterance], profiler: "Profiler | None", name: str) -> list[Outcome]:
-    client = await TimedClient.connect(url)
-    try:
-        await client.say(np.zeros(SAMPLE_RATE // 2, np.float32))  # the connection settles in silence first
-        outcomes = []
-        for i, utterance in enumerate(utterances):
-            outcome = await speak(client, utterance, profiler)
-            outcomes.append(outcome)
-            logging.getLogger("bench").info(
-                "%s %d/%d %s%s: pause %s ms, first token %s ms, user turns %d, retracted %d%s", name, i + 1,
-                len(utterances), utterance.kind, f" {utterance.gap_ms} ms" if utterance.gap_ms else "",
-                rounded(outcome.pause_ms), rounded(outcome.first_token_ms), outcome.user_turns, outcome.retracted,
-                "" if outcome.replied else " DROPPED")
-        return outcomes
-    finally:
-        await client.close()
+async def drive(url: str, utterances: list[Utterance], name: str) -> list[Outcome]:
+    """Speak every utterance, reconnecting (a new conversation) every CALL_UTTERANCES."""
+    outcomes = []
+    for call in range(0, len(utterances), CALL_UTTERANCES):
+        client = await TimedClient.connect(url)
+        try:
+            await client.say(np.zeros(SAMPLE_RATE // 2, np.float32))  # the connection settles in silence first
+            for utterance in utterances[call: call + CALL_UTTERANCES]:
+                outcome = await speak(client, utterance)
+                outcomes.append(outcome)
+                logger.info("%s %d/%d %s%s: pause %s ms, first token %s ms, user turns %d, retracted %d%s", name,
+                            len(outcomes), len(utterances), utterance.kind,
+                            f" {utterance.gap_ms} ms" if utterance.gap_ms else "", rounded(outcome.pause_ms),
+                            rounded(outcome.first_token_ms), outcome.user_turns, outcome.retracted,
+                            "" if outcome.replied else " DROPPED")
+        finally:
+            await client.close()
+        await asyncio.sleep(0.5)  # the server frees the conversation's slot
+    return outcomes
+
+
+def run_client(url: str, utterances: list[Utterance], name: str, verbose: bool) -> list[Outcome]:
+    """The client process: a browser stand-in, so its encoding and pacing do not share the server's GIL."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    return asyncio.run(drive(url, utterances, name))
 
 
 def rounded(value: float | None) -> str:
@@ -327,16 +356,18 @@ def rounded(value: float | None) -> str:
 
 
 class Profiler:
-    """Server-side perf_counter stamps per turn, patched onto the app's functions (same process)."""
+    """Server-side perf_counter stamps per turn, patched onto the app's functions (the server's process)."""
 
     def __init__(self):
-        self.turns: list[dict] = []
+        self.turns: list[dict] = []  # one per turn end: step name -> time; "at": when the turn ended
         self.lock = threading.Lock()
-        self.last_loud = 0.0  # when fastrtc last handed the handler a frame with speech in it
+        self.last_loud = 0.0  # when fastrtc last handed a handler a frame with speech in it
 
-    def begin(self, **stamps) -> None:
+    def begin(self, name: str) -> None:
+        now = time.perf_counter()
         with self.lock:
-            self.turns.append({"server: last frame with speech reached the handler": self.last_loud, **stamps})
+            self.turns.append({"at": now, "server: last frame with speech reached the handler": self.last_loud,
+                               name: now})
 
     def mark(self, name: str, at: float | None = None) -> None:
         with self.lock:
@@ -356,7 +387,7 @@ class Profiler:
         setattr(owner, attr, timed)
 
     def install(self) -> None:
-        """Stamp each step from the end of speech to the first /outputs event leaving the server."""
+        """Stamp each step from the last speech frame to the first /outputs event leaving the server."""
         from fastrtc import Stream
 
         from voxtral_app import chat, engine, generate, prompt
@@ -374,24 +405,23 @@ class Profiler:
 
         def turn_event(handler, event):
             if event.kind == "end":
-                profiler.begin(**{"ours: last speech window in (VAD)": event.speech_end,
-                                  "ours: turn end (pause_s of silence)": time.perf_counter()})
+                profiler.begin("ours: turn end (pause_s of silence)")
+                profiler.mark("ours: last speech window in (VAD)", event.speech_end)
             on_turn_event(handler, event)
 
         VoxtralHandler.on_turn_event = turn_event
         default_reply = DefaultTurns.reply
 
         def reply(handler, audio):
-            profiler.begin(**{"default: pause detected, reply fn called": time.perf_counter()})
+            profiler.begin("default: pause detected, reply fn called")
             yield from default_reply(handler, audio)
 
         DefaultTurns.reply = reply
-        respond = Conversation.respond  # a generator: stamp its first step, not its creation
+        respond = Conversation.respond
 
-        def stepped(*args, **kwargs):
-            generator = respond(*args, **kwargs)
+        def stepped(*args, **kwargs):  # a generator: stamp its first step, not its creation
             self.mark("respond() started")
-            yield from generator
+            yield from respond(*args, **kwargs)
 
         Conversation.respond = stepped
         self.wrap(chat, "prepare", "audio prepared")
@@ -399,14 +429,8 @@ class Profiler:
         self.wrap(prompt, "chat_prompt", "prompt built (apply_chat_template)")
         self.wrap(prompt, "audio_features", "log-mel features")
         self.wrap(engine.Engine, "submit", "submitted to the decode thread")
-        self.wrap(generate.Decoder, "prefill", "prefill done", start="prefill started")
-        emit = engine.Engine.emit
-
-        def first_token(engine_, generation, token):
-            self.mark("first token sampled")
-            return emit(engine_, generation, token)
-
-        engine.Engine.emit = first_token
+        self.wrap(generate.Decoder, "prefill", "prefill done (audio encoder + prompt)", start="prefill started")
+        self.wrap(engine.Engine, "emit", "first token sampled")
         self.wrap(Conversation, "outputs", "first output yielded by respond()")
         set_outputs = Stream.set_additional_outputs
 
@@ -423,15 +447,21 @@ class Profiler:
 
         Stream.set_additional_outputs = set_additional_outputs
 
-
-def breakdown(outcomes: list[Outcome]) -> list[tuple[str, float]]:
-    """Median ms after the end of speech was sent, per stamp, over the latency turns, in time order."""
-    stamps = defaultdict(list)
-    for outcome in outcomes:
-        for name, ms in outcome.profile.items():
-            stamps[name].append(ms)
-    rows = [(name, float(np.median(values))) for name, values in stamps.items()]
-    return sorted(rows, key=lambda row: row[1])
+    def breakdown(self, outcomes: list[Outcome]) -> list[tuple[str, float, float]]:
+        """(step, median ms after the end of speech left the client, median ms since the step before)."""
+        stamps = defaultdict(list)
+        for outcome in outcomes:
+            turns = [t for t in self.turns if outcome.started <= t["at"] <= outcome.ended]
+            if not turns or outcome.sent is None or outcome.first_token_ms is None:
+                continue
+            steps = {name: 1000 * (t - outcome.sent) for name, t in turns[-1].items() if name != "at"}
+            steps["client: first token event arrived"] = outcome.first_token_ms
+            ordered = sorted(steps.items(), key=lambda step: step[1])
+            for i, (name, ms) in enumerate(ordered):
+                stamps[name].append((ms, ms - ordered[i - 1][1] if i else ms))
+        rows = [(name, float(np.median([a for a, _ in v])), float(np.median([d for _, d in v])))
+                for name, v in stamps.items()]
+        return sorted(rows, key=lambda row: row[1])
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -449,25 +479,25 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def row(name: str, outcomes: list[Outcome]) -> dict:
+def summarize(name: str, outcomes: list[Outcome]) -> dict:
     latency = [o for o in outcomes if o.utterance.kind != "gap"]
     pauses = [o.pause_ms for o in latency if o.pause_ms is not None]
     firsts = [o.first_token_ms for o in latency if o.first_token_ms is not None]
-    result = {"name": name, "turns": f"{len(latency)} + {len(outcomes) - len(latency)} with a pause",
-              "pause p50": percentile(pauses, 50), "pause p90": percentile(pauses, 90),
-              "first p50": percentile(firsts, 50), "first p90": percentile(firsts, 90),
-              "retracted": sum(o.retracted for o in outcomes), "dropped": sum(not o.replied for o in outcomes),
-              "total": len(outcomes)}
+    row = {"name": name, "turns": f"{len(latency)} + {len(outcomes) - len(latency)} with a pause",
+           "pause p50": percentile(pauses, 50), "pause p90": percentile(pauses, 90),
+           "first p50": percentile(firsts, 50), "first p90": percentile(firsts, 90),
+           "retracted": sum(o.retracted for o in outcomes), "dropped": sum(not o.replied for o in outcomes),
+           "total": len(outcomes)}
     for gap_ms in GAPS_MS:
         split = [o.user_turns > 1 for o in outcomes if o.utterance.gap_ms == gap_ms]
-        result[gap_ms] = (sum(split), len(split))
-    return result
+        row[gap_ms] = (sum(split), len(split))
+    return row
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| configuration | turns | pause detected p50 (ms) | p90 | first token at client p50 (ms) | p90 | "
-             + " | ".join(f"false turn-ends, {g} ms pause" for g in GAPS_MS) + " | speculative replies retracted | "
-             "dropped turns |", "|---" * (8 + len(GAPS_MS)) + "|"]
+             + " | ".join(f"false turn-ends, {g} ms pause" for g in GAPS_MS)
+             + " | speculative replies retracted | dropped turns |", "|---" * (8 + len(GAPS_MS)) + "|"]
     for r in rows:
         splits = [f"{100 * k / n:.0f}% ({k}/{n})" if n else "-" for k, n in (r[g] for g in GAPS_MS)]
         lines.append(f"| {r['name']} | {r['turns']} | {rounded(r['pause p50'])} | {rounded(r['pause p90'])} | "
@@ -479,61 +509,56 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=12, help="latency turns per configuration (single sentences)")
-    parser.add_argument("--gap-turns", type=int, default=7,
+    parser.add_argument("--gap-turns", type=int, default=6,
                         help=f"utterances per mid-sentence pause length ({', '.join(map(str, GAPS_MS))} ms)")
+    parser.add_argument("--pause-s", type=float, nargs="+", default=[0.16],
+                        help="our turn-end pause(s), seconds: one 'ours' row each (default: the app's 0.16)")
     parser.add_argument("--reply-tokens", type=int, default=REPLY_TOKENS, help="longest reply, tokens")
     parser.add_argument("--profile", action="store_true", help="stamp the server's steps and print where the time goes")
-    parser.add_argument("--only", choices=("default", "ours"), help="run one configuration (no ratio)")
     parser.add_argument("-v", "--verbose", action="store_true", help="one line per utterance, and the app's turn lines")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    transformers.utils.logging.disable_progress_bar()  # checkpoint writing and loading
     logging.getLogger("voxtral_app.tts").setLevel(logging.ERROR)  # replies are not spoken here
+    transformers.utils.logging.disable_progress_bar()  # checkpoint writing and loading
     if args.verbose:
-        for name in ("bench", "voxtral_app.chat"):
-            logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger("voxtral_app.chat").setLevel(logging.INFO)
 
     started = time.perf_counter()
-    print(f"**{machine()}** · tiny random Voxtral on CPU · {args.reply_tokens}-token replies\n", flush=True)
+    print(f"**{machine()}** · tiny random Voxtral on CPU · {args.reply_tokens}-token replies · "
+          f"client in its own process\n", flush=True)
     profiler = Profiler() if args.profile else None
     if profiler:
         profiler.install()
     utterances = plan(args.turns, args.gap_turns)
-    with tempfile.TemporaryDirectory() as workdir:
-        path = checkpoint.build_tiny(os.path.join(workdir, "tiny"))
-        engine = load_engine(EngineOptions(model=path, device="cpu", slots=2))
-        options = ChatOptions(max_audio_s=engine.options.max_audio_s, reply_tokens=args.reply_tokens)
-        configurations = [  # one app at a time: fastrtc's default emit loop polls without sleeping
-            ("fastrtc default (ReplyOnPause, 0.6 s chunks)", lambda: create_app(
-                engine, options, handler=DefaultTurns(engine, options))),
-            ("ours (VoxtralHandler, pause 0.16 s)", lambda: create_app(engine, options)),
-        ]
-        rows, outcomes = [], {}
-        for name, build in configurations:
-            if args.only and not name.startswith({"default": "fastrtc", "ours": "ours"}[args.only]):
-                continue
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory() as workdir, \
+            ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
+        engine = load_engine(EngineOptions(model=checkpoint.build_tiny(os.path.join(workdir, "tiny")), device="cpu",
+                                           slots=2))
+        for name, build in configurations(engine, args.reply_tokens, args.pause_s):
             with contextlib.redirect_stdout(io.StringIO()):  # gradio prints "new /" when mounted
                 app = build()
-            server = LiveServer(app)
+            server = LiveServer(app)  # one app at a time: fastrtc's default emit loop polls without sleeping
             try:
-                outcomes[name] = asyncio.run(drive(server.url, utterances, profiler, name.split()[0]))
+                results[name] = client.submit(run_client, server.url, utterances, name.split()[0],
+                                              args.verbose).result()
             finally:
                 server.stop()
-            rows.append(row(name, outcomes[name]))
+            rows.append(summarize(name, results[name]))
 
     print(table(rows))
-    if len(rows) == 2 and rows[0]["first p50"] and rows[1]["first p50"]:
-        default, ours = rows[0]["first p50"], rows[1]["first p50"]
-        print(f"\np50 first token at client, default / ours: {default / ours:.1f}x "
-              f"({default:.0f} ms / {ours:.0f} ms)")
+    default = rows[0]["first p50"]
+    for ours in rows[1:]:
+        if default and ours["first p50"]:
+            print(f"\np50 first token at client, default / {ours['name']}: {default / ours['first p50']:.1f}x "
+                  f"({default:.0f} ms / {ours['first p50']:.0f} ms)")
     if profiler:
-        for name, results in outcomes.items():
-            steps = breakdown([o for o in results if o.utterance.kind != "gap"])
-            print(f"\nWhere the time goes, {name}: median ms after the end of speech left the client\n")
-            print("| step | ms |\n|---|---|")
-            for step, ms in steps:
-                print(f"| {step} | {ms:.0f} |")
+        for name, outcomes in results.items():
+            print(f"\nWhere the time goes, {name}: median over the latency turns\n")
+            print("| step | ms after the end of speech left the client | ms since the step before |\n|---|---|---|")
+            for step, at, delta in profiler.breakdown([o for o in outcomes if o.utterance.kind != "gap"]):
+                print(f"| {step} | {at:.0f} | {delta:.0f} |")
     print(f"\n{len(utterances)} utterances per configuration · wall time {time.perf_counter() - started:.0f} s")
 
 

@@ -12,12 +12,12 @@ def silence(seconds):
     return np.zeros(int(seconds * SAMPLE_RATE), np.float32)
 
 
-def run(taker, audio, chunk_s=0.02):
-    """Feed audio in 20 ms frames, as WebRTC delivers it; -> [(kind, seconds into the audio)]."""
+def run(taker, audio, chunk_s=0.02, kinds=("speech", "end", "resume")):
+    """Feed audio in 20 ms frames, as WebRTC delivers it; -> [(kind, seconds into the audio, event)]."""
     step = int(chunk_s * SAMPLE_RATE)
     events = []
     for i in range(0, len(audio), step):
-        events += [(e.kind, (i + step) / SAMPLE_RATE, e) for e in taker.feed(audio[i:i + step])]
+        events += [(e.kind, (i + step) / SAMPLE_RATE, e) for e in taker.feed(audio[i:i + step]) if e.kind in kinds]
     return events
 
 
@@ -62,3 +62,16 @@ def test_endless_speech_is_cut_into_turns(speech):
     events = run(taker, speech[: 10 * SAMPLE_RATE])
     ends = [e for kind, _, e in events if kind == "end"]
     assert len(ends) >= 2 and all(len(e.audio) <= 3.1 * SAMPLE_RATE for e in ends)
+
+
+def test_short_pause_prepares_a_reply_and_speech_drops_it():
+    first, second = espeak("I was thinking about"), espeak("going to the beach tomorrow")
+    options = TurnOptions()
+    gap = silence((options.speculate_s + options.pause_s) / 2 + 0.03)  # long enough to prepare, too short to end
+    events = run(TurnTaker(options), np.concatenate([first, gap, second, silence(1.0)]),
+                 kinds=("speech", "pause", "continue", "end"))
+    kinds = [kind for kind, _, _ in events]
+    assert kinds[:3] == ["speech", "pause", "continue"] and kinds[-2:] == ["pause", "end"]
+    pause, end = events[-2][2], events[-1][2]
+    assert len(pause.audio) < len(end.audio) and np.array_equal(end.audio[: len(pause.audio)], pause.audio)
+    assert pause.speech_end == end.speech_end

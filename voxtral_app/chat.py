@@ -110,13 +110,13 @@ class Conversation:
         if self.last_reply is not None:
             self.last_reply.cancel()
 
-    def retract(self, turn_id: int) -> AdditionalOutputs | None:
-        """Take back turn `turn_id` and its reply (the person was not done speaking), if it was shown."""
+    def retract(self, turn_id: int, pending: "Pending | None") -> AdditionalOutputs | None:
+        """Take back turn `turn_id` (the person was not done speaking): drop its reply from the
+        conversation, and from the chat if it was shown (-> the chat without it)."""
+        if pending is not None:
+            self.abandon(pending)
         if self.shown_turn != turn_id:
-            return None  # it never started: nothing to take back
-        if self.last_reply is not None and self.chat is not None:
-            self.chat.discard(self.last_reply)
-            self.last_reply = None
+            return None
         self.history = self.history[: self.last_shown]
         self.shown_turn = None
         return AdditionalOutputs(list(self.history), {"retracted": True})
@@ -124,30 +124,47 @@ class Conversation:
     def outputs(self, status: dict) -> AdditionalOutputs:
         return AdditionalOutputs([dict(m) for m in self.history], status)
 
-    def respond(self, rate: int, samples: np.ndarray, settings: Settings, speech_end: float | None = None,
-                spoken: bool = False, turn_id: int | None = None, stopped=lambda: False) -> Iterator:
-        """One turn: audio in -> AdditionalOutputs as the reply streams (with audio when spoken).
+    def begin(self, rate: int, samples: np.ndarray, settings: Settings, speech_end: float | None = None,
+              turn_id: int | None = None) -> "Pending":
+        """Start the reply to a turn (prompt, audio encoding and prefill begin now); nothing is shown yet.
 
-        `stopped()` is polled as tokens arrive; once it is true the reply is cancelled.
+        Called speculatively at a short pause; `abandon()` it if the person goes on speaking.
+        Raises AudioError for unusable audio and EngineBusy when no conversation slot is free.
         """
-        turn = Turn(speech_end=speech_end or time.perf_counter())
-        self.last_shown = len(self.history)
-        self.shown_turn = turn_id
+        pending = Pending(Turn(speech_end=speech_end or time.perf_counter()), settings, turn_id)
+        audio = prepare(rate, samples, self.options.max_audio_s)
+        pending.seconds = len(audio) / SAMPLE_RATE
+        self.open()
+        if settings.mode == "transcribe":
+            pending.reply = self.chat.transcribe(audio, settings.language or None)
+        else:
+            pending.reply = self.chat.start(audio, sampling=replace(CHAT, temperature=settings.temperature,
+                                                                    max_new_tokens=self.options.reply_tokens))
+        self.last_reply = pending.reply
+        return pending
+
+    def abandon(self, pending: "Pending") -> None:
+        """Drop a speculative reply that was never shown, and its turn."""
+        if pending.reply is not None and self.chat is not None:
+            self.chat.discard(pending.reply)
+
+    def respond(self, rate: int, samples: np.ndarray, settings: Settings, spoken: bool = False) -> Iterator:
+        """One turn, begun and shown: audio in -> AdditionalOutputs as the reply streams."""
         try:
-            audio = prepare(rate, samples, self.options.max_audio_s)
+            pending = self.begin(rate, samples, settings)
         except AudioError as error:
             yield self.outputs({"error": str(error)})
             return
-        self.open()
-        label = "🎙️ %.1f s of speech" % (len(audio) / SAMPLE_RATE)
-        self.history.append({"role": "user", "content": label})
-        if settings.mode == "transcribe":
-            reply = self.chat.transcribe(audio, settings.language or None)
-        else:
-            reply = self.chat.start(audio, sampling=replace(CHAT, temperature=settings.temperature,
-                                                                  max_new_tokens=self.options.reply_tokens))
-        self.last_reply = reply
-        self.history.append({"role": "assistant", "content": ""})
+        yield from self.show(pending, spoken)
+
+    def show(self, pending: "Pending", spoken: bool = False, stopped=lambda: False) -> Iterator:
+        """Stream a begun reply into the chat (and speech when `spoken`); `stopped()` cancels it."""
+        turn, reply = pending.turn, pending.reply
+        turn.turn_end = time.perf_counter()
+        self.last_shown = len(self.history)
+        self.shown_turn = pending.turn_id
+        message = {"role": "assistant", "content": ""}  # this turn's own message (history may grow meanwhile)
+        self.history += [{"role": "user", "content": "🎙️ %.1f s of speech" % pending.seconds}, message]
         splitter = SentenceSplitter() if spoken and self.speaker is not None else None
         last_update = 0.0
         try:
@@ -157,7 +174,7 @@ class Conversation:
                 now = time.perf_counter()
                 if turn.first_token is None:
                     turn.first_token = now
-                self.history[-1]["content"] = reply.text
+                message["content"] = reply.text
                 sentences = splitter.push(piece) if splitter is not None else []
                 for sentence in sentences:
                     yield self.speaker.synthesize(sentence), self.outputs(turn.status(reply))
@@ -169,18 +186,29 @@ class Conversation:
                 yield self.speaker.synthesize(sentence), self.outputs(turn.status(reply))
         except RuntimeError as error:  # the engine failed this turn: say so, keep serving
             logger.exception("turn failed")
-            self.history[-1]["content"] = reply.text + f"\n\n⚠️ {error}"
+            message["content"] = reply.text + f"\n\n⚠️ {error}"
         status = turn.status(reply)
         if reply.generation.cancelled.is_set():
             status["interrupted"] = True
         if not reply.text and not reply.generation.cancelled.is_set():
-            self.history[-1]["content"] = "…"  # nothing generated (an immediate end of sequence)
-        self.history[-1]["metadata"] = {"title": latency_line(status)}
+            message["content"] = "…"  # nothing generated (an immediate end of sequence)
+        message["metadata"] = {"title": latency_line(status)}
         logger.info("turn: mode=%s audio=%.1fs pause=%sms first_token=%sms prefill=%d cached=%d tokens=%d %.1f tok/s%s",
-                    settings.mode, len(audio) / SAMPLE_RATE, status["pause_ms"], status["first_token_ms"],
+                    pending.settings.mode, pending.seconds, status["pause_ms"], status["first_token_ms"],
                     status["prefill_tokens"], status["cached_tokens"], status["tokens"], status["tokens_per_s"],
                     " (interrupted)" if status.get("interrupted") else "")
         yield self.outputs(status)
+
+
+@dataclass
+class Pending:
+    """A turn whose reply has begun (perhaps speculatively) but may not be shown yet."""
+
+    turn: Turn
+    settings: Settings
+    turn_id: int | None = None
+    reply: Reply | None = None
+    seconds: float = 0.0  # of audio in the turn
 
 
 def latency_line(status: dict) -> str:
@@ -203,12 +231,14 @@ class VoxtralHandler(ReplyOnPause):
         self.speaker = speaker
         self.conversation = Conversation(engine, options, speaker)
         self.turns = TurnTaker(options.turns)
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # ("turn" | "retract", turn id, TurnEvent | None)
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # ("turn", id, (TurnEvent, Pending)) | ("outputs", id, ...)
         self.turn_id = 0  # id of the last turn that ended
         self.retracted: set[int] = set()  # turns taken back because speech resumed
         self.settings = Settings()
         self.refused: str | None = None
         self.playing_until = 0.0  # monotonic time the spoken reply sent so far ends playing
+        self.speculation: Pending | None = None  # reply begun at a short pause, shown if the turn ends
+        self.ended: Pending | None = None  # the reply to the turn that ended last (taken back on "resume")
 
     def copy(self) -> "VoxtralHandler":
         return VoxtralHandler(self.engine, self.options, self.speaker)
@@ -224,6 +254,7 @@ class VoxtralHandler(ReplyOnPause):
             self.send_message_sync(create_message("error", self.refused))
 
     def shutdown(self) -> None:
+        self.drop_speculation()
         self.conversation.cancel()
         self.conversation.close()
 
@@ -252,12 +283,31 @@ class VoxtralHandler(ReplyOnPause):
             logger.debug("speech resumed within %.0f ms of the turn's end; retracting it", 1000 * self.turns.options.resume_s)
             self.retracted.add(self.turn_id)
             self.stop_speaking()
-            self.jobs.put(("retract", self.turn_id, None))
+            outputs = self.conversation.retract(self.turn_id, self.ended)  # before the next turn begins
+            self.ended = None
+            if outputs is not None:
+                self.jobs.put(("outputs", self.turn_id, outputs))
+        elif event.kind == "pause":  # maybe the end: prepare the reply now, show it only at "end"
+            self.drop_speculation()
+            try:
+                self.speculation = self.conversation.begin(SAMPLE_RATE, event.audio, self.settings, event.speech_end,
+                                                           self.turn_id + 1)
+            except (AudioError, EngineBusy) as error:
+                logger.debug("no speculative reply: %s", error)
+        elif event.kind == "continue":  # it was a pause inside the turn
+            self.drop_speculation()
         elif event.kind == "end":
             self.turn_id += 1
             self.send_message_sync(create_message("log", "pause_detected"))
-            self.jobs.put(("turn", self.turn_id, event))
+            pending, self.speculation = self.speculation, None
+            self.ended = pending
+            self.jobs.put(("turn", self.turn_id, (event, pending)))
             self.event.set()
+
+    def drop_speculation(self) -> None:
+        if self.speculation is not None:
+            self.conversation.abandon(self.speculation)
+            self.speculation = None
 
     def stop_speaking(self) -> None:
         self.playing_until = 0.0
@@ -276,11 +326,14 @@ class VoxtralHandler(ReplyOnPause):
                 kind, turn_id, event = self.jobs.get(timeout=0.02)  # block briefly: fastrtc polls emit in a loop
             except queue.Empty:
                 return None
-            if kind == "retract":
-                return self.conversation.retract(turn_id)
-            if turn_id in self.retracted:
-                return None  # taken back before it started
-            self.generator = self.reply(event, turn_id)
+            if kind == "outputs":
+                return event
+            event, pending = event
+            if turn_id in self.retracted:  # taken back before it was shown
+                if pending is not None:
+                    self.conversation.abandon(pending)
+                return None
+            self.generator = self.reply(event, turn_id, pending)
         try:
             output = next(self.generator)
             if isinstance(output, tuple) and isinstance(output[0], tuple):  # (rate, audio), outputs
@@ -296,11 +349,17 @@ class VoxtralHandler(ReplyOnPause):
             self.generator = None
             return AdditionalOutputs(list(self.conversation.history), {"error": f"reply failed: {error}"})
 
-    def reply(self, event: TurnEvent, turn_id: int = 0):
+    def reply(self, event: TurnEvent, turn_id: int = 0, pending: Pending | None = None):
         """fastrtc's reply fn, for one finished turn (audio as float32 16 kHz)."""
+        if pending is None:
+            try:
+                pending = self.conversation.begin(SAMPLE_RATE, event.audio, self.settings, event.speech_end, turn_id)
+                self.ended = pending
+            except AudioError as error:
+                yield self.conversation.outputs({"error": str(error)})
+                return
         spoken = self.settings.spoken or self.phone_mode
-        yield from self.conversation.respond(SAMPLE_RATE, event.audio, self.settings, event.speech_end, spoken,
-                                             turn_id, stopped=lambda: turn_id in self.retracted)
+        yield from self.conversation.show(pending, spoken, stopped=lambda: turn_id in self.retracted)
 
     def reset(self) -> None:  # ReplyOnPause's reset would drop our queued turns; nothing to reset here
         self.generator = None

@@ -25,7 +25,8 @@ class TurnOptions:
     threshold: float = 0.5  # speech probability that counts as speech
     release: float = 0.35  # speech probability below which speech has stopped (hysteresis)
     start_s: float = 0.064  # speech needed to start a turn (2 windows): a click is not a turn
-    pause_s: float = 0.16  # silence that ends a turn; the reply starts then
+    speculate_s: float = 0.096  # silence after which the reply is prepared (encoder, prefill), unseen
+    pause_s: float = 0.16  # silence that ends a turn; the prepared reply is shown then
     resume_s: float = 0.8  # speech back within this long after a turn ended continues that turn
     preroll_s: float = 0.2  # audio kept from before speech was detected (soft onsets)
     max_turn_s: float = 60.0  # endless speech is cut into turns of at most this long
@@ -33,9 +34,11 @@ class TurnOptions:
 
 @dataclass
 class TurnEvent:
-    kind: str  # "speech" (new speech began), "resume" (speech back within resume_s), "end" (turn over)
-    audio: np.ndarray | None = None  # "end": the whole turn, float32 16 kHz
-    speech_end: float = 0.0  # "end": perf_counter time the last speech window arrived
+    kind: str  # "speech": new speech began (barge-in); "pause": a short silence, prepare a reply;
+    # "continue": speech back before the turn ended (drop that); "end": the turn is over;
+    # "resume": speech back within resume_s of the end (take the reply back, the turn goes on)
+    audio: np.ndarray | None = None  # "pause", "end": the turn so far, float32 16 kHz
+    speech_end: float = 0.0  # "pause", "end": perf_counter time the last speech window arrived
 
 
 class TurnTaker:
@@ -71,10 +74,15 @@ class TurnTaker:
         self.windows.append(window)
         if self.state == "speaking":
             if prob >= o.release:
+                paused = self.silence * WINDOW_S >= o.speculate_s
                 self.silence = 0
                 self.last_speech = now
+                if paused:
+                    return TurnEvent("continue")
             else:
                 self.silence += 1
+                if self.silence == max(1, round(o.speculate_s / WINDOW_S)) and o.speculate_s < o.pause_s:
+                    return TurnEvent("pause", np.concatenate(self.windows), self.last_speech)
             too_long = len(self.windows) * WINDOW_S >= o.max_turn_s
             if self.silence * WINDOW_S >= o.pause_s or too_long:
                 self.state = "ended" if not too_long else "idle"

@@ -49,8 +49,8 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
         status = gr.Markdown(engine_status(engine))
         with gr.Row():
             with gr.Column(scale=1):
-                microphone = WebRTC(modality="audio", mode="send-receive", label="Microphone",  # full_screen would cover the page
-                                    rtc_configuration=rtc_configuration, full_screen=False)
+                microphone = WebRTC(modality="audio", mode="send-receive", label="Microphone", full_screen=False,
+                                    rtc_configuration=rtc_configuration)  # full screen: fixed over the page
                 mode = gr.Radio(["chat", "transcribe"], value="chat", label="Mode")
                 language = gr.Dropdown(LANGUAGES, value="auto", label="Transcription language")
                 temperature = gr.Slider(0.0, 1.0, value=Settings.temperature, step=0.05, label="Temperature")
@@ -67,6 +67,7 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
         inputs = [microphone, mode, language, temperature, spoken]
         microphone.stream(handler, inputs=inputs, outputs=[microphone], concurrency_limit=concurrency_limit,
                           time_limit=time_limit)
+        # queued, so one generator streams every update (queue=False runs one step per trigger and drops triggers)
         microphone.on_additional_outputs(show, outputs=[chatbot, last_turn], concurrency_limit=concurrency_limit)
 
         def clear_conversation(value, conversation):

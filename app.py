@@ -57,7 +57,10 @@ def main(argv=None) -> None:
     app = create_app(engine, chat_options, server_options, speaker=load_speaker(VoiceOptions(engine=args.voice)))
     if args.share:
         app.state.stream.ui.launch(share=True, prevent_thread_lock=True, server_port=args.port + 1)
-    uvicorn.run(app, host=args.host, port=args.port)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port)
+    finally:
+        engine.close()
 
 
 if __name__ == "__main__":

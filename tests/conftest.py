@@ -31,7 +31,9 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def engine(tiny_checkpoint):
     """The tiny checkpoint loaded through the same code users hit (CPU, eager)."""
-    return load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=4, max_tokens=2048))
+    engine = load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=4, max_tokens=2048))
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +85,9 @@ class LiveServer:
 @pytest.fixture(scope="session")
 def app_engine(tiny_checkpoint):
     """A separate engine for the served app, so server tests never share slots with engine tests."""
-    return load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=3, max_tokens=4096))
+    engine = load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=3, max_tokens=4096))
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="session")

@@ -156,6 +156,7 @@ class Engine:
         self.wake = threading.Condition()
         self.thread = threading.Thread(target=self.run, name="voxtral-decode", daemon=True)
         self.ready = threading.Event()  # set once warm-up (and compilation) is done
+        self.closed = False  # set by close(): the decode thread ends
         self.thread.start()
 
     # -- conversations --------------------------------------------------------------------------
@@ -204,11 +205,24 @@ class Engine:
 
     # -- decode thread --------------------------------------------------------------------------
 
+    def close(self, timeout_s: float = 10.0) -> None:
+        """End every reply and stop the decode thread. Call before exit: a daemon thread still inside
+        a torch op when the interpreter finalizes aborts the process (std::terminate, exit status 134)."""
+        with self.wake:
+            self.closed = True
+            self.wake.notify()
+        self.thread.join(timeout_s)
+
     def run(self) -> None:
         while True:
             with self.wake:
-                while not self.pending and not self.active:
+                while not self.pending and not self.active and not self.closed:
                     self.wake.wait()
+                if self.closed:
+                    for generation in self.pending + self.active:
+                        self.finish(generation)
+                    self.pending, self.active = [], []
+                    return
                 new, self.pending = self.pending, []
             for generation in new:
                 self.prefill(generation)

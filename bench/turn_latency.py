@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -226,6 +226,20 @@ def configurations(engine, reply_tokens: int, pauses_s: list[float]) -> list[tup
     return configs
 
 
+def count_turn_events() -> Counter:
+    """Count our handler's turn events ("pause", "continue", "end", "resume", ...) in this process."""
+    from voxtral_app.chat import VoxtralHandler
+
+    counts, on_turn_event = Counter(), VoxtralHandler.on_turn_event
+
+    def counted(handler, event):
+        counts[event.kind] += 1
+        on_turn_event(handler, event)
+
+    VoxtralHandler.on_turn_event = counted
+    return counts
+
+
 # -- the client (its own process) ------------------------------------------------------------------
 
 
@@ -359,15 +373,15 @@ class Profiler:
     """Server-side perf_counter stamps per turn, patched onto the app's functions (the server's process)."""
 
     def __init__(self):
-        self.turns: list[dict] = []  # one per turn end: step name -> time; "at": when the turn ended
+        self.turns: list[dict] = []  # one per turn: step name -> time; "at": when it began (pause or end)
         self.lock = threading.Lock()
         self.last_loud = 0.0  # when fastrtc last handed a handler a frame with speech in it
 
-    def begin(self, name: str) -> None:
+    def begin(self, name: str, speculative: bool = False) -> None:
         now = time.perf_counter()
         with self.lock:
             self.turns.append({"at": now, "server: last frame with speech reached the handler": self.last_loud,
-                               name: now})
+                               name: now, "speculative": speculative})
 
     def mark(self, name: str, at: float | None = None) -> None:
         with self.lock:
@@ -404,8 +418,13 @@ class Profiler:
         on_turn_event = VoxtralHandler.on_turn_event
 
         def turn_event(handler, event):
-            if event.kind == "end":
-                profiler.begin("ours: turn end (pause_s of silence)")
+            if event.kind == "pause":  # the reply begins here, unseen; a "continue" drops it
+                profiler.begin("ours: short pause, reply begun unseen (speculate_s)", speculative=True)
+                profiler.mark("ours: last speech window in (VAD)", event.speech_end)
+            elif event.kind == "end":
+                if not (profiler.turns and profiler.turns[-1].pop("speculative", False)):
+                    profiler.begin("ours: turn end (pause_s of silence)")
+                profiler.mark("ours: turn end (pause_s of silence)")
                 profiler.mark("ours: last speech window in (VAD)", event.speech_end)
             on_turn_event(handler, event)
 
@@ -417,13 +436,13 @@ class Profiler:
             yield from default_reply(handler, audio)
 
         DefaultTurns.reply = reply
-        respond = Conversation.respond
+        show = Conversation.show
 
-        def stepped(*args, **kwargs):  # a generator: stamp its first step, not its creation
-            self.mark("respond() started")
-            yield from respond(*args, **kwargs)
+        def shown(*args, **kwargs):  # a generator: stamp its first step, not its creation
+            self.mark("show() started: the turn is shown")
+            yield from show(*args, **kwargs)
 
-        Conversation.respond = stepped
+        Conversation.show = shown
         self.wrap(chat, "prepare", "audio prepared")
         self.wrap(prompt, "user_message", "user message built (wav + base64)")
         self.wrap(prompt, "chat_prompt", "prompt built (apply_chat_template)")
@@ -431,7 +450,7 @@ class Profiler:
         self.wrap(engine.Engine, "submit", "submitted to the decode thread")
         self.wrap(generate.Decoder, "prefill", "prefill done (audio encoder + prompt)", start="prefill started")
         self.wrap(engine.Engine, "emit", "first token sampled")
-        self.wrap(Conversation, "outputs", "first output yielded by respond()")
+        self.wrap(Conversation, "outputs", "first output yielded by show()")
         set_outputs = Stream.set_additional_outputs
 
         def set_additional_outputs(stream, webrtc_id):
@@ -454,7 +473,8 @@ class Profiler:
             turns = [t for t in self.turns if outcome.started <= t["at"] <= outcome.ended]
             if not turns or outcome.sent is None or outcome.first_token_ms is None:
                 continue
-            steps = {name: 1000 * (t - outcome.sent) for name, t in turns[-1].items() if name != "at"}
+            steps = {name: 1000 * (t - outcome.sent) for name, t in turns[-1].items()
+                     if name not in ("at", "speculative")}
             steps["client: first token event arrived"] = outcome.first_token_ms
             ordered = sorted(steps.items(), key=lambda step: step[1])
             for i, (name, ms) in enumerate(ordered):
@@ -479,7 +499,7 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def summarize(name: str, outcomes: list[Outcome]) -> dict:
+def summarize(name: str, outcomes: list[Outcome], events: Counter) -> dict:
     latency = [o for o in outcomes if o.utterance.kind != "gap"]
     pauses = [o.pause_ms for o in latency if o.pause_ms is not None]
     firsts = [o.first_token_ms for o in latency if o.first_token_ms is not None]
@@ -487,6 +507,7 @@ def summarize(name: str, outcomes: list[Outcome]) -> dict:
            "pause p50": percentile(pauses, 50), "pause p90": percentile(pauses, 90),
            "first p50": percentile(firsts, 50), "first p90": percentile(firsts, 90),
            "retracted": sum(o.retracted for o in outcomes), "dropped": sum(not o.replied for o in outcomes),
+           "unseen": events["continue"] + max(0, events["resume"] - sum(o.retracted for o in outcomes)),
            "total": len(outcomes)}
     for gap_ms in GAPS_MS:
         split = [o.user_turns > 1 for o in outcomes if o.utterance.gap_ms == gap_ms]
@@ -497,12 +518,12 @@ def summarize(name: str, outcomes: list[Outcome]) -> dict:
 def table(rows: list[dict]) -> str:
     lines = ["| configuration | turns | pause detected p50 (ms) | p90 | first token at client p50 (ms) | p90 | "
              + " | ".join(f"false turn-ends, {g} ms pause" for g in GAPS_MS)
-             + " | speculative replies retracted | dropped turns |", "|---" * (8 + len(GAPS_MS)) + "|"]
+             + " | speculative replies retracted: shown + unseen | dropped turns |", "|---" * (8 + len(GAPS_MS)) + "|"]
     for r in rows:
         splits = [f"{100 * k / n:.0f}% ({k}/{n})" if n else "-" for k, n in (r[g] for g in GAPS_MS)]
         lines.append(f"| {r['name']} | {r['turns']} | {rounded(r['pause p50'])} | {rounded(r['pause p90'])} | "
                      f"{rounded(r['first p50'])} | {rounded(r['first p90'])} | " + " | ".join(splits)
-                     + f" | {r['retracted']} | {r['dropped']}/{r['total']} |")
+                     + f" | {r['retracted']} + {r['unseen']} | {r['dropped']}/{r['total']} |")
     return "\n".join(lines)
 
 
@@ -531,21 +552,25 @@ def main(argv=None) -> None:
     if profiler:
         profiler.install()
     utterances = plan(args.turns, args.gap_turns)
-    rows, results = [], {}
+    rows, results, events = [], {}, count_turn_events()
     with tempfile.TemporaryDirectory() as workdir, \
             ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
         engine = load_engine(EngineOptions(model=checkpoint.build_tiny(os.path.join(workdir, "tiny")), device="cpu",
                                            slots=2))
-        for name, build in configurations(engine, args.reply_tokens, args.pause_s):
-            with contextlib.redirect_stdout(io.StringIO()):  # gradio prints "new /" when mounted
-                app = build()
-            server = LiveServer(app)  # one app at a time: fastrtc's default emit loop polls without sleeping
-            try:
-                results[name] = client.submit(run_client, server.url, utterances, name.split()[0],
-                                              args.verbose).result()
-            finally:
-                server.stop()
-            rows.append(summarize(name, results[name]))
+        try:
+            for name, build in configurations(engine, args.reply_tokens, args.pause_s):
+                with contextlib.redirect_stdout(io.StringIO()):  # gradio prints "new /" when mounted
+                    app = build()
+                events.clear()
+                server = LiveServer(app)  # one app at a time: fastrtc's default emit loop polls without sleeping
+                try:
+                    results[name] = client.submit(run_client, server.url, utterances, name.split()[0],
+                                                  args.verbose).result()
+                finally:
+                    server.stop()
+                rows.append(summarize(name, results[name], events))
+        finally:
+            engine.close()
 
     print(table(rows))
     default = rows[0]["first p50"]

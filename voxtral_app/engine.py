@@ -194,9 +194,6 @@ class Engine:
             replies = [chat.start(audio, sampling=Sampling(max_new_tokens=4)) for chat in chats]
             for reply in replies:
                 "".join(reply)
-            if self.decoder.compiled:
-                with self.wake:  # the decode thread waits: no user is served before ready anyway
-                    self.decoder.warm_up()
         finally:
             for chat in chats:
                 chat.close()
@@ -214,6 +211,9 @@ class Engine:
         self.thread.join(timeout_s)
 
     def run(self) -> None:
+        if self.decoder.compiled and self.options.warmup:
+            # here, not in the caller's thread: CUDA graphs are recorded per thread (cudagraph trees)
+            self.decoder.warm_up()
         while True:
             with self.wake:
                 while not self.pending and not self.active and not self.closed:

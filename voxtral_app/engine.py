@@ -211,9 +211,10 @@ class Engine:
         self.thread.join(timeout_s)
 
     def run(self) -> None:
-        if self.decoder.compiled and self.options.warmup:
-            # here, not in the caller's thread: CUDA graphs are recorded per thread (cudagraph trees)
-            self.decoder.warm_up()
+        if self.decoder.compiled:
+            self.decoder.allow_variants()
+            if self.options.warmup:  # here, not in the caller's thread: CUDA graphs are recorded per thread
+                self.decoder.warm_up()
         while True:
             with self.wake:
                 while not self.pending and not self.active and not self.closed:

@@ -101,15 +101,19 @@ class Decoder:
         self._step = self.step_eager
         if compile:
             cuda = self.device.type == "cuda"
-            # one graph per (batch bucket, window, greedy or not): windows are few powers of two
-            variants = 2 * len(self.batch_buckets) * (max_tokens // MIN_WINDOW).bit_length() + 8
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, variants)
-            torch._dynamo.config.accumulated_recompile_limit = max(
-                torch._dynamo.config.accumulated_recompile_limit, 4 * variants)
+            self.allow_variants()
             self._encode = torch.compile(self.encode_eager, fullgraph=True, dynamic=False)
             # CUDA graphs on GPU remove the per-kernel launch cost that dominates a batch-1 step.
             self._step = torch.compile(self.step_eager, mode="reduce-overhead" if cuda else None,
                                        fullgraph=True, dynamic=True)
+
+    def allow_variants(self) -> None:
+        """Let dynamo keep one graph per (batch bucket, window, greedy or not). Its config is
+        thread-local: call this on every thread that runs the compiled step."""
+        variants = 2 * len(self.batch_buckets) * (self.max_tokens // MIN_WINDOW).bit_length() + 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, variants)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 4 * variants)
 
     @torch.no_grad()
     def encode_eager(self, features: torch.Tensor) -> torch.Tensor:

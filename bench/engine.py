@@ -170,7 +170,8 @@ def one_turn(engine, audio, tokens: int):
 
 
 def first_token_s(engine, audio) -> float:
-    return one_turn(engine, audio, 1).stats["first_token_s"]  # submit -> first token, inputs ready
+    generation = one_turn(engine, audio, 1).generation
+    return generation.first_token - generation.queued  # handed to the decode thread -> first token
 
 
 def first_token_end_to_end(engine, audio) -> float:

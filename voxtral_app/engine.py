@@ -128,7 +128,8 @@ class Generation:
     done: threading.Event = field(default_factory=threading.Event)
     fed: list[int] = field(default_factory=list)  # generated tokens whose keys/values are in the cache
     error: Exception | None = None
-    submitted: float = field(default_factory=time.perf_counter)
+    submitted: float = field(default_factory=time.perf_counter)  # the turn began (prompt building included)
+    queued: float = 0.0  # handed to the decode thread, inputs ready
     first_token: float | None = None
     finished: float | None = None
     # decode-thread state
@@ -177,6 +178,7 @@ class Engine:
         return self.options.slots - len(self.free_slots)
 
     def submit(self, generation: Generation) -> Generation:
+        generation.queued = time.perf_counter()
         with self.wake:
             self.pending.append(generation)
             self.wake.notify()

@@ -22,7 +22,7 @@ from fastrtc import Stream
 from fastrtc.websocket import WebSocketHandler
 from pydantic import BaseModel, ValidationError
 
-from .chat import ChatOptions, VoxtralHandler
+from .chat import ChatOptions, Settings, VoxtralHandler
 from .engine import Engine
 from .tts import VoiceOptions, load_speaker
 from .ui import build_ui
@@ -185,7 +185,7 @@ def create_app(engine: Engine, chat_options: ChatOptions | None = None, options:
         connection = handler.copy()
         connection.phone_mode = phone
         if phone:
-            connection.settings = connection.settings.__class__(spoken=chat_options.phone_spoken)
+            connection.settings = Settings(spoken=chat_options.phone_spoken)
 
         async def register(stream_id: str, socket_handler: WebSocketHandler):
             stream.connections[stream_id] = [socket_handler]

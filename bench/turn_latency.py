@@ -6,15 +6,17 @@
 
 Starts the real app (create_app + uvicorn on 127.0.0.1) once per configuration, one after the other,
 on one engine: fastrtc's ReplyOnPause at its default settings (VAD over 0.6 s chunks), then ours
-(VoxtralHandler: streaming 32 ms VAD, 0.16 s pause, retract on resume). An aiortc client in its own
-process (as a browser would be) speaks into each in real time: espeak-ng sentences and cuts of
-fastrtc's test recording, each trimmed to its last sample above -40 dBFS so the end of speech is
-known to a sample, then 2 s of silence. Latencies run from the moment the frame with that last
-sample left the client to the arrival of the "pause_detected" data-channel message and of the first
-/outputs event with reply text. Utterances of two phrases with 200/300/500 ms of silence between
-them count false turn-ends (two user turns left in the chat); a reply started in the gap and taken
-back when speech resumed counts as "retracted" instead. Every CALL_UTTERANCES utterances the client
-reconnects, so each conversation stays inside the engine's KV cache.
+(VoxtralHandler: streaming 32 ms VAD; the reply is prepared unseen at a 0.096 s pause and shown when
+the turn ends at 0.16 s; a turn that resumes is taken back). An aiortc client in its own process (as
+a browser would be) speaks into each in real time: espeak-ng sentences and cuts of fastrtc's test
+recording, each trimmed to its last sample above -40 dBFS so the end of speech is known to a
+sample, then 2 s of silence. Latencies run from the moment the frame with that last sample left the
+client to the arrival of the "pause_detected" data-channel message and of the first /outputs event
+with reply text. Utterances of two phrases with 200/300/500 ms of silence between them count false
+turn-ends (two user turns left in the chat). Replies begun in such a pause and dropped when speech
+came back are counted apart: "shown" ones reached the client and were retracted, "unseen" ones
+never left the server. Every CALL_UTTERANCES utterances the client reconnects, so each conversation
+stays inside the engine's KV cache (8192 tokens; each clip is padded to 30 s = 375 audio tokens).
 """
 
 import os
@@ -38,6 +40,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -101,7 +104,7 @@ def trim(audio: np.ndarray) -> np.ndarray:
     """Cut to the first..last sample above END_DBFS: the clip ends exactly where its speech ends."""
     loud = np.flatnonzero(np.abs(audio) > 10 ** (END_DBFS / 20))
     if not len(loud):
-        raise ValueError("no speech above %.0f dBFS" % END_DBFS)
+        raise ValueError(f"no speech above {END_DBFS:.0f} dBFS")
     return audio[loud[0]: loud[-1] + 1]
 
 
@@ -215,7 +218,7 @@ class LiveServer:
         self.thread.join(10)
 
 
-def configurations(engine, reply_tokens: int, pauses_s: list[float]) -> list[tuple[str, callable]]:
+def configurations(engine, reply_tokens: int, pauses_s: list[float]) -> list[tuple[str, Callable]]:
     """(name, app factory): fastrtc's default first, then ours at each pause length."""
     options = ChatOptions(max_audio_s=engine.options.max_audio_s, reply_tokens=reply_tokens)
     configs = [("fastrtc default (ReplyOnPause, 0.6 s chunks)",
@@ -289,7 +292,7 @@ class Outcome:
     pause_ms: float | None  # end of speech sent -> "pause_detected" at the client
     first_token_ms: float | None  # end of speech sent -> first /outputs event with reply text
     user_turns: int  # user turns the utterance left in the chat (1 unless it was split)
-    retracted: int  # replies started in a pause and taken back when speech resumed
+    retracted: int  # replies shown at a pause and taken back when speech resumed
     replied: bool
 
 
@@ -305,7 +308,7 @@ async def speak(client: TimedClient, utterance: Utterance) -> Outcome:
             arrived, event = await asyncio.wait_for(client.events.get(), 0.05)
             events.append((arrived, event))
             client.history = event["history"]
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             pass
         if sent is None and speech_sent.done():
             sent = speech_sent.result()
@@ -322,8 +325,8 @@ async def speak(client: TimedClient, utterance: Utterance) -> Outcome:
     final = events[retracts[-1] + 1:] if retracts else events  # events of the turn that was not taken back
     first = next((t for t, e in final if has_text(e)), None)
     pauses = [t for t, m in client.messages[messages_from:] if log_text(m) == "pause_detected"]
-    if first is not None:  # the pause that started the reply (a retract sends one too)
-        pause = max((t for t in pauses if t <= first), default=None)
+    if first is not None:  # the pause that ended the turn replied to (the data channel may lag /outputs a little)
+        pause = max((t for t in pauses if t <= first + 0.05), default=None)
     else:
         pause = min((t for t in pauses if sent is not None and t >= sent), default=None)
 

@@ -3,6 +3,9 @@
 import base64
 import os
 
+import numpy as np
+import torch
+
 from mistral_common.protocol.instruct.chunk import AudioChunk, RawAudio, TextChunk
 from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
@@ -58,3 +61,13 @@ def test_audio_features_one_chunk_per_30_seconds(tiny_checkpoint, speech):
     long_clip = prompt.chat_prompt(processor, [prompt.user_message(speech.repeat(2))]).audio[0]  # 41.5 s
     features = prompt.audio_features(processor, [long_clip], "cpu")
     assert tuple(features.shape) == (2, 128, prompt.CHUNK_FRAMES)
+
+
+def test_fast_log_mel_equals_the_feature_extractor(tiny_checkpoint, speech):
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    for clip in (speech[:16000], speech, speech.repeat(2), np.zeros(100, np.float32)):
+        padded = np.pad(clip, (0, -len(clip) % prompt.CHUNK_SAMPLES))
+        reference = processor.feature_extractor(padded, sampling_rate=16000, return_tensors="pt", padding=True,
+                                                truncation=False, pad_to_multiple_of=prompt.CHUNK_SAMPLES)
+        expected = reference["input_features"].reshape(128, -1, prompt.CHUNK_FRAMES).transpose(0, 1)
+        assert torch.allclose(prompt.audio_features(processor, [padded], "cpu"), expected, atol=1e-5)

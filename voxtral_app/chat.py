@@ -11,9 +11,11 @@ import asyncio
 import logging
 import queue
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
+import av
 import numpy as np
 from fastrtc import AdditionalOutputs, ReplyOnPause
 from fastrtc.utils import create_message, get_current_context
@@ -211,6 +213,12 @@ class Pending:
     seconds: float = 0.0  # of audio in the turn
 
 
+def resolved(pending: Pending) -> Future:
+    future = Future()
+    future.set_result(pending)
+    return future
+
+
 def latency_line(status: dict) -> str:
     first = status.get("first_token_ms")
     parts = [f"⏱ {first} ms to first token" if first is not None else "⏱ no tokens",
@@ -237,11 +245,20 @@ class VoxtralHandler(ReplyOnPause):
         self.settings = Settings()
         self.refused: str | None = None
         self.playing_until = 0.0  # monotonic time the spoken reply sent so far ends playing
-        self.speculation: Pending | None = None  # reply begun at a short pause, shown if the turn ends
-        self.ended: Pending | None = None  # the reply to the turn that ended last (taken back on "resume")
+        self.preparing = ThreadPoolExecutor(1, thread_name_prefix="voxtral-prepare")  # speculative begin()
+        self.speculation: Future | None = None  # reply begun at a short pause, shown if the turn ends
+        self.ended: Future | None = None  # the reply to the turn that ended last (taken back on "resume")
 
     def copy(self) -> "VoxtralHandler":
         return VoxtralHandler(self.engine, self.options, self.speaker)
+
+    def resample(self, frame):
+        """fastrtc keeps the input frame's sample count (960 at 48 kHz) when resampling: at 16 kHz
+        that is 60 ms lumps. Let the resampler pass each 20 ms frame on as soon as it arrives."""
+        if self._resampler is None:
+            self._resampler = av.AudioResampler(format="s16", layout=self.expected_layout,
+                                                rate=self.input_sample_rate, frame_size=None)
+        yield from self._resampler.resample(frame)
 
     # -- connection lifetime ----------------------------------------------------------------------
 
@@ -255,6 +272,7 @@ class VoxtralHandler(ReplyOnPause):
 
     def shutdown(self) -> None:
         self.drop_speculation()
+        self.preparing.shutdown(wait=True)
         self.conversation.cancel()
         self.conversation.close()
 
@@ -283,17 +301,14 @@ class VoxtralHandler(ReplyOnPause):
             logger.debug("speech resumed within %.0f ms of the turn's end; retracting it", 1000 * self.turns.options.resume_s)
             self.retracted.add(self.turn_id)
             self.stop_speaking()
-            outputs = self.conversation.retract(self.turn_id, self.ended)  # before the next turn begins
+            ended = self.ended.result() if self.ended is not None else None  # before the next turn begins
+            outputs = self.conversation.retract(self.turn_id, ended)
             self.ended = None
             if outputs is not None:
                 self.jobs.put(("outputs", self.turn_id, outputs))
-        elif event.kind == "pause":  # maybe the end: prepare the reply now, show it only at "end"
+        elif event.kind == "pause":  # maybe the end: prepare the reply now (off this audio thread), show it at "end"
             self.drop_speculation()
-            try:
-                self.speculation = self.conversation.begin(SAMPLE_RATE, event.audio, self.settings, event.speech_end,
-                                                           self.turn_id + 1)
-            except (AudioError, EngineBusy) as error:
-                logger.debug("no speculative reply: %s", error)
+            self.speculation = self.preparing.submit(self.prepare, event, self.turn_id + 1)
         elif event.kind == "continue":  # it was a pause inside the turn
             self.drop_speculation()
         elif event.kind == "end":
@@ -304,10 +319,22 @@ class VoxtralHandler(ReplyOnPause):
             self.jobs.put(("turn", self.turn_id, (event, pending)))
             self.event.set()
 
+    def prepare(self, event: TurnEvent, turn_id: int) -> Pending | None:
+        try:
+            return self.conversation.begin(SAMPLE_RATE, event.audio, self.settings, event.speech_end, turn_id)
+        except (AudioError, EngineBusy) as error:
+            logger.debug("no speculative reply: %s", error)
+            return None
+
     def drop_speculation(self) -> None:
         if self.speculation is not None:
-            self.conversation.abandon(self.speculation)
+            self.abandon(self.speculation)
             self.speculation = None
+
+    def abandon(self, pending: Future | None) -> None:
+        """Drop a reply being prepared or prepared, once it is (the preparing thread is in order)."""
+        if pending is not None:
+            pending.add_done_callback(lambda done: done.result() and self.conversation.abandon(done.result()))
 
     def stop_speaking(self) -> None:
         self.playing_until = 0.0
@@ -330,8 +357,7 @@ class VoxtralHandler(ReplyOnPause):
                 return event
             event, pending = event
             if turn_id in self.retracted:  # taken back before it was shown
-                if pending is not None:
-                    self.conversation.abandon(pending)
+                self.abandon(pending)
                 return None
             self.generator = self.reply(event, turn_id, pending)
         try:
@@ -349,12 +375,13 @@ class VoxtralHandler(ReplyOnPause):
             self.generator = None
             return AdditionalOutputs(list(self.conversation.history), {"error": f"reply failed: {error}"})
 
-    def reply(self, event: TurnEvent, turn_id: int = 0, pending: Pending | None = None):
+    def reply(self, event: TurnEvent, turn_id: int = 0, pending: Future | None = None):
         """fastrtc's reply fn, for one finished turn (audio as float32 16 kHz)."""
+        pending = pending.result() if pending is not None else None
         if pending is None:
             try:
                 pending = self.conversation.begin(SAMPLE_RATE, event.audio, self.settings, event.speech_end, turn_id)
-                self.ended = pending
+                self.ended = resolved(pending)
             except AudioError as error:
                 yield self.conversation.outputs({"error": str(error)})
                 return

@@ -404,11 +404,13 @@ class Chat:
     def fit(self, sampling: Sampling) -> prompts.Prompt:
         """Prompt for the conversation, dropping its oldest turns until prompt + reply fit the cache."""
         limit = self.engine.options.max_tokens - sampling.max_new_tokens
-        while True:
+        target = limit  # once over the limit, drop down to half of it: the whole cache is
+        while True:  # re-prefilled after a drop, so let that happen once every few turns, not every turn
             prompt = prompts.chat_prompt(self.engine.processor, self.messages)
-            if len(prompt.ids) <= limit or len(self.messages) <= 1:
+            if len(prompt.ids) <= target or len(self.messages) <= 1:
                 break
-            logger.info("conversation over %d tokens; dropping its oldest turn", limit)
+            logger.info("conversation over %d tokens; dropping its oldest turn", target)
+            target = limit // 2
             self.messages = self.messages[2:] if self.messages[1]["role"] == "assistant" else self.messages[1:]
         if len(prompt.ids) > limit:
             self.messages.pop()

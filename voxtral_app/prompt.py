@@ -56,16 +56,30 @@ def transcription_prompt(processor, audio: np.ndarray, language: str | None, mod
 
 
 def audio_features(processor, clips: list[np.ndarray], device: torch.device) -> torch.Tensor | None:
-    """Padded clips -> [chunks, mels, 3000] log-mel features, the way VoxtralProcessor makes them."""
+    """Padded clips -> [chunks, mels, 3000] log-mel features, equal to VoxtralProcessor's."""
     if not clips:
         return None
-    chunks = []
-    for clip in clips:
-        features = processor.feature_extractor(
-            clip, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding=True, truncation=False,
-            pad_to_multiple_of=CHUNK_SAMPLES, device=str(device))["input_features"]  # [1, mels, frames]
-        chunks.append(features.reshape(features.shape[1], -1, CHUNK_FRAMES).transpose(0, 1))
-    return torch.cat(chunks).to(device)
+    return torch.cat([log_mel(processor.feature_extractor, clip) for clip in clips]).to(device)
+
+
+def log_mel(extractor, clip: np.ndarray) -> torch.Tensor:
+    """One clip padded to a multiple of 30 s -> [chunks, mels, 3000], as Whisper's extractor makes it,
+    but with the STFT run over the sound only: the zero padding's frames are a known constant
+    (log10 of the 1e-10 floor = -10), so a short turn costs a short STFT, not 30 s of one."""
+    if getattr(extractor, "dither", 0.0) or len(clip) % CHUNK_SAMPLES:
+        features = extractor(clip, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding=True, truncation=False,
+                             pad_to_multiple_of=CHUNK_SAMPLES)["input_features"]  # [1, mels, frames]
+        return features.reshape(features.shape[1], -1, CHUNK_FRAMES).transpose(0, 1)
+    nonzero = np.flatnonzero(clip)
+    used = min(len(clip), (nonzero[-1] + 1 if len(nonzero) else 1) + extractor.n_fft)  # + one window of zeros
+    stft = torch.stft(torch.from_numpy(np.ascontiguousarray(clip[:used], dtype=np.float32)), extractor.n_fft,
+                      extractor.hop_length, window=torch.hann_window(extractor.n_fft), return_complex=True)
+    mel = torch.from_numpy(extractor.mel_filters).float().T @ (stft[..., :-1].abs() ** 2)  # [mels, frames used]
+    frames = len(clip) // extractor.hop_length
+    log = torch.full((mel.shape[0], frames), -10.0)
+    log[:, : min(frames, mel.shape[1])] = mel.clamp(min=1e-10).log10()[:, :frames]
+    log = (torch.maximum(log, log.max() - 8.0) + 4.0) / 4.0
+    return log.reshape(log.shape[0], -1, CHUNK_FRAMES).transpose(0, 1)
 
 
 def audio_block_starts(ids: list[int], begin_audio_id: int) -> list[int]:

@@ -37,6 +37,8 @@ class ServerOptions:
     session_time_limit_s: float | None = 900.0  # a connection is closed after 15 min (None: no limit)
     twilio_auth_token: str | None = None  # set to check X-Twilio-Signature on /telephone/incoming
     rtc_configuration: dict | None = None  # ICE servers for the browser (TURN when not on a LAN)
+    jitter_prefetch: int = 1  # audio packets (20 ms each) aiortc buffers before decoding; its default 4
+    # adds 60 ms to every turn. Raise it for lossy links where audio sounds choppy.
 
 
 class Offer(BaseModel):
@@ -104,6 +106,18 @@ class CheckedWebSocket:
                 await self.websocket.send_json({"event": "error", "message": f"ignored a bad message: {error}"})
 
 
+def buffer_less_audio(packets: int) -> None:
+    """Make aiortc's receivers buffer at most `packets` audio packets (it has no public setting for this;
+    the patch is process-wide and covers the Gradio UI's connections too)."""
+    from aiortc import jitterbuffer, rtcrtpreceiver
+
+    class AudioJitterBuffer(jitterbuffer.JitterBuffer):
+        def __init__(self, capacity: int, prefetch: int = 0, is_video: bool = False):
+            super().__init__(capacity, prefetch if is_video else min(prefetch, packets), is_video)
+
+    rtcrtpreceiver.JitterBuffer = AudioJitterBuffer
+
+
 def create_app(engine: Engine, chat_options: ChatOptions | None = None, options: ServerOptions = ServerOptions(),
                speaker=None, app: FastAPI | None = None, handler=None) -> FastAPI:
     """FastAPI app serving Voxtral: UI at /, /webrtc/offer, /websocket/offer, /telephone/*, /health.
@@ -118,6 +132,7 @@ def create_app(engine: Engine, chat_options: ChatOptions | None = None, options:
         except RuntimeError as error:
             logger.warning("spoken replies are off: %s", error)
     handler = handler or VoxtralHandler(engine, chat_options, speaker)
+    buffer_less_audio(options.jitter_prefetch)
     slots = engine.options.slots
     stream = Stream(handler, modality="audio", mode="send-receive", concurrency_limit=slots,
                     time_limit=options.session_time_limit_s, rtc_configuration=options.rtc_configuration)

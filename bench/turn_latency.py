@@ -57,7 +57,7 @@ from voxtral_app.audio import SAMPLE_RATE, prepare, read_wav  # noqa: E402
 from voxtral_app.chat import ChatOptions, Conversation, Settings  # noqa: E402
 from voxtral_app.client import Client  # noqa: E402
 from voxtral_app.engine import EngineOptions, load_engine  # noqa: E402
-from voxtral_app.server import create_app  # noqa: E402
+from voxtral_app.server import BackgroundServer, create_app  # noqa: E402
 from voxtral_app.vad import SileroPauseModel  # noqa: E402
 
 logger = logging.getLogger("bench")
@@ -193,38 +193,14 @@ class DefaultTurns(ReplyOnPause):
         self.conversation.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """The app under uvicorn on 127.0.0.1, in a background thread (as tests/conftest.py runs it)."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 def configurations(engine, reply_tokens: int, pauses_s: list[float]) -> list[tuple[str, Callable]]:
     """(name, app factory): fastrtc's default first, then ours at each pause length."""
     options = ChatOptions(max_audio_s=engine.options.max_audio_s, reply_tokens=reply_tokens)
     configs = [("fastrtc default (ReplyOnPause, 0.6 s chunks)",
                 lambda: create_app(engine, options, handler=DefaultTurns(engine, options)))]
     for pause_s in pauses_s:
-        ours = replace(options, turns=replace(options.turns, pause_s=pause_s))
+        speculate_s = max(0.032, pause_s - (options.turns.pause_s - options.turns.speculate_s))  # same head start
+        ours = replace(options, turns=replace(options.turns, pause_s=pause_s, speculate_s=speculate_s))
         configs.append((f"ours (VoxtralHandler, pause {pause_s:g} s)", lambda ours=ours: create_app(engine, ours)))
     return configs
 
@@ -565,7 +541,7 @@ def main(argv=None) -> None:
                 with contextlib.redirect_stdout(io.StringIO()):  # gradio prints "new /" when mounted
                     app = build()
                 events.clear()
-                server = LiveServer(app)  # one app at a time: fastrtc's default emit loop polls without sleeping
+                server = BackgroundServer(app)  # one app at a time: fastrtc's default emit loop polls without sleeping
                 try:
                     results[name] = client.submit(run_client, server.url, utterances, name.split()[0],
                                                   args.verbose).result()

@@ -12,21 +12,19 @@ import pytest
 from voxtral_app import checkpoint
 from voxtral_app.audio import SAMPLE_RATE, prepare, read_wav
 from voxtral_app.engine import EngineOptions, load_engine
+from voxtral_app.server import BackgroundServer
 
 
 def package_file(package: str, *parts: str) -> str:
     return os.path.join(os.path.dirname(importlib.util.find_spec(package).origin), *parts)
 
-
 SPEECH_WAV = package_file("fastrtc", "speech_to_text", "test_file.wav")  # ~ a spoken sentence
 GRADIO_WAVS = sorted(glob.glob(package_file("gradio", "media_assets", "audio", "*.wav")))
-
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> str:
     """A tiny random Voxtral and a real Tekken tokenizer, saved as a checkpoint directory."""
     return checkpoint.build_tiny(str(tmp_path_factory.mktemp("tiny-voxtral")))
-
 
 @pytest.fixture(scope="session")
 def engine(tiny_checkpoint):
@@ -35,52 +33,16 @@ def engine(tiny_checkpoint):
     yield engine
     engine.close()
 
-
 @pytest.fixture(scope="session")
 def speech() -> np.ndarray:
     """Real speech, mono float32 at 16 kHz."""
     rate, samples = read_wav(SPEECH_WAV)
     return prepare(rate, samples, max_seconds=300)
 
-
 @pytest.fixture(scope="session")
 def other_speech() -> np.ndarray:
     rate, samples = read_wav(GRADIO_WAVS[0])
     return prepare(rate, samples, max_seconds=300)[: 4 * SAMPLE_RATE]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """The real app (uvicorn) on 127.0.0.1 in a background thread."""
-
-    def __init__(self, app):
-        import threading
-
-        import uvicorn
-
-        self.app = app
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    ws="websockets"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        import time
-
-        while not self.server.started:
-            time.sleep(0.05)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-
 
 @pytest.fixture(scope="session")
 def app_engine(tiny_checkpoint):
@@ -89,7 +51,6 @@ def app_engine(tiny_checkpoint):
     yield engine
     engine.close()
 
-
 @pytest.fixture(scope="session")
 def live_server(app_engine):
     from voxtral_app.chat import ChatOptions
@@ -97,10 +58,9 @@ def live_server(app_engine):
     from voxtral_app.tts import VoiceOptions, load_speaker
 
     options = ChatOptions(reply_tokens=48)  # short replies keep the tests quick
-    server = LiveServer(create_app(app_engine, options, speaker=load_speaker(VoiceOptions(engine="espeak"))))
+    server = BackgroundServer(create_app(app_engine, options, speaker=load_speaker(VoiceOptions(engine="espeak"))))
     yield server
     server.stop()
-
 
 def espeak(text: str) -> np.ndarray:
     """espeak-ng speech, float32 16 kHz, with its leading/trailing silence trimmed."""

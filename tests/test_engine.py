@@ -159,3 +159,15 @@ def test_sampling_follows_temperature(engine, speech):
     chat.close()
     assert len(outputs) > 1  # random weights, temperature 1: replies differ
     assert torch.get_num_threads() >= 1
+
+
+def test_each_turn_prompt_equals_the_reference_encoding(engine, speech, other_speech):
+    chat = engine.open_chat()
+    try:
+        for clip in (speech, other_speech, speech[:16000]):
+            reply = chat.start(clip, sampling=Sampling(temperature=1.0, max_new_tokens=12))
+            assert chat.prompt_ids == prompt.chat_prompt(engine.processor, chat.messages).ids
+            run(reply)
+        chat.cancel()
+    finally:
+        chat.close()

@@ -11,10 +11,9 @@ import soxr
 import websockets
 from twilio.request_validator import RequestValidator
 
-from conftest import LiveServer
 from voxtral_app.audio import SAMPLE_RATE
 from voxtral_app.chat import ChatOptions
-from voxtral_app.server import ServerOptions, create_app
+from voxtral_app.server import BackgroundServer, ServerOptions, create_app
 
 PHONE_RATE = 8_000  # Hz, Twilio's mu-law
 FRAME_S = 0.02
@@ -65,7 +64,7 @@ class Call:
 
 
 def test_phone_call_two_spoken_turns_and_barge_in(app_engine, speech, other_speech):
-    server = LiveServer(create_app(app_engine, ChatOptions(reply_tokens=400)))
+    server = BackgroundServer(create_app(app_engine, ChatOptions(reply_tokens=400)))
     silence = np.zeros(SAMPLE_RATE, np.float32)
 
     async def run():
@@ -118,7 +117,7 @@ def test_phone_bad_messages_do_not_end_the_call(live_server):
 
 def test_incoming_call_twiml_and_signature(app_engine):
     token = "secret-auth-token"
-    server = LiveServer(create_app(app_engine, options=ServerOptions(twilio_auth_token=token)))
+    server = BackgroundServer(create_app(app_engine, options=ServerOptions(twilio_auth_token=token)))
     try:
         url = f"{server.url}/telephone/incoming"
         form = {"CallSid": "CA1", "From": "+15550001", "To": "+15550002"}

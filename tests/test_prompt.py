@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import torch
-
 from mistral_common.protocol.instruct.chunk import AudioChunk, RawAudio, TextChunk
 from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
@@ -71,3 +70,14 @@ def test_fast_log_mel_equals_the_feature_extractor(tiny_checkpoint, speech):
                                                 truncation=False, pad_to_multiple_of=prompt.CHUNK_SAMPLES)
         expected = reference["input_features"].reshape(128, -1, prompt.CHUNK_FRAMES).transpose(0, 1)
         assert torch.allclose(prompt.audio_features(processor, [padded], "cpu"), expected, atol=1e-5)
+
+
+def test_extending_a_prompt_equals_encoding_the_whole_conversation(tiny_checkpoint, speech, other_speech):
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    first = [prompt.user_message(speech[:32000])]
+    for reply in ["Hello there.", "two\n\nlines", "1.\n2.\n- item", "ok 🙂 café", "x"]:
+        user = prompt.user_message(other_speech, "And now?")
+        whole = prompt.chat_prompt(processor, first + [prompt.assistant_message(reply), user])
+        extended = prompt.extend_prompt(processor, prompt.chat_prompt(processor, first), reply, user)
+        assert extended.ids == whole.ids
+        assert all(np.array_equal(a, b) for a, b in zip(extended.audio, whole.audio, strict=True))

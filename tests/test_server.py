@@ -10,12 +10,12 @@ import httpx
 import numpy as np
 import pytest
 import websockets
+from conftest import espeak
 
 from voxtral_app.audio import SAMPLE_RATE
-from conftest import LiveServer, espeak
 from voxtral_app.chat import ChatOptions
 from voxtral_app.client import Client
-from voxtral_app.server import create_app
+from voxtral_app.server import BackgroundServer, create_app
 
 SILENCE = np.zeros(int(1.5 * SAMPLE_RATE), np.float32)
 
@@ -75,7 +75,7 @@ def test_two_clients_see_only_their_own_history(live_server, speech, other_speec
 
 
 def test_disconnect_mid_reply_stops_generation(app_engine, speech):
-    server = LiveServer(create_app(app_engine, ChatOptions(reply_tokens=3000)))  # a reply of ~1 min on CPU
+    server = BackgroundServer(create_app(app_engine, ChatOptions(reply_tokens=3000)))  # a reply of ~1 min on CPU
 
     async def run():
         client = await Client.connect(server.url, temperature=1.0)

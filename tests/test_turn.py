@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from conftest import espeak
+
 from voxtral_app.audio import SAMPLE_RATE
 from voxtral_app.turn import TurnOptions, TurnTaker
 

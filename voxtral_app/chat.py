@@ -11,8 +11,8 @@ import asyncio
 import logging
 import queue
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import av
@@ -21,7 +21,7 @@ from fastrtc import AdditionalOutputs, ReplyOnPause
 from fastrtc.utils import create_message, get_current_context
 
 from .audio import SAMPLE_RATE, AudioError, prepare
-from .engine import CHAT, TRANSCRIBE, Chat, Engine, EngineBusy, Reply
+from .engine import CHAT, Chat, Engine, EngineBusy, Reply
 from .tts import SentenceSplitter
 from .turn import TurnEvent, TurnOptions, TurnTaker
 from .vad import SileroPauseModel, to_16k
@@ -298,7 +298,7 @@ class VoxtralHandler(ReplyOnPause):
                 self.conversation.cancel()
                 self.stop_speaking()
         elif event.kind == "resume":  # the turn was not over: take the reply back
-            logger.debug("speech resumed within %.0f ms of the turn's end; retracting it", 1000 * self.turns.options.resume_s)
+            logger.debug("speech resumed within %.1f s of the turn's end; retracting it", self.turns.options.resume_s)
             self.retracted.add(self.turn_id)
             self.stop_speaking()
             ended = self.ended.result() if self.ended is not None else None  # before the next turn begins

@@ -45,7 +45,8 @@ def save_processor(path: str) -> None:
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:  # without config.json, AutoTokenizer
         json.dump({"tokenizer_class": "MistralCommonBackend"}, f)  # would not pick mistral-common
     tokenizer = MistralCommonBackend.from_pretrained(path)
-    VoxtralProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tokenizer).save_pretrained(path)
+    processor = VoxtralProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tokenizer)
+    processor.save_pretrained(path)
 
 
 def tiny_config():

@@ -355,6 +355,7 @@ class Chat:
         self.engine = engine
         self.slot = slot
         self.messages: list[dict] = []
+        self.encoded: tuple[int, prompts.Prompt] | None = None  # (messages encoded, their prompt)
         self.cached: list[int] = []  # token ids whose keys/values are in the slot, in order
         self.cached_clips: list[tuple[int, str]] = []  # (block start, clip hash) for audio in the slot
         self.current: Reply | None = None
@@ -383,6 +384,7 @@ class Chat:
             self.settle()
             if recorded and self.messages and self.messages[-1]["role"] == "user":
                 self.messages.pop()
+                self.encoded = None
 
     def cancel(self) -> None:
         if self.current is not None:
@@ -392,6 +394,7 @@ class Chat:
         """Forget the conversation (the cache is overwritten by the next turn)."""
         self.settle(cancel=True)
         self.messages = []
+        self.encoded = None
 
     def close(self) -> None:
         if not self.closed:
@@ -406,15 +409,29 @@ class Chat:
         limit = self.engine.options.max_tokens - sampling.max_new_tokens
         target = limit  # once over the limit, drop down to half of it: the whole cache is
         while True:  # re-prefilled after a drop, so let that happen once every few turns, not every turn
-            prompt = prompts.chat_prompt(self.engine.processor, self.messages)
+            prompt = self.encode()
             if len(prompt.ids) <= target or len(self.messages) <= 1:
                 break
             logger.info("conversation over %d tokens; dropping its oldest turn", target)
             target = limit // 2
             self.messages = self.messages[2:] if self.messages[1]["role"] == "assistant" else self.messages[1:]
+            self.encoded = None
         if len(prompt.ids) > limit:
             self.messages.pop()
+            self.encoded = None
             raise ValueError(f"this turn needs {len(prompt.ids)} prompt tokens; the limit is {limit}")
+        return prompt
+
+    def encode(self) -> prompts.Prompt:
+        """The conversation's prompt; when it only grew by a reply and a new user turn since the
+        last one, extend that (a 20-turn conversation re-encoded costs ~30 ms of CPU per turn)."""
+        n = len(self.messages)
+        if self.encoded is not None and self.encoded[0] == n - 2 and self.messages[-2]["role"] == "assistant":
+            prompt = prompts.extend_prompt(self.engine.processor, self.encoded[1], self.messages[-2]["content"],
+                                           self.messages[-1])
+        else:
+            prompt = prompts.chat_prompt(self.engine.processor, self.messages)
+        self.encoded = (n, prompt)
         return prompt
 
     def launch(self, prompt: prompts.Prompt, sampling: Sampling, record: bool, started: float) -> Reply:
@@ -445,4 +462,4 @@ class Chat:
             self.cached = self.prompt_ids + reply.generation.fed
             self.cached_clips = self.prompt_clips
         if reply.record and reply.text.strip():
-            self.messages.append(prompts.assistant_message(reply.text))
+            self.messages.append(prompts.assistant_message(reply.text.strip()))  # as mistral-common keeps it

@@ -47,6 +47,19 @@ def chat_prompt(processor, messages: list[dict]) -> Prompt:
     return Prompt(ids=list(encoded["input_ids"]), audio=list(encoded.get("audio") or []))
 
 
+def extend_prompt(processor, prompt: Prompt, reply: str, user: dict) -> Prompt:
+    """The prompt of a conversation -> the prompt after its reply and one more user turn.
+
+    mistral-common encodes a conversation turn by turn, so this equals `chat_prompt` of the whole
+    (tests prove it) for replies without surrounding whitespace (the engine stores them stripped).
+    """
+    tokenizer = processor.tokenizer
+    reply_ids = tokenizer.tokenizer.instruct_tokenizer.tokenizer.encode(reply, bos=False, eos=False)
+    turn = chat_prompt(processor, [user])
+    return Prompt(ids=prompt.ids + reply_ids + [tokenizer.eos_token_id] + turn.ids[1:],  # turn's <s> dropped
+                  audio=prompt.audio + turn.audio)
+
+
 def transcription_prompt(processor, audio: np.ndarray, language: str | None, model_id: str) -> Prompt:
     """Transcription request ("lang:xx[TRANSCRIBE]"; no language means auto-detect) -> ids."""
     request = TranscriptionRequest(model=model_id, audio=base64.b64encode(wav_bytes(audio)).decode(),

@@ -162,7 +162,8 @@ def create_app(engine: Engine, chat_options: ChatOptions | None = None, options:
         if offer.type == "offer" and (busy := full()):
             return busy
         try:
-            return await stream.handle_offer(offer.model_dump(), set_outputs=stream.set_additional_outputs(offer.webrtc_id))
+            outputs = stream.set_additional_outputs(offer.webrtc_id)
+            return await stream.handle_offer(offer.model_dump(), set_outputs=outputs)
         except Exception as error:  # aiortc rejects what parsed but cannot be negotiated
             logger.info("offer failed: %s", error)
             pc = stream.pcs.pop(offer.webrtc_id, None)
@@ -247,3 +248,31 @@ def create_app(engine: Engine, chat_options: ChatOptions | None = None, options:
         return await stream.handle_incoming_call(request)
 
     return gr.mount_gradio_app(app, ui, path="/")
+
+
+class BackgroundServer:
+    """`app` under uvicorn in a background thread on a free port (tests, benchmarks, notebooks)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1"):
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+        self.app = app
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"the server on {self.url} did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

@@ -33,7 +33,6 @@ import io
 import json
 import logging
 import multiprocessing
-import socket
 import subprocess
 import sys
 import tempfile

@@ -209,3 +209,22 @@ def test_mid_sentence_pause_stays_one_turn(live_server):
     assert [m["role"] for m in history] == ["user", "assistant"]
     said = float(history[0]["content"].split()[1])
     assert said >= whole - 0.05  # one turn holding both parts
+
+
+def test_spoken_replies_in_the_browser_path(live_server, speech):
+    async def run():
+        client = await Client.connect(live_server.url, spoken=True)
+        try:
+            await asyncio.sleep(0.5)
+            silent = np.abs(np.concatenate(client.heard or [np.zeros(1)])).max()
+            client.heard.clear()
+            await turn(client, utterance(speech))
+            await asyncio.sleep(1.0)
+            return silent, np.concatenate(client.heard)
+        finally:
+            await client.close()
+
+    before, heard = asyncio.run(run())
+    assert before < 0.01  # nothing is said before a turn
+    loud = np.abs(heard) > 0.05
+    assert loud.sum() > 0.2 * 48_000 * 0.1  # espeak speech came back over WebRTC

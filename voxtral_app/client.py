@@ -81,6 +81,8 @@ class Client:
         self.messages: list[str] = []  # data-channel messages from the server
         self.http = httpx.AsyncClient(timeout=30)
         self.reader: asyncio.Task | None = None
+        self.heard: list[np.ndarray] = []  # the server's audio (spoken replies), float32 mono at 48 kHz
+        self.listener: asyncio.Task | None = None
 
     @classmethod
     async def connect(cls, url: str, **settings) -> "Client":
@@ -90,6 +92,7 @@ class Client:
 
     async def start(self, settings: dict) -> None:
         self.pc.addTrack(self.track)
+        self.pc.on("track", lambda track: setattr(self, "listener", asyncio.ensure_future(self.listen(track))))
         channel = self.pc.createDataChannel("text")
         channel.on("message", self.messages.append)
         await self.pc.setLocalDescription(await self.pc.createOffer())
@@ -105,6 +108,16 @@ class Client:
             await asyncio.sleep(0.05)
         if settings:
             await self.http.post(f"{self.url}/input", json={"webrtc_id": self.webrtc_id, **settings})
+
+    async def listen(self, track) -> None:
+        """Keep what the server says (its audio track), as a browser would play it."""
+        try:
+            while True:
+                frame = await track.recv()
+                pcm = frame.to_ndarray().astype(np.float32) / 32768  # [1, samples * channels] s16
+                self.heard.append(pcm.reshape(-1, len(frame.layout.channels)).mean(axis=1))
+        except MediaStreamError:
+            pass
 
     async def open_outputs(self) -> bool:
         request = self.http.build_request("GET", f"{self.url}/outputs", params={"webrtc_id": self.webrtc_id})
@@ -142,7 +155,8 @@ class Client:
             history = event["history"]
 
     async def close(self) -> None:
-        if self.reader is not None:
-            self.reader.cancel()
+        for task in (self.reader, self.listener):
+            if task is not None:
+                task.cancel()
         await self.pc.close()
         await self.http.aclose()

@@ -25,8 +25,8 @@ class TurnOptions:
     threshold: float = 0.5  # speech probability that counts as speech
     release: float = 0.35  # speech probability below which speech has stopped (hysteresis)
     start_s: float = 0.064  # speech needed to start a turn (2 windows): a click is not a turn
-    speculate_s: float = 0.096  # silence after which the reply is prepared (encoder, prefill), unseen
-    pause_s: float = 0.16  # silence that ends a turn; the prepared reply is shown then
+    speculate_s: float = 0.064  # silence after which the reply is prepared (encoder, prefill), unseen
+    pause_s: float = 0.128  # silence that ends a turn; the prepared reply is shown then
     resume_s: float = 0.8  # speech back within this long after a turn ended continues that turn
     preroll_s: float = 0.2  # audio kept from before speech was detected (soft onsets)
     max_turn_s: float = 60.0  # endless speech is cut into turns of at most this long

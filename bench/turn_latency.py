@@ -2,7 +2,7 @@
 
     python bench/turn_latency.py                        # tiny random Voxtral on CPU, both turn-takers, ~5 min
     python bench/turn_latency.py --profile              # ... and where the time goes, step by step
-    python bench/turn_latency.py --turns 30 --gap-turns 20 --pause-s 0.16 0.1
+    python bench/turn_latency.py --turns 30 --gap-turns 20 --pause-s 0.16 0.128
 
 Starts the real app (create_app + uvicorn on 127.0.0.1) once per configuration, one after the other,
 on one engine: fastrtc's ReplyOnPause at its default settings (VAD over 0.6 s chunks), then ours
@@ -57,6 +57,7 @@ from voxtral_app.chat import ChatOptions, Conversation, Settings  # noqa: E402
 from voxtral_app.client import Client  # noqa: E402
 from voxtral_app.engine import EngineOptions, load_engine  # noqa: E402
 from voxtral_app.server import BackgroundServer, create_app  # noqa: E402
+from voxtral_app.turn import TurnOptions  # noqa: E402
 from voxtral_app.vad import SileroPauseModel  # noqa: E402
 
 logger = logging.getLogger("bench")
@@ -510,7 +511,7 @@ def main(argv=None) -> None:
     parser.add_argument("--turns", type=int, default=12, help="latency turns per configuration (single sentences)")
     parser.add_argument("--gap-turns", type=int, default=6,
                         help=f"utterances per mid-sentence pause length ({', '.join(map(str, GAPS_MS))} ms)")
-    parser.add_argument("--pause-s", type=float, nargs="+", default=[0.16],
+    parser.add_argument("--pause-s", type=float, nargs="+", default=[TurnOptions.pause_s],
                         help="our turn-end pause(s), seconds: one 'ours' row each (default: the app's 0.16)")
     parser.add_argument("--reply-tokens", type=int, default=REPLY_TOKENS, help="longest reply, tokens")
     parser.add_argument("--profile", action="store_true", help="stamp the server's steps and print where the time goes")

@@ -512,7 +512,7 @@ def main(argv=None) -> None:
     parser.add_argument("--gap-turns", type=int, default=6,
                         help=f"utterances per mid-sentence pause length ({', '.join(map(str, GAPS_MS))} ms)")
     parser.add_argument("--pause-s", type=float, nargs="+", default=[TurnOptions.pause_s],
-                        help="our turn-end pause(s), seconds: one 'ours' row each (default: the app's 0.16)")
+                        help="our turn-end pause(s), seconds: one 'ours' row each (default: the app's)")
     parser.add_argument("--reply-tokens", type=int, default=REPLY_TOKENS, help="longest reply, tokens")
     parser.add_argument("--profile", action="store_true", help="stamp the server's steps and print where the time goes")
     parser.add_argument("-v", "--verbose", action="store_true", help="one line per utterance, and the app's turn lines")

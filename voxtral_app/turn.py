@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .audio import SAMPLE_RATE
 from .vad import WINDOW, WINDOW_S, SpeechDetector
 
 logger = logging.getLogger(__name__)
@@ -117,11 +116,3 @@ class TurnTaker:
     @property
     def preroll_windows(self) -> int:
         return max(1, round(self.options.preroll_s / WINDOW_S))
-
-    @property
-    def speaking(self) -> bool:
-        return self.state == "speaking"
-
-
-def seconds(samples: np.ndarray) -> float:
-    return len(samples) / SAMPLE_RATE

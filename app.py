@@ -56,7 +56,8 @@ def main(argv=None) -> None:
                                    twilio_auth_token=args.twilio_auth_token)
     app = create_app(engine, chat_options, server_options, speaker=load_speaker(VoiceOptions(engine=args.voice)))
     if args.share:
-        app.state.stream.ui.launch(share=True, prevent_thread_lock=True, server_port=args.port + 1)
+        # the page again on the next port, reachable through a gradio.live link
+        app.state.ui.launch(share=True, prevent_thread_lock=True, server_port=args.port + 1)
     try:
         uvicorn.run(app, host=args.host, port=args.port)
     finally:

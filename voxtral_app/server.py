@@ -140,6 +140,7 @@ def create_app(engine: Engine, chat_options: ChatOptions | None = None, options:
     app = app or FastAPI(title="Voxtral realtime")
     app.state.stream = stream
     app.state.engine = engine
+    app.state.ui = ui
 
     def full() -> JSONResponse | None:
         if engine.free_slots:

@@ -18,20 +18,28 @@ from voxtral_app.server import BackgroundServer
 def package_file(package: str, *parts: str) -> str:
     return os.path.join(os.path.dirname(importlib.util.find_spec(package).origin), *parts)
 
+
 SPEECH_WAV = package_file("fastrtc", "speech_to_text", "test_file.wav")  # ~ a spoken sentence
 GRADIO_WAVS = sorted(glob.glob(package_file("gradio", "media_assets", "audio", "*.wav")))
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> str:
     """A tiny random Voxtral and a real Tekken tokenizer, saved as a checkpoint directory."""
     return checkpoint.build_tiny(str(tmp_path_factory.mktemp("tiny-voxtral")))
 
-@pytest.fixture(scope="session")
-def engine(tiny_checkpoint):
-    """The tiny checkpoint loaded through the same code users hit (CPU, eager)."""
-    engine = load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=4, max_tokens=2048))
+
+def serving(checkpoint_dir: str, slots: int, max_tokens: int):
+    """The tiny checkpoint loaded through the same code users hit (CPU, eager), closed afterwards."""
+    engine = load_engine(EngineOptions(model=checkpoint_dir, device="cpu", slots=slots, max_tokens=max_tokens))
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_checkpoint):
+    yield from serving(tiny_checkpoint, slots=4, max_tokens=2048)
+
 
 @pytest.fixture(scope="session")
 def speech() -> np.ndarray:
@@ -39,17 +47,18 @@ def speech() -> np.ndarray:
     rate, samples = read_wav(SPEECH_WAV)
     return prepare(rate, samples, max_seconds=300)
 
+
 @pytest.fixture(scope="session")
 def other_speech() -> np.ndarray:
     rate, samples = read_wav(GRADIO_WAVS[0])
     return prepare(rate, samples, max_seconds=300)[: 4 * SAMPLE_RATE]
 
+
 @pytest.fixture(scope="session")
 def app_engine(tiny_checkpoint):
     """A separate engine for the served app, so server tests never share slots with engine tests."""
-    engine = load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=3, max_tokens=4096))
-    yield engine
-    engine.close()
+    yield from serving(tiny_checkpoint, slots=3, max_tokens=4096)
+
 
 @pytest.fixture(scope="session")
 def live_server(app_engine):
@@ -61,6 +70,7 @@ def live_server(app_engine):
     server = BackgroundServer(create_app(app_engine, options, speaker=load_speaker(VoiceOptions(engine="espeak"))))
     yield server
     server.stop()
+
 
 def espeak(text: str) -> np.ndarray:
     """espeak-ng speech, float32 16 kHz, with its leading/trailing silence trimmed."""

@@ -199,6 +199,13 @@ def create_app(engine: Engine, chat_options: ChatOptions | None = None, options:
         return {"status": "ok"}
 
     async def serve_socket(websocket: WebSocket, phone: bool):
+        if full():
+            await websocket.accept()
+            await websocket.send_json({"event": "error", "status": "failed",
+                                       "meta": {"error": "concurrency_limit_reached", "limit": slots},
+                                       "message": f"All {slots} conversations are in use; try again in a minute."})
+            await websocket.close()
+            return
         connection = handler.copy()
         connection.phone_mode = phone
         if phone:
@@ -207,17 +214,7 @@ def create_app(engine: Engine, chat_options: ChatOptions | None = None, options:
         async def register(stream_id: str, socket_handler: WebSocketHandler):
             stream.connections[stream_id] = [socket_handler]
 
-        def clean_up(stream_id: str):
-            stream.clean_up(stream_id)
-
-        socket = WebSocketHandler(connection, register, clean_up, lambda s: stream.set_additional_outputs(s))
-        if full():
-            await websocket.accept()
-            await websocket.send_json({"event": "error", "status": "failed",
-                                       "meta": {"error": "concurrency_limit_reached", "limit": slots},
-                                       "message": f"All {slots} conversations are in use; try again in a minute."})
-            await websocket.close()
-            return
+        socket = WebSocketHandler(connection, register, stream.clean_up, stream.set_additional_outputs)
         try:
             await socket.handle_websocket(CheckedWebSocket(websocket))
         finally:

@@ -80,7 +80,7 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
 
         clear.click(clear_conversation, inputs=[microphone, uploads], outputs=[chatbot, last_turn], queue=False)
 
-        def send_upload(audio, mode, language, temperature, spoken, conversation):
+        def send_upload(audio, mode, language, temperature, conversation):  # uploads get text replies
             if audio is None:
                 raise gr.Error("Choose an audio file first.")
             conversation = conversation or Conversation(engine, handler.options, handler.speaker)
@@ -91,7 +91,7 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
                 history, line = show(*outputs.args)
                 yield history, line, conversation
 
-        send.click(send_upload, inputs=[upload, mode, language, temperature, spoken, uploads],
+        send.click(send_upload, inputs=[upload, mode, language, temperature, uploads],
                    outputs=[chatbot, last_turn, uploads], concurrency_limit=concurrency_limit)
         gr.Timer(1.0).tick(lambda: engine_status(engine), outputs=status, queue=False, show_progress="hidden")
     return demo

@@ -8,14 +8,16 @@
 import argparse
 import logging
 import os
+import signal
 import sys
 
 import uvicorn
 
-from voxtral_app.chat import ChatOptions
-from voxtral_app.engine import DEFAULT_MODEL, EngineOptions, ModelLoadError, load_engine
+from voxtral_app.conversation import ConversationOptions
+from voxtral_app.engine import DEFAULT_MODEL, EngineOptions
+from voxtral_app.loading import ModelLoadError, load_engine
 from voxtral_app.server import ServerOptions, create_app
-from voxtral_app.tts import VoiceOptions, load_speaker
+from voxtral_app.tts import VoiceOptions, load_speaker_or_none
 from voxtral_app.turn import TurnOptions
 
 
@@ -48,20 +50,30 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         engine = load_engine(EngineOptions(model=args.model, device=args.device, compile=args.compile,
-                                           slots=args.max_sessions), background_warmup=True)
+                                           slots=args.max_sessions), background_warmup=True,
+                             on_failure=stop_serving)
     except ModelLoadError as error:
         sys.exit(f"error: {error}")
-    chat_options = ChatOptions(turns=TurnOptions(pause_s=args.pause_ms / 1000), max_audio_s=engine.options.max_audio_s)
+    chat_options = ConversationOptions(turns=TurnOptions(pause_s=args.pause_ms / 1000), max_audio_s=engine.options.max_audio_s)
     server_options = ServerOptions(session_time_limit_s=args.session_time_limit or None,
                                    twilio_auth_token=args.twilio_auth_token)
-    app = create_app(engine, chat_options, server_options, speaker=load_speaker(VoiceOptions(engine=args.voice)))
+    app = create_app(engine, chat_options, server_options, speaker=load_speaker_or_none(VoiceOptions(engine=args.voice)))
     if args.share:
         # the page again on the next port, reachable through a gradio.live link
         app.state.ui.launch(share=True, prevent_thread_lock=True, server_port=args.port + 1)
     try:
-        uvicorn.run(app, host=args.host, port=args.port)
+        uvicorn.run(app, host=args.host, port=args.port, access_log=False)
     finally:
         engine.close()
+    if engine.failure is not None:
+        sys.exit(f"error: the decode thread died ({engine.failure}); exiting so a supervisor restarts the app")
+
+
+def stop_serving(error: BaseException) -> None:
+    """The decode thread died: /health says degraded, turns fail with a message, and the process
+    shuts down gracefully and exits non-zero, so Docker/Spaces/systemd restart it."""
+    logging.getLogger("app").critical("the decode thread died (%s); shutting down", error)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from voxtral_app import checkpoint, prompt
 from voxtral_app.audio import SAMPLE_RATE, prepare, read_wav
-from voxtral_app.engine import Engine, EngineOptions, Sampling, load_engine, resolve_device
+from voxtral_app.engine import Engine, EngineOptions, Sampling
+from voxtral_app.loading import load_engine, resolve_device, warm_up
 
 CLIP_S = 5  # seconds of speech in a short turn
 LONG_S = 30  # seconds in a long turn: 480000 samples, still one encoder chunk
@@ -116,7 +117,7 @@ def build(config: str, device: torch.device, compile: bool | None, workdir: str)
 
     def make_engine():
         engine = Engine(model, processor, options)
-        engine.warm_up()  # as load_engine does: compile before the first timed turn
+        warm_up(engine)  # as load_engine does: compile before the first timed turn
         return engine
 
     return model, processor, make_engine

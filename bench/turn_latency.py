@@ -48,15 +48,18 @@ import soundfile as sf
 import transformers
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # servers.py
 
-from fastrtc import ReplyOnPause  # noqa: E402
+from fastrtc import AdditionalOutputs, ReplyOnPause  # noqa: E402
 
 from voxtral_app import checkpoint  # noqa: E402
 from voxtral_app.audio import SAMPLE_RATE, prepare, read_wav  # noqa: E402
-from voxtral_app.chat import ChatOptions, Conversation, Settings  # noqa: E402
+from voxtral_app.conversation import HUSH, Conversation, ConversationOptions, Output  # noqa: E402
 from voxtral_app.client import Client  # noqa: E402
-from voxtral_app.engine import EngineOptions, load_engine  # noqa: E402
-from voxtral_app.server import BackgroundServer, create_app  # noqa: E402
+from voxtral_app.engine import EngineOptions  # noqa: E402
+from voxtral_app.loading import load_engine  # noqa: E402
+from voxtral_app.server import create_app  # noqa: E402
+from servers import BackgroundServer  # noqa: E402  (tests/servers.py)
 from voxtral_app.turn import TurnOptions  # noqa: E402
 from voxtral_app.vad import SileroPauseModel  # noqa: E402
 
@@ -176,26 +179,33 @@ class DefaultTurns(ReplyOnPause):
     own default downloads it.
     """
 
-    def __init__(self, engine, options: ChatOptions):
+    def __init__(self, engine, options: ConversationOptions):
         super().__init__(self.reply, model=SileroPauseModel())
         self.engine, self.options, self.speaker = engine, options, None  # what the UI's upload path reads
-        self.conversation = Conversation(engine, options)
+        self.conversation = None
 
     def copy(self) -> "DefaultTurns":
         return DefaultTurns(self.engine, self.options)
 
+    def start_up(self) -> None:
+        self.conversation = Conversation(self.engine, self.options, name="bench").open()
+
     def reply(self, audio: tuple):
-        rate, samples = audio
-        yield from self.conversation.respond(rate, samples, Settings())
+        self.conversation.post("audio", audio)
+        while isinstance(output := self.conversation.outbox.get(), Output) or output == HUSH:
+            if output != HUSH:
+                yield AdditionalOutputs(output.history, output.status)
+                if output.final:
+                    return
 
     def shutdown(self) -> None:
-        self.conversation.cancel()
-        self.conversation.close()
+        if self.conversation is not None:
+            self.conversation.close()
 
 
 def configurations(engine, reply_tokens: int, pauses_s: list[float]) -> list[tuple[str, Callable]]:
     """(name, app factory): fastrtc's default first, then ours at each pause length."""
-    options = ChatOptions(max_audio_s=engine.options.max_audio_s, reply_tokens=reply_tokens)
+    options = ConversationOptions(max_audio_s=engine.options.max_audio_s, reply_tokens=reply_tokens)
     configs = [("fastrtc default (ReplyOnPause, 0.6 s chunks)",
                 lambda: create_app(engine, options, handler=DefaultTurns(engine, options)))]
     for pause_s in pauses_s:
@@ -207,15 +217,13 @@ def configurations(engine, reply_tokens: int, pauses_s: list[float]) -> list[tup
 
 def count_turn_events() -> Counter:
     """Count our handler's turn events ("pause", "continue", "end", "resume", ...) in this process."""
-    from voxtral_app.chat import VoxtralHandler
+    counts, post = Counter(), Conversation.post
 
-    counts, on_turn_event = Counter(), VoxtralHandler.on_turn_event
+    def counted(conversation, kind, value=None):
+        counts[kind] += 1
+        post(conversation, kind, value)
 
-    def counted(handler, event):
-        counts[event.kind] += 1
-        on_turn_event(handler, event)
-
-    VoxtralHandler.on_turn_event = counted
+    Conversation.post = counted
     return counts
 
 
@@ -383,8 +391,8 @@ class Profiler:
         """Stamp each step from the last speech frame to the first /outputs event leaving the server."""
         from fastrtc import Stream
 
-        from voxtral_app import chat, engine, generate, prompt
-        from voxtral_app.chat import VoxtralHandler
+        from voxtral_app import conversation, engine, generate, prompt
+        from voxtral_app.handler import VoxtralHandler
 
         profiler = self
         for handler in (VoxtralHandler, DefaultTurns):
@@ -394,20 +402,20 @@ class Profiler:
                 original(handler_, frame)
 
             handler.receive = receive
-        on_turn_event = VoxtralHandler.on_turn_event
+        post = Conversation.post
 
-        def turn_event(handler, event):
-            if event.kind == "pause":  # the reply begins here, unseen; a "continue" drops it
+        def turn_event(conversation_, kind, event=None):
+            if kind == "pause":  # the reply begins here, unseen; a "continue" drops it
                 profiler.begin("ours: short pause, reply begun unseen (speculate_s)", speculative=True)
                 profiler.mark("ours: last speech window in (VAD)", event.speech_end)
-            elif event.kind == "end":
+            elif kind == "end":
                 if not (profiler.turns and profiler.turns[-1].pop("speculative", False)):
                     profiler.begin("ours: turn end (pause_s of silence)")
                 profiler.mark("ours: turn end (pause_s of silence)")
                 profiler.mark("ours: last speech window in (VAD)", event.speech_end)
-            on_turn_event(handler, event)
+            post(conversation_, kind, event)
 
-        VoxtralHandler.on_turn_event = turn_event
+        Conversation.post = turn_event
         default_reply = DefaultTurns.reply
 
         def reply(handler, audio):
@@ -417,19 +425,19 @@ class Profiler:
         DefaultTurns.reply = reply
         show = Conversation.show
 
-        def shown(*args, **kwargs):  # a generator: stamp its first step, not its creation
+        def shown(*args, **kwargs):
             self.mark("show() started: the turn is shown")
-            yield from show(*args, **kwargs)
+            return show(*args, **kwargs)
 
         Conversation.show = shown
-        self.wrap(chat, "prepare", "audio prepared")
+        self.wrap(conversation, "prepare", "audio prepared")
         self.wrap(prompt, "user_message", "user message built (wav + base64)")
         self.wrap(prompt, "chat_prompt", "prompt built (apply_chat_template)")
         self.wrap(prompt, "audio_features", "log-mel features")
         self.wrap(engine.Engine, "submit", "submitted to the decode thread")
         self.wrap(generate.Decoder, "prefill", "prefill done (audio encoder + prompt)", start="prefill started")
         self.wrap(engine.Engine, "emit", "first token sampled")
-        self.wrap(Conversation, "outputs", "first output yielded by show()")
+        self.wrap(Conversation, "output", "first output made by show()")
         set_outputs = Stream.set_additional_outputs
 
         def set_additional_outputs(stream, webrtc_id):

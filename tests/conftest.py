@@ -11,8 +11,9 @@ import pytest
 
 from voxtral_app import checkpoint
 from voxtral_app.audio import SAMPLE_RATE, prepare, read_wav
-from voxtral_app.engine import EngineOptions, load_engine
-from voxtral_app.server import BackgroundServer
+from voxtral_app.engine import EngineOptions
+from voxtral_app.loading import load_engine
+from servers import BackgroundServer
 
 
 def package_file(package: str, *parts: str) -> str:
@@ -62,11 +63,11 @@ def app_engine(tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def live_server(app_engine):
-    from voxtral_app.chat import ChatOptions
+    from voxtral_app.conversation import ConversationOptions
     from voxtral_app.server import create_app
     from voxtral_app.tts import VoiceOptions, load_speaker
 
-    options = ChatOptions(reply_tokens=48)  # short replies keep the tests quick
+    options = ConversationOptions(reply_tokens=48)  # short replies keep the tests quick
     server = BackgroundServer(create_app(app_engine, options, speaker=load_speaker(VoiceOptions(engine="espeak"))))
     yield server
     server.stop()

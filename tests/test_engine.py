@@ -8,7 +8,8 @@ import torch
 
 from voxtral_app import prompt
 from voxtral_app.audio import wav_bytes
-from voxtral_app.engine import EngineOptions, ModelLoadError, Sampling, load_engine
+from voxtral_app.engine import EngineOptions, Sampling
+from voxtral_app.loading import ModelLoadError, load_engine
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=24)
 

@@ -12,8 +12,9 @@ import websockets
 from twilio.request_validator import RequestValidator
 
 from voxtral_app.audio import SAMPLE_RATE
-from voxtral_app.chat import ChatOptions
-from voxtral_app.server import BackgroundServer, ServerOptions, create_app
+from voxtral_app.conversation import ConversationOptions
+from servers import BackgroundServer
+from voxtral_app.server import ServerOptions, create_app
 
 PHONE_RATE = 8_000  # Hz, Twilio's mu-law
 FRAME_S = 0.02
@@ -64,7 +65,7 @@ class Call:
 
 
 def test_phone_call_two_spoken_turns_and_barge_in(app_engine, speech, other_speech):
-    server = BackgroundServer(create_app(app_engine, ChatOptions(reply_tokens=400)))
+    server = BackgroundServer(create_app(app_engine, ConversationOptions(reply_tokens=400)))
     silence = np.zeros(SAMPLE_RATE, np.float32)
 
     async def run():

@@ -13,9 +13,10 @@ import websockets
 from conftest import espeak
 
 from voxtral_app.audio import SAMPLE_RATE
-from voxtral_app.chat import ChatOptions
+from voxtral_app.conversation import ConversationOptions
 from voxtral_app.client import Client
-from voxtral_app.server import BackgroundServer, create_app
+from servers import BackgroundServer
+from voxtral_app.server import create_app
 
 SILENCE = np.zeros(int(1.5 * SAMPLE_RATE), np.float32)
 
@@ -37,7 +38,7 @@ async def turn(client, clip_and_end):
 
 def test_health(live_server):
     body = httpx.get(f"{live_server.url}/health").json()
-    assert body["status"] == "ok" and body["device"] == "cpu" and body["max_sessions"] == 3
+    assert body["status"] == "healthy" and body["device"] == "cpu" and body["max_sessions"] == 3
     assert "active_sessions" in body
 
 
@@ -75,7 +76,7 @@ def test_two_clients_see_only_their_own_history(live_server, speech, other_speec
 
 
 def test_disconnect_mid_reply_stops_generation(app_engine, speech):
-    server = BackgroundServer(create_app(app_engine, ChatOptions(reply_tokens=3000)))  # a reply of ~1 min on CPU
+    server = BackgroundServer(create_app(app_engine, ConversationOptions(reply_tokens=3000)))  # a reply of ~1 min on CPU
 
     async def run():
         client = await Client.connect(server.url, temperature=1.0)
@@ -171,7 +172,7 @@ def test_websocket_turn_and_bad_messages(live_server, speech):
     errors, history = asyncio.run(run())
     assert all(e["event"] == "error" for e in errors) and len(errors) == 4
     assert [m["role"] for m in history] == ["user", "assistant"]
-    assert httpx.get(f"{live_server.url}/health").json()["status"] == "ok"
+    assert httpx.get(f"{live_server.url}/health").json()["status"] == "healthy"
 
 
 def test_over_the_limit_gets_a_clear_message(live_server, app_engine):

@@ -9,7 +9,6 @@ from voxtral_app.tts import (
     SentenceSplitter,
     VoiceOptions,
     load_speaker,
-    speak,
     strip_markdown,
 )
 
@@ -125,23 +124,14 @@ def test_unknown_espeak_voice_fails_clearly():
         load_speaker(VoiceOptions(engine="espeak", voice="nosuchvoice"))
 
 
-def test_speak_yields_the_first_sentence_before_the_rest_arrives(espeak):
+def test_sentences_are_ready_before_the_rest_of_the_reply_arrives(espeak):
     pieces = ["Hello", " there.", " This", " is", " the", " rest", " of", " it.", " Bye"]
-    pulled = []
-
-    def stream():
-        for piece in pieces:
-            pulled.append(piece)
-            yield piece
-
-    replies = speak(stream(), espeak)
-    sentence, (rate, samples) = next(replies)
-    assert sentence == "Hello there."
-    assert len(pulled) == 3  # the space in " This" completes the first sentence; nothing more is read
+    splitter = SentenceSplitter()
+    ready = [(i, sentence) for i, piece in enumerate(pieces) for sentence in splitter.push(piece)]
+    ready += [(len(pieces), sentence) for sentence in splitter.flush()]
+    assert ready == [(2, "Hello there."), (8, "This is the rest of it."), (9, "Bye")]  # " This" completes one
+    rate, samples = espeak.synthesize(ready[0][1])
     assert rate == 22_050 and np.abs(samples).max() > 0.05
-    rest = list(replies)
-    assert [s for s, _ in rest] == ["This is the rest of it.", "Bye"]
-    assert len(pulled) == len(pieces)
 
 
 def test_auto_falls_back_to_espeak_here(caplog):

@@ -7,7 +7,6 @@ socket), and the shared cap on conversations (the engine's KV-cache slots) cover
 WebRTC/WebSocket clients and phone calls alike.
 """
 
-import asyncio
 import base64
 import binascii
 import json
@@ -19,12 +18,13 @@ from aiortc.sdp import SessionDescription
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastrtc import Stream
-from fastrtc.websocket import WebSocketHandler
 from pydantic import BaseModel, ValidationError
 
-from .chat import ChatOptions, Settings, VoxtralHandler
+from . import transport
+from .conversation import ConversationOptions
 from .engine import Engine
-from .tts import VoiceOptions, load_speaker
+from .handler import VoxtralHandler
+from .tts import VoiceOptions, load_speaker_or_none
 from .ui import build_ui
 
 logger = logging.getLogger(__name__)
@@ -106,33 +106,18 @@ class CheckedWebSocket:
                 await self.websocket.send_json({"event": "error", "message": f"ignored a bad message: {error}"})
 
 
-def buffer_less_audio(packets: int) -> None:
-    """Make aiortc's receivers buffer at most `packets` audio packets (it has no public setting for this;
-    the patch is process-wide and covers the Gradio UI's connections too)."""
-    from aiortc import jitterbuffer, rtcrtpreceiver
-
-    class AudioJitterBuffer(jitterbuffer.JitterBuffer):
-        def __init__(self, capacity: int, prefetch: int = 0, is_video: bool = False):
-            super().__init__(capacity, prefetch if is_video else min(prefetch, packets), is_video)
-
-    rtcrtpreceiver.JitterBuffer = AudioJitterBuffer
-
-
-def create_app(engine: Engine, chat_options: ChatOptions | None = None, options: ServerOptions = ServerOptions(),
+def create_app(engine: Engine, chat_options: ConversationOptions | None = None, options: ServerOptions = ServerOptions(),
                speaker=None, app: FastAPI | None = None, handler=None) -> FastAPI:
     """FastAPI app serving Voxtral: UI at /, /webrtc/offer, /websocket/offer, /telephone/*, /health.
 
     `app`: mount into this FastAPI app instead of a new one. `handler`: a fastrtc handler to use
     instead of VoxtralHandler (bench/turn_latency.py compares fastrtc's default turn-taking).
     """
-    chat_options = chat_options or ChatOptions(max_audio_s=engine.options.max_audio_s)
+    chat_options = chat_options or ConversationOptions(max_audio_s=engine.options.max_audio_s)
     if speaker is None:
-        try:
-            speaker = load_speaker(VoiceOptions())
-        except RuntimeError as error:
-            logger.warning("spoken replies are off: %s", error)
+        speaker = load_speaker_or_none(VoiceOptions())
     handler = handler or VoxtralHandler(engine, chat_options, speaker)
-    buffer_less_audio(options.jitter_prefetch)
+    transport.buffer_less_audio(options.jitter_prefetch)
     slots = engine.options.slots
     stream = Stream(handler, modality="audio", mode="send-receive", concurrency_limit=slots,
                     time_limit=options.session_time_limit_s, rtc_configuration=options.rtc_configuration)
@@ -150,9 +135,15 @@ def create_app(engine: Engine, chat_options: ChatOptions | None = None, options:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok" if engine.ready.is_set() else "warming_up", "model": engine.options.model,
-                "device": str(engine.device), "compiled": engine.decoder.compiled,
-                "active_sessions": engine.active_chats, "max_sessions": slots}
+        """healthy | warming_up | degraded (503: the decode thread died or is stuck)."""
+        status = "degraded" if not engine.healthy else "healthy" if engine.ready.is_set() else "warming_up"
+        body = {"status": status, "model": engine.options.model, "device": str(engine.device),
+                "compiled": engine.decoder.compiled, "active_sessions": engine.active_chats, "max_sessions": slots}
+        if engine.failure is not None:
+            body["error"] = f"the decode thread died: {engine.failure}"
+        elif engine.stuck:
+            body["error"] = "the decode thread has not stepped for a while"
+        return JSONResponse(body, status_code=503 if status == "degraded" else 200)
 
     @app.post("/webrtc/offer")
     async def webrtc_offer(request: Request):
@@ -167,16 +158,13 @@ def create_app(engine: Engine, chat_options: ChatOptions | None = None, options:
             return await stream.handle_offer(offer.model_dump(), set_outputs=outputs)
         except Exception as error:  # aiortc rejects what parsed but cannot be negotiated
             logger.info("offer failed: %s", error)
-            pc = stream.pcs.pop(offer.webrtc_id, None)
-            stream.clean_up(offer.webrtc_id)
-            if pc is not None:
-                await pc.close()
+            await transport.drop_connection(stream, offer.webrtc_id)
             return failed(400, "bad_offer", f"Could not negotiate: {error}")
 
     @app.get("/outputs")
     async def outputs(webrtc_id: str):
         """Server-sent events with the chat history and turn status, for clients without the UI."""
-        if webrtc_id not in stream.connections:
+        if not transport.is_connected(stream, webrtc_id):
             return failed(404, "unknown_connection", "No such connection")
 
         async def events():
@@ -192,8 +180,12 @@ def create_app(engine: Engine, chat_options: ChatOptions | None = None, options:
         try:
             body = json.loads(await request.body())
             webrtc_id = body["webrtc_id"]
+            if not isinstance(webrtc_id, str):
+                raise TypeError("webrtc_id must be a string")
         except (ValueError, KeyError, TypeError):
             return failed(400, "bad_input", "Send JSON with a webrtc_id")
+        if not transport.is_connected(stream, webrtc_id):
+            return failed(404, "unknown_connection", "No such connection")
         stream.set_input(webrtc_id, body.get("mode"), body.get("language"), body.get("temperature"),
                          body.get("spoken"))
         return {"status": "ok"}
@@ -208,17 +200,11 @@ def create_app(engine: Engine, chat_options: ChatOptions | None = None, options:
             return
         connection = handler.copy()
         connection.phone_mode = phone
-        if phone:
-            connection.settings = Settings(spoken=chat_options.phone_spoken)
-
-        async def register(stream_id: str, socket_handler: WebSocketHandler):
-            stream.connections[stream_id] = [socket_handler]
-
-        socket = WebSocketHandler(connection, register, stream.clean_up, stream.set_additional_outputs)
+        connection.transport_name = "phone" if phone else "websocket"
         try:
-            await socket.handle_websocket(CheckedWebSocket(websocket))
+            await transport.serve_websocket(stream, connection, CheckedWebSocket(websocket))
         finally:
-            await asyncio.to_thread(connection.shutdown)
+            connection.shutdown()  # never blocks
 
     @app.websocket("/websocket/offer")
     async def websocket_offer(websocket: WebSocket):
@@ -246,31 +232,3 @@ def create_app(engine: Engine, chat_options: ChatOptions | None = None, options:
         return await stream.handle_incoming_call(request)
 
     return gr.mount_gradio_app(app, ui, path="/")
-
-
-class BackgroundServer:
-    """`app` under uvicorn in a background thread on a free port (tests, benchmarks, notebooks)."""
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1"):
-        import socket
-        import threading
-        import time
-
-        import uvicorn
-
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            port = probe.getsockname()[1]
-        self.app = app
-        self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError(f"the server on {self.url} did not start")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)

@@ -2,7 +2,7 @@
 
 `SentenceSplitter` cuts streamed text pieces into speakable sentences (markdown stripped).
 `load_speaker` picks Kokoro (neural, 24 kHz) when it is installed and its weights load offline, and
-otherwise espeak-ng (22.05 kHz), which always works offline. `speak` joins the two.
+otherwise espeak-ng (22.05 kHz), which always works offline. The conversation feeds one into the other as a reply streams.
 """
 
 import io
@@ -10,8 +10,6 @@ import logging
 import re
 import shutil
 import subprocess
-import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,19 +177,10 @@ def load_speaker(options: VoiceOptions) -> Speaker:
     return speaker
 
 
-def speak(pieces: Iterable[str], speaker: Speaker) -> Iterator[tuple[str, tuple[int, np.ndarray]]]:
-    """Streamed reply text -> (sentence, (rate, samples)) as soon as each sentence is complete."""
-    splitter = SentenceSplitter()
-
-    def say(sentence: str) -> tuple[str, tuple[int, np.ndarray]]:
-        start = time.perf_counter()
-        rate, samples = speaker.synthesize(sentence)
-        logger.debug("tts: %d chars -> %.2f s audio in %.0f ms", len(sentence), len(samples) / rate,
-                     (time.perf_counter() - start) * 1000)
-        return sentence, (rate, samples)
-
-    for piece in pieces:
-        for sentence in splitter.push(piece):
-            yield say(sentence)
-    for sentence in splitter.flush():
-        yield say(sentence)
+def load_speaker_or_none(options: VoiceOptions) -> Speaker | None:
+    """Spoken replies are optional: with no working TTS the app serves text, after one warning."""
+    try:
+        return load_speaker(options)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+        logger.warning("spoken replies are off: %s", error)
+        return None

@@ -2,12 +2,17 @@
 clear, an upload path for people without a microphone, and the model's warm-up status."""
 
 import logging
+import queue
+import threading
 
 import gradio as gr
 import numpy as np
 from fastrtc import WebRTC
 
-from .chat import Conversation, Settings, VoxtralHandler
+from . import transport
+from .conversation import Conversation, Output, Settings
+from .engine import EngineBusy, EngineFailed
+from .handler import VoxtralHandler
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +43,46 @@ def turn_line(status: dict) -> str:
 
 
 def webrtc_id(value) -> str | None:
-    return getattr(value, "webrtc_id", value) or None
+    value = getattr(value, "webrtc_id", value)
+    return value if isinstance(value, str) and value else None
+
+
+UPLOAD_TURN_TIMEOUT_S = 600.0  # an uploaded turn's reply must finish within this
+
+
+class Uploads:
+    """The upload box's conversations, one per page session (Gradio's session_hash). Each takes a
+    KV-cache slot like a microphone connection, and is closed when its page unloads (or, as a
+    backstop, after the conversation's idle timeout). `conversations` is guarded by `lock`."""
+
+    def __init__(self, engine, handler: VoxtralHandler):
+        self.engine = engine
+        self.handler = handler
+        self.lock = threading.Lock()
+        self.conversations: dict[str, Conversation] = {}
+
+    def get(self, session: str) -> Conversation | None:
+        with self.lock:
+            conversation = self.conversations.get(session)
+            if conversation is not None and conversation.closed.is_set():
+                del self.conversations[session]
+                conversation = None
+            return conversation
+
+    def open(self, session: str) -> Conversation:
+        conversation = self.get(session)
+        if conversation is None:
+            conversation = Conversation(self.engine, self.handler.options, self.handler.speaker, name="ui_upload")
+            conversation.open()  # EngineBusy when every slot is taken
+            with self.lock:
+                self.conversations[session] = conversation
+        return conversation
+
+    def close(self, session: str) -> None:
+        with self.lock:
+            conversation = self.conversations.pop(session, None)
+        if conversation is not None:
+            conversation.close()
 
 
 def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit: float | None,
@@ -62,7 +106,7 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
             with gr.Column(scale=2):
                 chatbot = gr.Chatbot(type="messages", height=560, label="Conversation")
                 last_turn = gr.Markdown()
-        uploads = gr.State(None, delete_callback=lambda conversation: conversation and conversation.close())
+        uploads = Uploads(engine, handler)
 
         inputs = [microphone, mode, language, temperature, spoken]
         microphone.stream(handler, inputs=inputs, outputs=[microphone], concurrency_limit=concurrency_limit,
@@ -70,28 +114,50 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
         # queued, so one generator streams every update (queue=False runs one step per trigger and drops triggers)
         microphone.on_additional_outputs(show, outputs=[chatbot, last_turn], concurrency_limit=concurrency_limit)
 
-        def clear_conversation(value, conversation):
-            live = microphone.handlers.get(webrtc_id(value) or "")
-            for conv in (getattr(live, "conversation", None), conversation):
-                if conv is not None:
-                    conv.cancel()
-                    conv.clear()
+        def clear_conversation(value, request: gr.Request):
+            live = transport.live_handler(microphone, webrtc_id(value) or "")
+            for conversation in (getattr(live, "conversation", None), uploads.get(request.session_hash)):
+                if conversation is not None:
+                    conversation.post("clear")
             return [], ""
 
-        clear.click(clear_conversation, inputs=[microphone, uploads], outputs=[chatbot, last_turn], queue=False)
+        clear.click(clear_conversation, inputs=[microphone], outputs=[chatbot, last_turn], queue=False)
+        chatbot.clear(clear_conversation, inputs=[microphone], outputs=[chatbot, last_turn], queue=False)
 
-        def send_upload(audio, mode, language, temperature, conversation):  # uploads get text replies
+        def send_upload(audio, mode, language, temperature, request: gr.Request):  # uploads get text replies
             if audio is None:
-                raise gr.Error("Choose an audio file first.")
-            conversation = conversation or Conversation(engine, handler.options, handler.speaker)
+                gr.Warning("Choose an audio file first.")
+                yield gr.skip(), gr.skip()
+                return
+            try:
+                conversation = uploads.open(request.session_hash)
+            except (EngineBusy, EngineFailed) as error:
+                gr.Warning(f"The server is busy ({error}). Please try again in a minute.")
+                yield gr.skip(), gr.skip()
+                return
             rate, samples = audio
-            settings = Settings.from_values([mode, language, temperature, False])
-            for output in conversation.respond(rate, np.asarray(samples), settings):
-                outputs = output[1] if isinstance(output, tuple) else output
-                history, line = show(*outputs.args)
-                yield history, line, conversation
+            conversation.post("settings", Settings.from_values([mode, language, temperature, False]))
+            conversation.post("audio", (rate, np.asarray(samples)))
+            while True:
+                try:
+                    output = conversation.outbox.get(timeout=UPLOAD_TURN_TIMEOUT_S)
+                except queue.Empty:
+                    gr.Warning("The reply took too long.")
+                    return
+                if not isinstance(output, Output):
+                    if conversation.closed.is_set():
+                        return
+                    continue
+                yield show(output.history, output.status)
+                if output.final:
+                    return
 
-        send.click(send_upload, inputs=[upload, mode, language, temperature, uploads],
-                   outputs=[chatbot, last_turn, uploads], concurrency_limit=concurrency_limit)
-        gr.Timer(1.0).tick(lambda: engine_status(engine), outputs=status, queue=False, show_progress="hidden")
+        send.click(send_upload, inputs=[upload, mode, language, temperature], outputs=[chatbot, last_turn],
+                   concurrency_limit=concurrency_limit)
+        def page_closed(request: gr.Request):
+            uploads.close(request.session_hash)
+
+        demo.unload(page_closed)
+        demo.uploads = uploads  # for tests
+        gr.Timer(2.0).tick(lambda: engine_status(engine), outputs=status, queue=False, show_progress="hidden")
     return demo

@@ -1,0 +1,197 @@
+"""The Conversation and its engine Chat under hostile timing: speculative begins, abandons,
+retractions, barge-ins and clears from other threads, and a decode thread that dies."""
+
+import queue
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from voxtral_app import prompt as prompts
+from voxtral_app.audio import SAMPLE_RATE
+from voxtral_app.conversation import CLOSED, HUSH, Conversation, ConversationOptions, Output, Settings
+from voxtral_app.engine import EngineFailed, EngineOptions, Sampling
+from voxtral_app.loading import load_engine
+from voxtral_app.session import Chat
+from voxtral_app.turn import TurnEvent
+
+GREEDY = Settings(temperature=0.0)
+
+
+def outputs_until_final(conversation, timeout_s=60):
+    seen = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        item = conversation.outbox.get(timeout=timeout_s)
+        seen.append(item)
+        if isinstance(item, Output) and item.final:
+            return seen
+    raise TimeoutError("no final output")
+
+
+class SlotShadow:
+    """What each slot physically holds, rebuilt from the replies as they start and settle,
+    independent of the Chat's own booking."""
+
+    def __init__(self):
+        self.slots: dict[int, list[int]] = {}
+        self.checked = 0
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+
+    def launched(self, reply) -> None:
+        """The reply's whole prompt must continue exactly what the slot holds up to its start."""
+        g = reply.generation
+        with self.lock:
+            held = self.slots.get(g.slot, [])
+            if g.start > len(held) or held[:g.start] != reply.prompt_ids[:g.start]:
+                self.errors.append(f"slot {g.slot}: the kept prefix is not what the slot holds")
+            self.checked += 1
+
+    def finished(self, reply) -> None:
+        g = reply.generation
+        with self.lock:
+            self.slots[g.slot] = reply.prompt_ids + g.fed if g.error is None else []
+
+
+@pytest.fixture
+def shadowed(engine, monkeypatch):
+    """Every reply a Chat launches is checked against the slot shadow when it starts and settles."""
+    shadow = SlotShadow()
+    launch, settle = Chat.launch, Chat.settle
+
+    def launched(chat, prompt, sampling, record, started):
+        reply = launch(chat, prompt, sampling, record, started)
+        shadow.launched(reply)
+        if record and prompt.ids != prompts.chat_prompt(engine.processor, chat.messages).ids:
+            shadow.errors.append("the incremental prompt differs from a re-encode of the messages")
+        return reply
+
+    def settled(chat, cancel=False):
+        reply = chat.current
+        settle(chat, cancel)
+        if reply is not None:
+            shadow.finished(reply)
+
+    monkeypatch.setattr(Chat, "launch", launched)
+    monkeypatch.setattr(Chat, "settle", settled)
+    return shadow
+
+
+def test_interleaved_turn_events_keep_the_cache_exact(engine, shadowed, speech, other_speech):
+    """Random pause/continue/end/resume/speech/clear from two threads at random times; afterwards
+    every launch continued exactly what its slot held, and a last greedy turn equals a fresh chat."""
+    rng = random.Random(7)
+    clips = [speech[: int(s * SAMPLE_RATE)] for s in (1.0, 1.5, 2.0)] + [other_speech[:SAMPLE_RATE]]
+    conversation = Conversation(engine, ConversationOptions(reply_tokens=8), settings=GREEDY, name="stress").open()
+    reader_stop = threading.Event()
+    outputs = []
+
+    def read():
+        while not reader_stop.is_set():
+            try:
+                outputs.append(conversation.outbox.get(timeout=0.05))
+            except queue.Empty:
+                pass
+
+    reader = threading.Thread(target=read)
+    reader.start()
+
+    def events(seed):
+        local = random.Random(seed)
+        for _ in range(12):
+            clip = local.choice(clips)
+            kind = local.choice(["pause", "pause", "continue", "end", "end", "resume", "speech", "clear"])
+            event = TurnEvent(kind, clip, time.perf_counter()) if kind in ("pause", "end") else TurnEvent(kind)
+            conversation.post(kind, event)
+            time.sleep(local.uniform(0, 0.15))
+
+    threads = [threading.Thread(target=events, args=(rng.random(),)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    conversation.post("end", TurnEvent("end", clips[0], time.perf_counter()))  # a last turn, shown
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(isinstance(o, Output) and o.final and not o.status.get("error")
+                                                  and o.history and o.history[-1]["content"] for o in outputs[-3:]):
+        time.sleep(0.05)
+    conversation.close()
+    assert conversation.closed.wait(30)
+    reader_stop.set()
+    reader.join()
+
+    assert not shadowed.errors, shadowed.errors
+    assert shadowed.checked >= 5
+    assert outputs[-1] == CLOSED
+    messages = conversation.chat.messages
+    roles = [m["role"] for m in messages]
+    assert all(a != b for a, b in zip(roles, roles[1:])), roles  # atomic turns: user, assistant, user, ...
+
+
+def test_a_turn_is_recorded_with_its_reply_or_not_at_all(engine, speech):
+    chat = engine.open_chat()
+    try:
+        with pytest.raises(ValueError):  # a prompt over the cache: the turn is refused and not kept
+            chat.start(np.tile(speech, 40)[: 200 * SAMPLE_RATE], sampling=Sampling(max_new_tokens=16))
+        assert chat.messages == []
+        reply = chat.start(speech, sampling=Sampling(temperature=0.0, max_new_tokens=8))
+        reply.cancel()  # cancelled before anything was read: no reply, so no turn
+        chat.settle()
+        assert chat.messages == []
+    finally:
+        chat.close()
+
+
+def test_barge_in_and_retraction_through_the_conversation(engine, speech):
+    conversation = Conversation(engine, ConversationOptions(reply_tokens=400), settings=Settings(temperature=1.0),
+                                name="barge").open()
+    try:
+        conversation.post("end", TurnEvent("end", speech[: 2 * SAMPLE_RATE], time.perf_counter()))
+        first = conversation.outbox.get(timeout=60)
+        while not (isinstance(first, Output) and first.history[-1]["content"]):
+            first = conversation.outbox.get(timeout=60)
+        conversation.post("resume", TurnEvent("resume"))  # speech came back: take the reply back
+        seen = []
+        while not (seen and isinstance(seen[-1], Output) and seen[-1].status.get("retracted")):
+            seen.append(conversation.outbox.get(timeout=30))
+        assert HUSH in seen
+        assert seen[-1].history == []  # the turn left the page
+        conversation.post("settings", Settings())  # round trip: the worker has applied the retraction
+        conversation.post("text", "hello")
+        final = outputs_until_final(conversation)[-1]
+        assert [m["role"] for m in final.history] == ["user", "assistant"]
+        assert final.history[0]["content"] == "hello"
+    finally:
+        conversation.close()
+    assert conversation.closed.wait(30)
+    assert [m["role"] for m in conversation.chat.messages] in (["user", "assistant"], [])
+
+
+def test_a_dead_decode_thread_fails_turns_fast_and_refuses_new_ones(tiny_checkpoint, speech):
+    failures = []
+    engine = load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=2, max_tokens=1024, warmup=False),
+                         on_failure=failures.append)
+    try:
+        conversation = Conversation(engine, ConversationOptions(reply_tokens=200), name="doomed").open()
+
+        def explode(generation, token):
+            raise SystemError("injected: the decode loop broke")
+
+        engine.emit = explode  # escapes the per-step handling: the decode thread dies
+        started = time.monotonic()
+        conversation.post("end", TurnEvent("end", speech[:SAMPLE_RATE], time.perf_counter()))
+        final = outputs_until_final(conversation, timeout_s=20)[-1]
+        assert time.monotonic() - started < 10
+        assert "failed" in final.status["error"] and "⚠️" in final.history[-1]["content"]
+        assert not engine.healthy and isinstance(failures[0], SystemError)
+        with pytest.raises(EngineFailed):
+            engine.open_chat()
+        conversation.post("text", "still there?")  # a new turn gets the error at once
+        assert "failed" in outputs_until_final(conversation, timeout_s=10)[-1].status["error"]
+        conversation.close()
+        assert conversation.closed.wait(10)
+    finally:
+        engine.close()

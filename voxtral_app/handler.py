@@ -1,0 +1,149 @@
+"""The fastrtc handler: one per WebRTC, WebSocket or phone connection (fastrtc copies it for each).
+
+Audio in -> turn events (turn.py) -> the connection's Conversation; the Conversation's outputs ->
+chat updates (AdditionalOutputs(history, status)) and spoken sentences out. The handler keeps no
+conversation state of its own, so a connection's messages and KV cache never reach another.
+"""
+
+import logging
+import queue
+import threading
+import time
+
+from fastrtc import AdditionalOutputs, CloseStream, StreamHandler
+from fastrtc.utils import create_message
+
+from . import transport
+from .audio import SAMPLE_RATE
+from .conversation import CLOSED, HUSH, Conversation, ConversationOptions, Output, Settings
+from .engine import EngineBusy, EngineFailed
+from .turn import TurnTaker
+from .vad import to_16k
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_RATE = 24_000  # Hz of the audio track fastrtc sends back
+EMIT_WAIT_S = 0.02  # emit() blocks this long for an output (fastrtc calls it in a loop)
+
+
+class VoxtralHandler(StreamHandler):
+    """A connection's turn-taking in front of its Conversation.
+
+    Threads: `receive()` runs on fastrtc's receive worker and alone owns `turns`; `emit()` runs on
+    its emit worker and alone reads the outbox; start_up/set_args/shutdown only post messages.
+    `settings` and `conversation` are guarded by `lock` (set_args may come before start_up).
+    """
+
+    def __init__(self, engine, options: ConversationOptions = ConversationOptions(), speaker=None,
+                 transport_name: str = "webrtc", on_open=None):
+        super().__init__(input_sample_rate=SAMPLE_RATE, output_sample_rate=OUTPUT_RATE)
+        self.engine = engine
+        self.options = options
+        self.speaker = speaker
+        self.transport_name = transport_name  # webrtc | websocket | phone: labels logs and metrics
+        self.on_open = on_open  # called with each connection's Conversation (the server's registry)
+        self.turns = TurnTaker(options.turns)
+        self.lock = threading.Lock()
+        self.settings = Settings()
+        self.conversation: Conversation | None = None
+        self.refused: str | None = None  # why start_up refused the connection, until emit closes it
+
+    def copy(self) -> "VoxtralHandler":
+        return VoxtralHandler(self.engine, self.options, self.speaker, self.transport_name, self.on_open)
+
+    def resample(self, frame):
+        yield from transport.resample_each_frame(self, frame)
+
+    # -- connection lifetime ----------------------------------------------------------------------
+
+    def start_up(self) -> None:
+        with self.lock:
+            settings = self.settings
+            if self.phone_mode:
+                settings = self.settings = Settings(spoken=self.options.phone_spoken)
+            conversation = Conversation(self.engine, self.options, self.speaker, settings, name=self.transport_name)
+        try:
+            conversation.open()
+        except (EngineBusy, EngineFailed) as error:
+            refused = f"The server is full ({error}). Please try again in a minute." if isinstance(
+                error, EngineBusy) else f"The server cannot answer right now ({error})."
+            logger.warning("refused a connection: %s", error)
+            self.send_message_sync(create_message("error", refused))
+            with self.lock:
+                self.refused = refused
+            return
+        with self.lock:
+            self.conversation = conversation
+            settings = self.settings  # arrived while the slot was being taken
+        conversation.post("settings", settings)
+        if self.on_open is not None:
+            self.on_open(conversation, self.transport_name)
+        if not self.phone_mode:  # ask the page for its current controls, so the first turn uses them
+            self.send_message_sync(create_message("send_input", []))
+
+    def shutdown(self) -> None:
+        """fastrtc calls this on the event loop: it must not block (the conversation closes on its own thread)."""
+        with self.lock:
+            conversation = self.conversation
+        if conversation is not None:
+            conversation.close()
+
+    def set_args(self, args: list) -> None:
+        super().set_args(args)
+        settings = Settings.from_values(list(args))
+        if self.phone_mode:
+            settings = Settings.from_dict({"spoken": self.options.phone_spoken}, settings)
+        with self.lock:
+            self.settings = settings
+            conversation = self.conversation
+        if conversation is not None:
+            conversation.post("settings", settings)
+
+    # -- audio in -----------------------------------------------------------------------------------
+
+    def receive(self, frame) -> None:
+        with self.lock:
+            conversation = self.conversation
+        if conversation is None:
+            return
+        rate, samples = frame
+        for event in self.turns.feed(to_16k(rate, samples)):
+            if event.kind == "end":
+                self.send_message_sync(create_message("log", "pause_detected"))
+            conversation.post(event.kind, event)
+
+    # -- replies out --------------------------------------------------------------------------------
+
+    def emit(self):
+        with self.lock:
+            conversation = self.conversation
+            refused, self.refused = self.refused, None
+        if refused:  # a refused connection is closed at once
+            return CloseStream(refused)
+        if conversation is None:
+            time.sleep(EMIT_WAIT_S)  # not started yet (or refused): fastrtc calls emit in a loop
+            return None
+        try:
+            item = conversation.outbox.get(timeout=EMIT_WAIT_S)
+        except queue.Empty:
+            return None
+        if item == HUSH:
+            self.stop_speaking()
+            return None
+        if item == CLOSED:
+            return CloseStream("the conversation has ended")
+        return self.to_fastrtc(item)
+
+    def to_fastrtc(self, output: Output):
+        outputs = AdditionalOutputs(output.history, output.status)
+        if output.final:
+            self.send_message_sync(create_message("log", "response_starting"))
+        if output.audio is None:
+            return outputs
+        return output.audio, outputs
+
+    def stop_speaking(self) -> None:
+        if self.clear_queue is not None:  # fastrtc's playback queue, once the connection has one
+            self.clear_queue()
+        if self.phone_mode:
+            transport.tell_twilio_to_clear(self)

@@ -1,0 +1,243 @@
+"""One conversation with the engine: its messages and what its KV-cache slot holds.
+
+A `Chat` keeps the conversation's messages and books which tokens its slot holds, so a new turn
+only encodes and prefills what is new (the longest common prefix with the cache is kept). Each
+`Reply` carries the prompt it was started from, so the booking after a reply is always that
+reply's own prompt plus the tokens it fed: interleaved or abandoned turns cannot pair one turn's
+prompt with another's reply. A turn is atomic: it joins `messages` with its reply, or not at all.
+"""
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from . import prompt as prompts
+from .engine import CHAT, TRANSCRIBE, Engine, Generation, Sampling
+
+logger = logging.getLogger(__name__)
+
+SETTLE_TIMEOUT_S = 30.0  # a cancelled reply leaves the decode thread within one step; this is a backstop
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def clip_key(clip: np.ndarray) -> str:
+    return hashlib.blake2b(clip.tobytes(), digest_size=16).hexdigest()
+
+
+class Reply:
+    """A reply in progress: iterate for text pieces as tokens arrive; `cancel()` stops it.
+
+    Read by one thread (its reader); `cancel()` may come from any thread (it only sets an event).
+    """
+
+    def __init__(self, engine: Engine, generation: Generation, record: bool, prompt_ids: list[int],
+                 prompt_clips: list[tuple[int, str]]):
+        self.engine = engine
+        self.generation = generation
+        self.record = record  # chat replies join the conversation; transcripts do not
+        self.prompt_ids = prompt_ids  # the whole prompt this reply continues (what the slot holds before it)
+        self.prompt_clips = prompt_clips  # (block start, clip hash) of the prompt's audio
+        self.tokens: list[int] = []  # handed to the reader
+        self.text = ""
+        self.decoded = ""  # text of tokens[:self.clean], a prefix that ends on a whole character
+        self.clean = 0
+
+    def next_piece(self, timeout: float | None = None) -> str | None:
+        """The text the next token adds ('' while a character is incomplete), or None once the reply
+        is over. Raises queue.Empty after `timeout` s without a token, and RuntimeError if it failed."""
+        token = self.generation.tokens.get(timeout=timeout) if timeout is not None else self.generation.tokens.get()
+        if token is None:
+            self.generation.tokens.put(None)  # stays over: later calls see the end too
+            if self.generation.error is not None:
+                raise RuntimeError(f"generation failed: {self.generation.error}") from self.generation.error
+            return None
+        self.tokens.append(token)
+        # decode only the tokens since the last whole character: linear in the reply's length
+        tail = self.engine.processor.tokenizer.decode(self.tokens[self.clean:], skip_special_tokens=True)
+        if tail.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        piece = tail
+        self.clean = len(self.tokens)
+        self.text += piece
+        return piece
+
+    def __iter__(self) -> Iterator[str]:
+        while (piece := self.next_piece()) is not None:
+            if piece:
+                yield piece
+
+    def cancel(self) -> None:
+        self.engine.cancel(self.generation)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.generation.cancelled.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self.generation.done.is_set()
+
+    def wait(self, timeout: float = SETTLE_TIMEOUT_S) -> bool:
+        return self.generation.done.wait(timeout)
+
+    @property
+    def stats(self) -> dict:
+        g = self.generation
+        end = g.finished or time.perf_counter()
+        first = (g.first_token - g.submitted) if g.first_token else None
+        decode_s = end - g.first_token if g.first_token else 0.0
+        rate = (len(g.fed) / decode_s) if decode_s > 0 else 0.0
+        return {"prefill_tokens": len(g.ids), "cached_tokens": g.start, "first_token_s": first,
+                "tokens": g.count, "tokens_per_s": rate}
+
+
+class Chat:
+    """One conversation on one KV-cache slot.
+
+    Not thread-safe: it belongs to the thread that drives it (a Conversation's worker thread in the
+    app, the test in tests). The decode thread is reached only through `Engine.submit` and events.
+    """
+
+    def __init__(self, engine: Engine, slot: int):
+        self.engine = engine
+        self.slot = slot
+        self.messages: list[dict] = []
+        self.encoded: tuple[int, prompts.Prompt] | None = None  # (messages encoded, their prompt)
+        self.cached: list[int] = []  # token ids whose keys/values are in the slot, in order
+        self.cached_clips: list[tuple[int, str]] = []  # (block start, clip hash) for audio in the slot
+        self.current: Reply | None = None  # the last reply started, until settled
+        self.closed = False
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.current.prompt_ids if self.current is not None else []
+
+    def start(self, audio: np.ndarray | None = None, text: str = "", sampling: Sampling = CHAT) -> Reply:
+        """Add a user turn and start the reply (prefill begins now; iterate the Reply for text).
+        A reply still running is settled first (it stays in the conversation with what it said)."""
+        started = time.perf_counter()
+        self.settle()
+        self.messages.append(prompts.user_message(audio, text))
+        try:
+            prompt = self.fit(sampling)
+            return self.launch(prompt, sampling, record=True, started=started)
+        except BaseException:
+            self.drop_last_turn()  # atomic: no reply, no turn
+            raise
+
+    def transcribe(self, audio: np.ndarray, language: str | None = None) -> Reply:
+        """Start a transcription of `audio`; it is not added to the conversation."""
+        started = time.perf_counter()
+        self.settle()
+        prompt = prompts.transcription_prompt(self.engine.processor, audio, language, self.engine.options.model)
+        return self.launch(prompt, TRANSCRIBE, record=False, started=started)
+
+    def discard(self, reply: Reply) -> None:
+        """Drop a reply (begun speculatively, or taken back) and the user turn it answered."""
+        reply.cancel()
+        recorded, reply.record = reply.record, False
+        if self.current is reply:
+            self.settle()
+            if recorded:
+                self.drop_last_turn()
+
+    def cancel(self) -> None:
+        if self.current is not None:
+            self.current.cancel()
+
+    def reset(self) -> None:
+        """Forget the conversation (the cache is overwritten by the next turn)."""
+        self.settle(cancel=True)
+        self.messages = []
+        self.encoded = None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.settle(cancel=True)
+            self.engine.release(self.slot)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def drop_last_turn(self) -> None:
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages.pop()
+            self.encoded = None
+
+    def fit(self, sampling: Sampling) -> prompts.Prompt:
+        """Prompt for the conversation, dropping its oldest turns until prompt + reply fit the cache."""
+        limit = self.engine.options.max_tokens - sampling.max_new_tokens
+        target = limit  # once over the limit, drop down to half of it: the whole cache is
+        while True:  # re-prefilled after a drop, so let that happen once every few turns, not every turn
+            prompt = self.encode()
+            if len(prompt.ids) <= target or len(self.messages) <= 1:
+                break
+            logger.info("conversation over %d tokens; dropping its oldest turn", target)
+            target = limit // 2
+            self.messages = self.messages[2:] if self.messages[1]["role"] == "assistant" else self.messages[1:]
+            self.encoded = None
+        if len(prompt.ids) > limit:
+            raise ValueError(f"this turn needs {len(prompt.ids)} prompt tokens; the limit is {limit}")
+        return prompt
+
+    def encode(self) -> prompts.Prompt:
+        """The conversation's prompt; when it only grew by a reply and a new user turn since the
+        last one, extend that (a 20-turn conversation re-encoded costs ~30 ms of CPU per turn)."""
+        n = len(self.messages)
+        if self.encoded is not None and self.encoded[0] == n - 2 and self.messages[-2]["role"] == "assistant":
+            prompt = prompts.extend_prompt(self.engine.processor, self.encoded[1], self.messages[-2]["content"],
+                                           self.messages[-1])
+        else:
+            prompt = prompts.chat_prompt(self.engine.processor, self.messages)
+        self.encoded = (n, prompt)
+        return prompt
+
+    def launch(self, prompt: prompts.Prompt, sampling: Sampling, record: bool, started: float) -> Reply:
+        starts = prompts.audio_block_starts(prompt.ids, self.engine.begin_audio_id)
+        clips = list(zip(starts, map(clip_key, prompt.audio)))
+        keep = min(common_prefix(self.cached, prompt.ids), len(prompt.ids) - 1)
+        for (start, key), cached in zip(clips, self.cached_clips + [None] * len(clips)):
+            if start < keep and cached != (start, key):  # same tokens, different sound: re-encode
+                keep = start
+        new_clips = [clip for clip, (start, _) in zip(prompt.audio, clips) if start >= keep]
+        features = prompts.audio_features(self.engine.processor, new_clips, self.engine.device)
+        generation = Generation(self.slot, prompt.ids[keep:], keep, features, sampling, submitted=started)
+        self.current = Reply(self.engine, self.engine.submit(generation), record, prompt.ids, clips)
+        return self.current
+
+    def settle(self, cancel: bool = False) -> None:
+        """Wait for the last reply to leave the decode thread and book what the slot now holds:
+        that reply's own prompt and the tokens it fed."""
+        reply, self.current = self.current, None
+        if reply is None:
+            return
+        if cancel:
+            reply.cancel()
+        if not reply.wait():
+            logger.error("a reply did not leave the decode thread in %.0f s; forgetting the slot's cache",
+                         SETTLE_TIMEOUT_S)
+            reply.cancel()
+            self.cached, self.cached_clips = [], []
+            return
+        if reply.generation.error is not None:
+            self.cached, self.cached_clips = [], []
+        else:
+            self.cached = reply.prompt_ids + reply.generation.fed
+            self.cached_clips = reply.prompt_clips
+        if reply.record:
+            text = reply.text.strip()  # what its reader saw
+            if text and reply.generation.error is None:
+                self.messages.append(prompts.assistant_message(text))  # as mistral-common keeps it
+            else:
+                self.drop_last_turn()  # atomic: a turn with no reply is not part of the conversation

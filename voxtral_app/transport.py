@@ -1,0 +1,86 @@
+"""The one place that touches fastrtc's and aiortc's private parts.
+
+Written for fastrtc 0.0.34 and aiortc 1.16 (checked at import): an upgrade that moves any of
+these internals should break here, in one module, and nowhere else.
+"""
+
+import asyncio
+import logging
+from importlib.metadata import version
+
+import av
+from fastrtc import Stream
+from fastrtc.utils import get_current_context
+from fastrtc.websocket import WebSocketHandler
+
+logger = logging.getLogger(__name__)
+
+WRITTEN_FOR = {"fastrtc": "0.0.34", "aiortc": "1.16.0"}
+
+
+def check_versions() -> None:
+    for package, expected in WRITTEN_FOR.items():
+        found = version(package)
+        if found != expected:
+            raise ImportError(f"voxtral_app/transport.py was written for {package} {expected}, but {found} is "
+                              f"installed: pin {package}=={expected} (requirements.txt) or port transport.py")
+
+
+check_versions()
+
+
+def buffer_less_audio(packets: int) -> None:
+    """Make aiortc's receivers buffer at most `packets` audio packets (its default 4 adds 60 ms to every
+    turn; it has no public setting). Process-wide: it covers the Gradio page's connections too."""
+    from aiortc import jitterbuffer, rtcrtpreceiver
+
+    class AudioJitterBuffer(jitterbuffer.JitterBuffer):
+        def __init__(self, capacity: int, prefetch: int = 0, is_video: bool = False):
+            super().__init__(capacity, prefetch if is_video else min(prefetch, packets), is_video)
+
+    rtcrtpreceiver.JitterBuffer = AudioJitterBuffer
+
+
+def resample_each_frame(handler, frame: av.AudioFrame):
+    """fastrtc keeps the input frame's sample count (960 at 48 kHz) when resampling: at 16 kHz that
+    is 60 ms lumps. This resampler passes each 20 ms frame on as soon as it arrives."""
+    if handler._resampler is None:
+        handler._resampler = av.AudioResampler(format="s16", layout=handler.expected_layout,
+                                               rate=handler.input_sample_rate, frame_size=None)
+    yield from handler._resampler.resample(frame)
+
+
+def tell_twilio_to_clear(handler) -> None:
+    """Twilio keeps playing what it has buffered until told to clear (phone barge-in)."""
+    context = get_current_context()
+    if context.websocket is not None:
+        asyncio.run_coroutine_threadsafe(
+            context.websocket.send_json({"event": "clear", "streamSid": context.webrtc_id}), handler.loop)
+
+
+async def drop_connection(stream: Stream, webrtc_id: str) -> None:
+    """Forget a WebRTC connection fastrtc half-built (an offer aiortc could not negotiate)."""
+    pc = stream.pcs.pop(webrtc_id, None)
+    stream.clean_up(webrtc_id)
+    if pc is not None:
+        await pc.close()
+
+
+def is_connected(stream: Stream, connection_id: str) -> bool:
+    return connection_id in stream.connections
+
+
+def live_handler(component, connection_id: str):
+    """The per-connection handler copy behind the page's WebRTC component (None if not connected)."""
+    return component.handlers.get(connection_id)
+
+
+async def serve_websocket(stream: Stream, handler, websocket) -> None:
+    """Run fastrtc's WebSocket protocol (its own and Twilio's Media Streams) for one connection."""
+
+    async def register(stream_id: str, socket_handler: WebSocketHandler):
+        stream.connections[stream_id] = [socket_handler]
+
+    socket = WebSocketHandler(handler, register, stream.clean_up, stream.set_additional_outputs)
+    await socket.handle_websocket(websocket)
+

@@ -62,6 +62,7 @@ class ChatOptions:
     reply_tokens: int = CHAT.max_new_tokens  # longest chat reply, tokens
     ui_interval_s: float = 0.05  # streamed text reaches the UI at most this often (first token at once)
     phone_spoken: bool = True  # phone callers cannot read: replies are spoken on calls
+    temperature: float = CHAT.temperature  # chat temperature a new conversation starts with (--temperature)
 
 
 @dataclass
@@ -242,7 +243,7 @@ class VoxtralHandler(ReplyOnPause):
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # ("turn", id, (TurnEvent, Pending)) | ("outputs", id, ...)
         self.turn_id = 0  # id of the last turn that ended
         self.retracted: set[int] = set()  # turns taken back because speech resumed
-        self.settings = Settings()
+        self.settings = Settings(temperature=options.temperature)
         self.refused: str | None = None
         self.playing_until = 0.0  # monotonic time the spoken reply sent so far ends playing
         self.preparing = ThreadPoolExecutor(1, thread_name_prefix="voxtral-prepare")  # speculative begin()

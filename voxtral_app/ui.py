@@ -53,7 +53,7 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
                                     rtc_configuration=rtc_configuration)  # full screen: fixed over the page
                 mode = gr.Radio(["chat", "transcribe"], value="chat", label="Mode")
                 language = gr.Dropdown(LANGUAGES, value="auto", label="Transcription language")
-                temperature = gr.Slider(0.0, 1.0, value=Settings.temperature, step=0.05, label="Temperature")
+                temperature = gr.Slider(0.0, 1.0, value=handler.options.temperature, step=0.05, label="Temperature")
                 spoken = gr.Checkbox(False, label="Speak replies")
                 clear = gr.Button("Clear conversation")
                 with gr.Accordion("No microphone? Upload audio", open=False):

@@ -50,7 +50,8 @@ def test_malformed_configuration_is_a_clear_error(options, message):
 
 
 def test_json_configuration_is_passed_through():
-    text = '{"iceServers": [{"urls": "turn:t.example.com", "username": "u", "credential": "c"}], "iceTransportPolicy": "relay"}'
+    text = ('{"iceServers": [{"urls": "turn:t.example.com", "username": "u", "credential": "c"}], '
+            '"iceTransportPolicy": "relay"}')
     assert rtc_configuration(IceOptions(rtc_configuration=text), environ={})["iceTransportPolicy"] == "relay"
 
 

@@ -165,8 +165,8 @@ def test_dockerignore_keeps_out_the_heavy_and_private_files():
     patterns = [line.strip() for line in read(".dockerignore").splitlines()
                 if line.strip() and not line.startswith("#")]
     for path in (".venv/lib/python3.11/site-packages/torch/__init__.py", "models/voxtral/model.safetensors",
-                 ".git/HEAD", "test-output/shot.png", ".whl/torch.whl", "voxtral_app/__pycache__/engine.cpython-311.pyc",
-                 ".pytest_cache/v/cache/nodeids"):
+                 ".git/HEAD", "test-output/shot.png", ".whl/torch.whl", ".pytest_cache/v/cache/nodeids",
+                 "voxtral_app/__pycache__/engine.cpython-311.pyc"):
         assert ignored(path, patterns), f"{path} would be sent to the Docker build"
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     needed = [f for f in files if f in ("app.py", "requirements.txt") or f.startswith(("voxtral_app/", "assets/"))]

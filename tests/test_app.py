@@ -143,3 +143,16 @@ def test_gradio_server_name_binds_all_interfaces(tmp_path):
         process.terminate()
         process.wait(30)
         log.close()
+
+
+def test_temperature_is_where_conversations_start(app_engine):
+    """--temperature / TEMPERATURE: a new connection's settings and the page's slider start there."""
+    import gradio as gr
+
+    from voxtral_app.chat import ChatOptions
+    from voxtral_app.server import create_app
+
+    served = create_app(app_engine, ChatOptions(temperature=0.7))
+    assert served.state.stream.event_handler.copy().settings.temperature == 0.7
+    sliders = [block for block in served.state.ui.blocks.values() if isinstance(block, gr.Slider)]
+    assert [slider.value for slider in sliders if slider.label == "Temperature"] == [0.7]

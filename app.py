@@ -3,6 +3,8 @@
     python app.py                          # downloads mistralai/Voxtral-Mini-3B-2507 once, serves :7860
     python app.py --model models/voxtral   # a local checkpoint (or VOXTRAL_MODEL=...)
     python app.py --share                  # also a public Gradio link
+
+Each option can also come from the environment variables named in its [env: ...]; a flag wins.
 """
 
 import argparse
@@ -11,58 +13,100 @@ import os
 import signal
 import sys
 
-import uvicorn
+from voxtral_app.config import EnvParser, log_level, port, seconds, sessions, switch, temperature
+from voxtral_app.ice import PROVIDERS, IceOptions, missing_credentials, rtc_configuration
 
-from voxtral_app.conversation import ConversationOptions
-from voxtral_app.engine import DEFAULT_MODEL, EngineOptions
-from voxtral_app.loading import ModelLoadError, load_engine
-from voxtral_app.server import ServerOptions, create_app
-from voxtral_app.tts import VoiceOptions, load_speaker_or_none
-from voxtral_app.turn import TurnOptions
+# torch, transformers, gradio and fastrtc are imported in main(), after the arguments: --help answers at once
+CHATTY = ("aiortc", "aioice", "fastrtc", "gradio", "httpx", "mistral_common", "websockets")  # at WARNING unless DEBUG
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    env = os.environ.get
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=env("VOXTRAL_MODEL", DEFAULT_MODEL),
-                        help="hub id or local checkpoint directory ('tiny-random': a tiny untrained model)")
-    parser.add_argument("--device", default=env("VOXTRAL_DEVICE", "auto"), help="auto, cuda, cuda:1 or cpu")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="torch.compile the hot path (default: on with CUDA, off on CPU)")
-    parser.add_argument("--max-sessions", type=int, default=int(env("VOXTRAL_MAX_SESSIONS", 8)),
-                        help="conversations at once (browser, WebSocket and phone together)")
-    parser.add_argument("--session-time-limit", type=float, default=float(env("VOXTRAL_SESSION_TIME_LIMIT", 900)),
-                        help="seconds a connection may last (0: no limit)")
-    parser.add_argument("--pause-ms", type=float, default=TurnOptions.pause_s * 1000,
-                        help="silence that ends a turn")
-    parser.add_argument("--voice", default=env("VOXTRAL_VOICE", "auto"), choices=["auto", "kokoro", "espeak"],
-                        help="text-to-speech for spoken replies")
-    parser.add_argument("--twilio-auth-token", default=env("TWILIO_AUTH_TOKEN"),
-                        help="check Twilio's request signature on /telephone/incoming")
-    parser.add_argument("--host", default=env("HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(env("PORT", 7860)))
-    parser.add_argument("--share", action="store_true", help="also serve through a public Gradio link")
-    return parser.parse_args(argv)
+def parse_args(argv=None, environ=None) -> argparse.Namespace:
+    parser = EnvParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, environ=environ)
+    add = parser.add_argument
+    add("--model", env=("VOXTRAL_MODEL", "MODEL_NAME"), help="hub id or local checkpoint directory (default: "
+        "mistralai/Voxtral-Mini-3B-2507; 'tiny-random': a tiny untrained model)")
+    add("--device", default="auto", env=("VOXTRAL_DEVICE", "DEVICE"), help="auto, cuda, cuda:1 or cpu")
+    add("--compile", action=argparse.BooleanOptionalAction, env=("VOXTRAL_COMPILE", "ENABLE_TORCH_COMPILE"),
+        env_type=switch, help="torch.compile the hot path (default: on with CUDA, off on CPU)")
+    add("--max-sessions", type=sessions, default=8, env=("VOXTRAL_MAX_SESSIONS", "MAX_BATCH_SIZE"),
+        help="conversations at once (browser, WebSocket and phone together)")
+    add("--session-time-limit", type=seconds, default=900, env=("VOXTRAL_SESSION_TIME_LIMIT",),
+        help="seconds a connection may last (0: no limit)")
+    add("--pause-ms", type=seconds, env=("VOXTRAL_PAUSE_MS",), help="silence that ends a turn (default: 128)")
+    add("--temperature", type=temperature, env=("VOXTRAL_TEMPERATURE", "TEMPERATURE"),
+        help="chat temperature a conversation starts with (default: 0.2)")
+    add("--voice", default="auto", choices=["auto", "kokoro", "espeak"], env=("VOXTRAL_VOICE",),
+        help="text-to-speech for spoken replies")
+    add("--twilio-auth-token", env=("TWILIO_AUTH_TOKEN",),
+        help="check Twilio's request signature on /telephone/incoming")
+    add("--turn-url", env=("VOXTRAL_TURN_URL",),
+        help="your TURN server for WebRTC, e.g. turn:turn.example.com:3478")
+    add("--turn-username", env=("VOXTRAL_TURN_USERNAME",))
+    add("--turn-credential", env=("VOXTRAL_TURN_CREDENTIAL",))
+    add("--rtc-configuration", env=("VOXTRAL_RTC_CONFIGURATION",),
+        help='the browser\'s RTCConfiguration as JSON: {"iceServers": [...]}')
+    add("--turn-provider", choices=PROVIDERS, env=("VOXTRAL_TURN_PROVIDER",),
+        help="TURN credentials from a service, via fastrtc (on a Hugging Face Space: cloudflare, with HF_TOKEN)")
+    add("--host", default="127.0.0.1", env=("HOST", "GRADIO_SERVER_NAME"),
+        help="0.0.0.0: reachable from other machines")
+    add("--port", type=port, default=7860, env=("PORT", "GRADIO_SERVER_PORT"))
+    add("--log-level", type=log_level, default="INFO", env=("LOG_LEVEL",), help="DEBUG, INFO, WARNING or ERROR")
+    add("--debug", action="store_true", help="log everything, libraries included (same as --log-level DEBUG)")
+    add("--share", action="store_true", help="also serve through a public Gradio link")
+    args = parser.parse_args(argv)
+    args.log_level = "DEBUG" if args.debug else args.log_level
+    args.ice = IceOptions(args.turn_url, args.turn_username, args.turn_credential, args.rtc_configuration,
+                          args.turn_provider)
+    try:
+        args.rtc_configuration = rtc_configuration(args.ice, parser.environ)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":  # one line per turn from us; the libraries only when something is wrong
+        for name in CHATTY:
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
+    if problem := missing_credentials(args.ice):
+        logging.getLogger("app").warning(problem)
+
+    import uvicorn
+
+    from voxtral_app.conversation import ConversationOptions
+    from voxtral_app.engine import EngineOptions
+    from voxtral_app.loading import ModelLoadError, load_engine
+    from voxtral_app.server import ServerOptions, create_app
+    from voxtral_app.tts import VoiceOptions, load_speaker_or_none
+    from voxtral_app.turn import TurnOptions
+
+    def given(**values) -> dict:  # None: the option's own default
+        return {name: value for name, value in values.items() if value is not None}
+
     try:
-        engine = load_engine(EngineOptions(model=args.model, device=args.device, compile=args.compile,
+        engine = load_engine(EngineOptions(**given(model=args.model), device=args.device, compile=args.compile,
                                            slots=args.max_sessions), background_warmup=True,
                              on_failure=stop_serving)
     except ModelLoadError as error:
         sys.exit(f"error: {error}")
-    chat_options = ConversationOptions(turns=TurnOptions(pause_s=args.pause_ms / 1000), max_audio_s=engine.options.max_audio_s)
+    turns = TurnOptions(**given(pause_s=None if args.pause_ms is None else args.pause_ms / 1000))
+    chat_options = ConversationOptions(turns=turns, max_audio_s=engine.options.max_audio_s,
+                               **given(temperature=args.temperature))
     server_options = ServerOptions(session_time_limit_s=args.session_time_limit or None,
-                                   twilio_auth_token=args.twilio_auth_token)
+                                   twilio_auth_token=args.twilio_auth_token, rtc_configuration=args.rtc_configuration)
     app = create_app(engine, chat_options, server_options, speaker=load_speaker_or_none(VoiceOptions(engine=args.voice)))
     if args.share:
         # the page again on the next port, reachable through a gradio.live link
         app.state.ui.launch(share=True, prevent_thread_lock=True, server_port=args.port + 1)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, access_log=False)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                    access_log=args.log_level == "DEBUG")
     finally:
         engine.close()
     if engine.failure is not None:
@@ -70,8 +114,8 @@ def main(argv=None) -> None:
 
 
 def stop_serving(error: BaseException) -> None:
-    """The decode thread died: /health says degraded, turns fail with a message, and the process
-    shuts down gracefully and exits non-zero, so Docker/Spaces/systemd restart it."""
+    """The decode thread died: /health says degraded (503), turns fail with a message, and the process
+    shuts down gracefully and exits non-zero, so Docker, Spaces or systemd restart it."""
     logging.getLogger("app").critical("the decode thread died (%s); shutting down", error)
     os.kill(os.getpid(), signal.SIGTERM)
 

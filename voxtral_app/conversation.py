@@ -70,6 +70,7 @@ class ConversationOptions:
     ui_interval_s: float = 0.05  # streamed text reaches the UI at most this often (first token at once)
     phone_spoken: bool = True  # phone callers cannot read: calls get spoken replies unless this is off
     idle_timeout_s: float = 300.0  # a conversation with no turn or message for this long closes itself
+    temperature: float = CHAT.temperature  # chat temperature a new conversation starts with (--temperature)
 
 
 @dataclass

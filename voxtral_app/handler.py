@@ -44,7 +44,7 @@ class VoxtralHandler(StreamHandler):
         self.on_open = on_open  # called with each connection's Conversation (the server's registry)
         self.turns = TurnTaker(options.turns)
         self.lock = threading.Lock()
-        self.settings = Settings()
+        self.settings = Settings(temperature=options.temperature)
         self.conversation: Conversation | None = None
         self.refused: str | None = None  # why start_up refused the connection, until emit closes it
 
@@ -60,7 +60,8 @@ class VoxtralHandler(StreamHandler):
         with self.lock:
             settings = self.settings
             if self.phone_mode:
-                settings = self.settings = Settings(spoken=self.options.phone_spoken)
+                settings = self.settings = Settings(spoken=self.options.phone_spoken,
+                                                    temperature=self.options.temperature)
             conversation = Conversation(self.engine, self.options, self.speaker, settings, name=self.transport_name)
         try:
             conversation.open()

@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gradio as gr
@@ -36,7 +37,8 @@ TWILIO_EVENTS = {"connected", "start", "media", "mark", "stop", "dtmf", "ping"}
 class ServerOptions:
     session_time_limit_s: float | None = 900.0  # a connection is closed after 15 min (None: no limit)
     twilio_auth_token: str | None = None  # set to check X-Twilio-Signature on /telephone/incoming
-    rtc_configuration: dict | None = None  # ICE servers for the browser (TURN when not on a LAN)
+    rtc_configuration: dict | Callable[[], dict] | None = None  # the browser's ICE servers (TURN when not on a
+    # LAN), or a function fastrtc calls per connection for fresh credentials: voxtral_app/ice.py
     jitter_prefetch: int = 1  # audio packets (20 ms each) aiortc buffers before decoding; its default 4
     # adds 60 ms to every turn. Raise it for lossy links where audio sounds choppy.
 

@@ -72,7 +72,9 @@ class Uploads:
     def open(self, session: str) -> Conversation:
         conversation = self.get(session)
         if conversation is None:
-            conversation = Conversation(self.engine, self.handler.options, self.handler.speaker, name="ui_upload")
+            options = self.handler.options
+            conversation = Conversation(self.engine, options, self.handler.speaker,
+                                        Settings(temperature=options.temperature), name="ui_upload")
             conversation.open()  # EngineBusy when every slot is taken
             with self.lock:
                 self.conversations[session] = conversation
@@ -97,7 +99,7 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
                                     rtc_configuration=rtc_configuration)  # full screen: fixed over the page
                 mode = gr.Radio(["chat", "transcribe"], value="chat", label="Mode")
                 language = gr.Dropdown(LANGUAGES, value="auto", label="Transcription language")
-                temperature = gr.Slider(0.0, 1.0, value=Settings.temperature, step=0.05, label="Temperature")
+                temperature = gr.Slider(0.0, 1.0, value=handler.options.temperature, step=0.05, label="Temperature")
                 spoken = gr.Checkbox(False, label="Speak replies")
                 clear = gr.Button("Clear conversation")
                 with gr.Accordion("No microphone? Upload audio", open=False):

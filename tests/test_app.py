@@ -1,0 +1,158 @@
+"""app.py's start: flags and environment variables, --help speed, binding, one-line errors."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+import app
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEAVY = ("torch", "transformers", "gradio", "fastrtc", "uvicorn", "aiortc")
+
+
+def run_app(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "app.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_seed_environment_names_apply():
+    args = app.parse_args([], environ={
+        "MODEL_NAME": "models/voxtral", "DEVICE": "cpu", "ENABLE_TORCH_COMPILE": "false", "MAX_BATCH_SIZE": "3",
+        "TEMPERATURE": "0.5", "HOST": "0.0.0.0", "PORT": "9000", "LOG_LEVEL": "warning"})
+    assert (args.model, args.device, args.compile, args.max_sessions) == ("models/voxtral", "cpu", False, 3)
+    assert (args.temperature, args.host, args.port, args.log_level) == (0.5, "0.0.0.0", 9000, "WARNING")
+
+
+def test_defaults_without_environment():
+    args = app.parse_args([], environ={})
+    assert (args.model, args.device, args.compile, args.max_sessions) == (None, "auto", None, 8)
+    assert (args.host, args.port, args.log_level, args.rtc_configuration) == ("127.0.0.1", 7860, "INFO", None)
+
+
+def test_voxtral_names_and_gradio_names():
+    args = app.parse_args([], environ={"VOXTRAL_MODEL": "a", "MODEL_NAME": "b", "VOXTRAL_MAX_SESSIONS": "2",
+                                       "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7861"})
+    assert (args.model, args.max_sessions, args.host, args.port) == ("a", 2, "0.0.0.0", 7861)
+    assert app.parse_args([], environ={"HOST": "::1", "GRADIO_SERVER_NAME": "0.0.0.0"}).host == "::1"
+
+
+def test_flags_beat_the_environment():
+    environ = {"PORT": "9000", "MAX_BATCH_SIZE": "3", "ENABLE_TORCH_COMPILE": "true", "LOG_LEVEL": "ERROR",
+               "TEMPERATURE": "0.9", "GRADIO_SERVER_NAME": "0.0.0.0"}
+    args = app.parse_args(["--port", "8000", "--max-sessions", "5", "--no-compile", "--debug",
+                           "--temperature", "0", "--host", "127.0.0.1"], environ=environ)
+    assert (args.port, args.max_sessions, args.compile, args.log_level) == (8000, 5, False, "DEBUG")
+    assert (args.temperature, args.host) == (0.0, "127.0.0.1")
+    # an environment value a flag overrides is never read, so a stray bad one does not stop the start
+    assert app.parse_args(["--port", "8000"], environ={"PORT": "abc"}).port == 8000
+
+
+def test_turn_settings_from_the_environment():
+    args = app.parse_args([], environ={"VOXTRAL_TURN_URL": "turn:t.example.com:3478",
+                                       "VOXTRAL_TURN_USERNAME": "u", "VOXTRAL_TURN_CREDENTIAL": "c"})
+    assert args.rtc_configuration == {"iceServers": [{"urls": ["turn:t.example.com:3478"], "username": "u",
+                                                      "credential": "c"}]}
+    assert callable(app.parse_args([], environ={"SPACE_ID": "someone/voxtral"}).rtc_configuration)
+
+
+@pytest.mark.parametrize("name, value, says", [
+    ("PORT", "abc", "PORT='abc': expected a port number"),
+    ("MAX_BATCH_SIZE", "0", "MAX_BATCH_SIZE='0': expected at least 1 session"),
+    ("ENABLE_TORCH_COMPILE", "maybe", "ENABLE_TORCH_COMPILE='maybe': expected true, false or auto"),
+    ("TEMPERATURE", "hot", "TEMPERATURE='hot'"),
+    ("LOG_LEVEL", "loud", "LOG_LEVEL='loud'"),
+    ("VOXTRAL_VOICE", "robot", "VOXTRAL_VOICE='robot': choose from auto, kokoro, espeak"),
+    ("VOXTRAL_RTC_CONFIGURATION", "{", "RTC configuration is not JSON"),
+])
+def test_bad_environment_value_is_a_one_line_error(name, value, says):
+    result = run_app("--model", "tiny-random", env={name: value})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and says in lines[0], result.stderr
+
+
+def test_help_answers_at_once_and_lists_the_flags():
+    started = time.perf_counter()
+    result = run_app("--help")
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0
+    for flag in ("--model", "--max-sessions", "--host", "--port", "--turn-url", "--log-level", "--debug"):
+        assert flag in result.stdout
+    assert "MAX_BATCH_SIZE" in result.stdout and "GRADIO_SERVER_NAME" in result.stdout
+    # ~0.1 s on a 2-core VM shared with other agents; loading torch alone takes seconds there
+    assert elapsed < 2.0, f"--help took {elapsed:.2f} s"
+
+
+def test_parsing_imports_nothing_heavy():
+    code = "import sys, app; app.parse_args([]); print(','.join(m for m in %r if m in sys.modules))" % (HEAVY,)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local IPv4 addresses with a socket listening on `port`, read from the kernel's table."""
+    addresses = set()
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                addresses.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return addresses
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_listening_addresses_sees_loopback_only_binds():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        assert listening_addresses(listener.getsockname()[1]) == {"127.0.0.1"}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's /proc/net/tcp")
+def test_gradio_server_name_binds_all_interfaces(tmp_path):
+    """What a Space does: GRADIO_SERVER_NAME=0.0.0.0 and GRADIO_SERVER_PORT, then `python app.py`."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1"}
+    log = open(tmp_path / "app.log", "w+")
+    process = subprocess.Popen([sys.executable, "app.py", "--model", "tiny-random", "--max-sessions", "1"], cwd=ROOT,
+                               env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert process.poll() is None, (tmp_path / "app.log").read_text()
+        assert listening_addresses(port) == {"0.0.0.0"}
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+def test_temperature_is_where_conversations_start(app_engine):
+    """--temperature / TEMPERATURE: a new connection's settings and the page's slider start there."""
+    import gradio as gr
+
+    from voxtral_app.conversation import ConversationOptions
+    from voxtral_app.server import create_app
+
+    served = create_app(app_engine, ConversationOptions(temperature=0.7))
+    assert served.state.stream.event_handler.copy().settings.temperature == 0.7
+    sliders = [block for block in served.state.ui.blocks.values() if isinstance(block, gr.Slider)]
+    assert [slider.value for slider in sliders if slider.label == "Temperature"] == [0.7]

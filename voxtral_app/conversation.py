@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from . import metrics
 from .audio import SAMPLE_RATE, AudioError, prepare
 from .engine import CHAT, EngineBusy, EngineFailed
 from .session import Chat, Reply
@@ -145,6 +146,7 @@ class Conversation:
     def open(self) -> "Conversation":
         """Take a KV-cache slot (EngineBusy / EngineFailed if there is none) and start the worker."""
         self.chat = self.engine.open_chat()
+        metrics.opened(self)
         self.worker.start()
         return self
 
@@ -176,6 +178,7 @@ class Conversation:
         finally:
             self.drop_speculation()
             self.chat.close()  # waits for its reply to leave the decode thread (cancelled: one step)
+            metrics.closed(self)
             self.closed.set()
             self.outbox.put(CLOSED)
 
@@ -197,6 +200,7 @@ class Conversation:
             try:
                 audio = prepare(rate, samples, self.options.max_audio_s)
             except AudioError as error:
+                metrics.ERRORS.labels("audio").inc()
                 return self.outbox.put(self.output({"error": str(error)}, final=True))
             self.show(self.begin_audio(audio, time.perf_counter()))
         elif kind == "text":
@@ -231,6 +235,7 @@ class Conversation:
                                                                 max_new_tokens=self.options.reply_tokens))
         except (AudioError, ValueError, EngineBusy, EngineFailed) as error:
             if not quiet:
+                metrics.ERRORS.labels("audio" if isinstance(error, AudioError) else "turn").inc()
                 self.outbox.put(self.output({"error": str(error)}, final=True))
             return None
         return Pending(reply, settings, speech_end, label)
@@ -246,6 +251,7 @@ class Conversation:
             reply = self.chat.start(text=text, sampling=replace(CHAT, temperature=settings.temperature,
                                                                 max_new_tokens=self.options.reply_tokens))
         except (ValueError, EngineFailed) as error:
+            metrics.ERRORS.labels("turn").inc()
             self.outbox.put(self.output({"error": str(error)}, final=True))
             return None
         return Pending(reply, settings, time.perf_counter(), text)
@@ -261,6 +267,7 @@ class Conversation:
         if pending is None:
             return
         self.chat.discard(pending.reply)
+        metrics.RETRACTIONS.inc()
         self.history = self.history[:pending.history_at]
         self.outbox.put(self.output({"retracted": True}))
 
@@ -287,12 +294,14 @@ class Conversation:
             except RuntimeError as failure:  # the engine failed this turn: say so, keep serving
                 logger.error("%s: turn failed: %s", self.name, failure)
                 error = failure
+                metrics.ERRORS.labels("turn").inc()
                 break
             if piece is None:
                 break
             now = time.perf_counter()
             if pending.first_token is None:
                 pending.first_token = now
+                metrics.TURN_LATENCY.observe(now - pending.speech_end)
             message["content"] = reply.text
             sentences = splitter.push(piece) if splitter is not None and not reply.cancelled else []
             for sentence in sentences:
@@ -304,6 +313,7 @@ class Conversation:
         if splitter is not None and not reply.cancelled:
             for sentence in splitter.flush():
                 self.outbox.put(self.output(pending.status(), audio=self.speaker.synthesize(sentence)))
+        metrics.turn_shown(self.name, pending.settings.mode, reply.stats)
         if retract:
             return self.retract()
         status = pending.status()

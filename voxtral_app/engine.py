@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import metrics
 from .generate import Decoder, sample
 
 logger = logging.getLogger(__name__)
@@ -227,6 +228,7 @@ class Engine:
     def prefill(self, generation: Generation) -> None:
         if generation.cancelled.is_set():
             return self.finish(generation)
+        started = time.perf_counter()
         try:
             logits = self.decoder.prefill(generation.slot, generation.ids, generation.start, generation.features)
             s = generation.sampling
@@ -239,10 +241,12 @@ class Engine:
             return self.finish(generation)
         generation.position = generation.start + len(generation.ids)
         generation.first_token = time.perf_counter()
+        metrics.INFERENCE.labels("prefill").observe(generation.first_token - started)  # int() synced the device
         if self.emit(generation, token):
             self.active.append(generation)
 
     def decode(self, batch: list[Generation]) -> None:
+        started = time.perf_counter()
         try:
             tokens = self.decoder.step(
                 [g.slot for g in batch], [g.next_token for g in batch], [g.position for g in batch],
@@ -253,6 +257,7 @@ class Engine:
                 generation.error = error
                 self.finish(generation)
             return
+        metrics.INFERENCE.labels("decode").observe(time.perf_counter() - started)  # tolist() synced the device
         for generation, token in zip(batch, tokens):
             generation.fed.append(generation.next_token)
             generation.position += 1

@@ -13,7 +13,7 @@ import time
 from fastrtc import AdditionalOutputs, CloseStream, StreamHandler
 from fastrtc.utils import create_message
 
-from . import transport
+from . import metrics, transport
 from .audio import SAMPLE_RATE
 from .conversation import CLOSED, HUSH, Conversation, ConversationOptions, Output, Settings
 from .engine import EngineBusy, EngineFailed
@@ -69,6 +69,7 @@ class VoxtralHandler(StreamHandler):
             refused = f"The server is full ({error}). Please try again in a minute." if isinstance(
                 error, EngineBusy) else f"The server cannot answer right now ({error})."
             logger.warning("refused a connection: %s", error)
+            metrics.REJECTED.inc()
             self.send_message_sync(create_message("error", refused))
             with self.lock:
                 self.refused = refused
@@ -108,7 +109,10 @@ class VoxtralHandler(StreamHandler):
         if conversation is None:
             return
         rate, samples = frame
-        for event in self.turns.feed(to_16k(rate, samples)):
+        started = time.perf_counter()
+        events = self.turns.feed(to_16k(rate, samples))
+        metrics.AUDIO.observe(time.perf_counter() - started)
+        for event in events:
             if event.kind == "end":
                 self.send_message_sync(create_message("log", "pause_detected"))
             conversation.post(event.kind, event)

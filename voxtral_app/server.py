@@ -21,7 +21,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastrtc import Stream
 from pydantic import BaseModel, ValidationError
 
-from . import transport
+from . import metrics, transport
+from .api import SessionOptions, add_session_routes
 from .conversation import ConversationOptions
 from .engine import Engine
 from .handler import VoxtralHandler
@@ -41,6 +42,7 @@ class ServerOptions:
     # LAN), or a function fastrtc calls per connection for fresh credentials: voxtral_app/ice.py
     jitter_prefetch: int = 1  # audio packets (20 ms each) aiortc buffers before decoding; its default 4
     # adds 60 ms to every turn. Raise it for lossy links where audio sounds choppy.
+    sessions: SessionOptions = SessionOptions()  # the session API (POST /session/create, WS /ws/audio/{id})
 
 
 class Offer(BaseModel):
@@ -110,7 +112,8 @@ class CheckedWebSocket:
 
 def create_app(engine: Engine, chat_options: ConversationOptions | None = None, options: ServerOptions = ServerOptions(),
                speaker=None, app: FastAPI | None = None, handler=None) -> FastAPI:
-    """FastAPI app serving Voxtral: UI at /, /webrtc/offer, /websocket/offer, /telephone/*, /health.
+    """FastAPI app serving Voxtral: UI at /, /webrtc/offer, /websocket/offer, /telephone/*, /health, /metrics,
+    POST /session/create + WS /ws/audio/{id} (api.py).
 
     `app`: mount into this FastAPI app instead of a new one. `handler`: a fastrtc handler to use
     instead of VoxtralHandler (bench/turn_latency.py compares fastrtc's default turn-taking).
@@ -132,6 +135,7 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
     def full() -> JSONResponse | None:
         if engine.free_slots:
             return None
+        metrics.REJECTED.inc()
         return failed(429, "concurrency_limit_reached", f"All {slots} conversations are in use; "
                       "please try again in a minute.", limit=slots)
 
@@ -145,6 +149,7 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
             body["error"] = f"the decode thread died: {engine.failure}"
         elif engine.stuck:
             body["error"] = "the decode thread has not stepped for a while"
+        body.update(metrics.system_health(engine))  # gpu_available, gpu_count, system{cpu, memory, GPU GB}
         return JSONResponse(body, status_code=503 if status == "degraded" else 200)
 
     @app.post("/webrtc/offer")
@@ -233,4 +238,6 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
                                      'Please call again later.</Say><Hangup/></Response>', media_type="application/xml")
         return await stream.handle_incoming_call(request)
 
+    add_session_routes(app, engine, chat_options, speaker, options.sessions)  # api.py
+    metrics.add_metrics_route(app, engine)  # GET /metrics
     return gr.mount_gradio_app(app, ui, path="/")

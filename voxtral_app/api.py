@@ -1,0 +1,317 @@
+"""The session API: a plain WebSocket for clients without WebRTC (scripts, mobile apps, call bridges).
+
+    POST /session/create   optional JSON {"mode", "language", "temperature", "spoken", "sample_rate"}
+        -> {"session_id", "status": "created", "websocket_url": "/ws/audio/<id>", ...}
+    WS /ws/audio/<id>      binary: raw little-endian int16 mono PCM at the session's rate, any chunk size
+        client -> server (JSON): text_input {text}, config {mode, language, temperature, spoken}, cancel, clear
+        server -> client (JSON): turn_start, text_delta {text}, text_response {text, timestamp, latency_ms,
+            status}, retracted, cleared, hush (stop playing), config {settings}, error {code, message};
+            and, when `spoken`, binary PCM of each spoken sentence at the session's rate
+
+A session is one Conversation (one KV-cache slot, the same cap as every other route) from its
+creation until its socket closes; the session id (secrets.token_urlsafe) is its only credential.
+"""
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import soxr
+from fastapi import Request, WebSocket
+
+from . import metrics
+from .audio import MAX_RATE, MIN_RATE, SAMPLE_RATE
+from .conversation import CLOSED, HUSH, MODES, Conversation, ConversationOptions, Output, Settings
+from .engine import EngineBusy, EngineFailed
+from .turn import TurnTaker
+
+logger = logging.getLogger(__name__)
+
+UNKNOWN_SESSION = 4404  # WebSocket close codes (4000-4999: the application's own)
+SESSION_TAKEN = 4409
+CLIENT_TYPES = ("text_input", "config", "cancel", "clear")
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    connect_timeout_s: float = 60.0  # a created session nobody connects to within this expires, freeing its slot
+    max_message_bytes: int = 1_000_000  # larger WebSocket messages get an error (1 MB = 31 s of 16 kHz PCM)
+    max_body_bytes: int = 10_000  # /session/create's JSON body
+
+
+class BadMessage(ValueError):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def error(code: str, message: str) -> dict:
+    return {"type": "error", "code": code, "message": message}
+
+
+class Session:
+    """One created session. `connected`, `settings` and `expiry` belong to the event loop (creation,
+    expiry and the socket's receive loop run there); `turns` and `resampler` to its audio thread."""
+
+    def __init__(self, conversation: Conversation, rate: int, settings: Settings):
+        self.id = secrets.token_urlsafe(24)  # the only credential: unguessable
+        self.conversation = conversation
+        self.rate = rate  # Hz of the PCM in both directions, fixed at creation
+        self.settings = settings
+        self.connected = False
+        self.expiry: asyncio.TimerHandle | None = None
+        self.audio = ThreadPoolExecutor(1, thread_name_prefix=f"voxtral-session-{self.id[:6]}")
+        # audio-thread-owned (built there on the first chunk: the VAD takes a moment to load)
+        self.turns: TurnTaker | None = None
+        self.resampler: soxr.ResampleStream | None = None
+
+    def hear(self, pcm: bytes) -> list[str]:
+        """On the audio thread: int16 PCM -> 16 kHz float -> turn events, posted; -> their kinds."""
+        started = time.perf_counter()
+        if self.turns is None:
+            self.turns = TurnTaker(self.conversation.options.turns)
+            if self.rate != SAMPLE_RATE:  # streaming: no clicks at chunk edges
+                self.resampler = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32")
+        audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+        if self.resampler is not None:
+            audio = self.resampler.resample_chunk(audio)
+        events = self.turns.feed(audio)
+        metrics.AUDIO.observe(time.perf_counter() - started)
+        for event in events:
+            self.conversation.post(event.kind, event)
+        return [event.kind for event in events]
+
+
+class Replies:
+    """A session's outbox -> socket messages, on its own thread (it alone owns `sent`).
+    Each message goes to `deliver` (thread-safe); None once the conversation has closed."""
+
+    def __init__(self, session: Session, deliver):
+        self.session = session
+        self.deliver = deliver
+        self.sent: str | None = None  # the reply text already sent as deltas; None between turns
+
+    def run(self) -> None:
+        while True:
+            item = self.session.conversation.outbox.get()
+            if item == CLOSED:
+                return self.deliver(None)
+            for message in [{"type": "hush"}] if item == HUSH else self.messages(item):
+                self.deliver(message)
+
+    def messages(self, output: Output) -> list:
+        status = output.status
+        if status.get("retracted") or status.get("cleared"):
+            self.sent = None
+            return [{"type": "retracted" if status.get("retracted") else "cleared"}]
+        if "mode" not in status:  # not a turn's update: a turn refused before it began, or a closing
+            return [error("turn_failed", status["error"])] if status.get("error") else []
+        text = output.history[-1]["content"]
+        if output.final and status.get("error"):
+            text = text.removesuffix(f"\n\n⚠️ {status['error']}")
+        elif output.final and text == "…" and not self.sent:  # the page's mark for an empty reply
+            text = ""
+        sent = self.sent or ""
+        out = [{"type": "text_delta", "text": text[len(sent):]}] if text.startswith(sent) and text != sent else []
+        self.sent = text
+        if output.audio is not None:
+            rate, samples = output.audio
+            if rate != self.session.rate:
+                samples = soxr.resample(samples, rate, self.session.rate)
+            out.append((np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes())
+        if output.final:
+            self.sent = None
+            out.append({"type": "text_response", "text": text, "timestamp": time.time(),
+                        "latency_ms": status.get("first_token_ms"), "mode": status["mode"],
+                        "interrupted": bool(status.get("interrupted")), "status": status})
+            if status.get("error"):
+                out.append(error("turn_failed", status["error"]))
+        return out
+
+
+class Sessions:
+    """The created sessions by id. Owner: the event loop (every method runs there)."""
+
+    def __init__(self, engine, chat_options: ConversationOptions, speaker, options: SessionOptions):
+        self.engine = engine
+        self.chat_options = chat_options
+        self.speaker = speaker
+        self.options = options
+        self.sessions: dict[str, Session] = {}
+
+    def create(self, settings: Settings, rate: int) -> Session:
+        """Take a slot (EngineBusy / EngineFailed); it is freed if nobody connects in time."""
+        conversation = Conversation(self.engine, self.chat_options, self.speaker, settings, name="session_ws").open()
+        session = Session(conversation, rate, settings)
+        self.sessions[session.id] = session
+        session.expiry = asyncio.get_running_loop().call_later(self.options.connect_timeout_s, self.expire, session)
+        return session
+
+    def expire(self, session: Session) -> None:
+        if not session.connected:
+            logger.info("session %s… expired: nobody connected in %.0f s", session.id[:6],
+                        self.options.connect_timeout_s)
+            self.end(session)
+
+    def end(self, session: Session) -> None:
+        """Never blocks: the conversation and the audio thread close on their own."""
+        self.sessions.pop(session.id, None)
+        if session.expiry is not None:
+            session.expiry.cancel()
+        session.conversation.close()
+        session.audio.shutdown(wait=False, cancel_futures=True)
+
+    async def serve(self, websocket: WebSocket, session: Session) -> None:
+        """The connected socket: receive until it closes (or the conversation does), then end the session."""
+        loop = asyncio.get_running_loop()
+        outgoing: asyncio.Queue = asyncio.Queue()
+
+        def deliver(message) -> None:  # from the Replies thread
+            try:
+                loop.call_soon_threadsafe(outgoing.put_nowait, message)
+            except RuntimeError:  # the loop has gone: nobody is listening any more
+                pass
+
+        replies = Replies(session, deliver)
+        threading.Thread(target=replies.run, name=f"voxtral-replies-{session.id[:6]}", daemon=True).start()
+        receiving = asyncio.create_task(self.receive(websocket, session, outgoing))
+        sending = asyncio.create_task(self.send(websocket, outgoing))
+        try:
+            await asyncio.wait({receiving, sending}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (receiving, sending):
+                task.cancel()
+            self.end(session)
+
+    async def send(self, websocket: WebSocket, outgoing: asyncio.Queue) -> None:
+        """The socket's only writer."""
+        try:
+            while (message := await outgoing.get()) is not None:
+                if isinstance(message, bytes):
+                    await websocket.send_bytes(message)
+                else:
+                    await websocket.send_json(message)
+            await websocket.close(1000, "the conversation has ended")
+        except (RuntimeError, OSError) as problem:  # the client went away mid-send
+            logger.debug("session socket closed while sending: %s", problem)
+
+    async def receive(self, websocket: WebSocket, session: Session, outgoing: asyncio.Queue) -> None:
+        loop = asyncio.get_running_loop()
+        limit = self.options.max_message_bytes
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            pcm, text = message.get("bytes"), message.get("text")
+            try:
+                if pcm is not None:
+                    if len(pcm) > limit:
+                        raise BadMessage("message_too_large", f"{len(pcm)} bytes; send at most {limit} per message")
+                    if len(pcm) % 2:
+                        raise BadMessage("bad_audio", "binary messages are 16-bit PCM: an even number of bytes")
+                    kinds = await loop.run_in_executor(session.audio, session.hear, pcm)
+                    if "speech" in kinds:
+                        outgoing.put_nowait({"type": "turn_start"})
+                elif text is not None:
+                    if len(text) > limit // 4 and len(text.encode()) > limit:
+                        raise BadMessage("message_too_large", f"send at most {limit} bytes per message")
+                    reply = self.command(session, text)
+                    if reply is not None:
+                        outgoing.put_nowait(reply)
+            except BadMessage as bad:
+                metrics.ERRORS.labels("client").inc()
+                outgoing.put_nowait(error(bad.code, str(bad)))
+
+    def command(self, session: Session, text: str) -> dict | None:
+        """One JSON message from the client -> posted to the conversation (and maybe an answer)."""
+        try:
+            message = json.loads(text)
+        except ValueError as problem:
+            raise BadMessage("bad_json", f"not JSON: {problem}") from None
+        if not isinstance(message, dict) or message.get("type") not in CLIENT_TYPES:
+            raise BadMessage("unknown_type", f"a text message is a JSON object with a type in {list(CLIENT_TYPES)}")
+        kind = message["type"]
+        if kind == "text_input":
+            typed = message.get("text")
+            limit = self.chat_options.max_text_chars
+            if not isinstance(typed, str) or not typed.strip() or len(typed) > limit:
+                raise BadMessage("bad_text", f"text_input needs a 'text' of 1-{limit} characters")
+            session.conversation.post("text", typed)
+        elif kind == "config":
+            if "sample_rate" in message and message["sample_rate"] != session.rate:
+                raise BadMessage("bad_config", "sample_rate is fixed when the session is created")
+            if message.get("mode") is not None and message["mode"] not in MODES:
+                raise BadMessage("bad_config", f"mode must be one of {list(MODES)}")
+            session.settings = Settings.from_dict(message, session.settings)
+            session.conversation.post("settings", session.settings)
+            return {"type": "config", "settings": asdict(session.settings)}
+        else:  # cancel (stop the reply) and clear (forget the conversation)
+            session.conversation.post(kind)
+        return None
+
+
+def session_request(body: dict, chat_options: ConversationOptions) -> tuple[Settings, int]:
+    """/session/create's JSON body -> (settings, sample rate), or ValueError saying what is wrong."""
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    rate = body.get("sample_rate", SAMPLE_RATE)
+    if isinstance(rate, bool) or not isinstance(rate, int) or not MIN_RATE <= rate <= MAX_RATE:
+        raise ValueError(f"sample_rate must be a whole number of Hz in {MIN_RATE}-{MAX_RATE}")
+    if body.get("mode") is not None and body["mode"] not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}")
+    return Settings.from_dict(body, Settings(temperature=chat_options.temperature)), rate
+
+
+def add_session_routes(app, engine, chat_options: ConversationOptions, speaker,
+                       options: SessionOptions = SessionOptions()) -> Sessions:
+    """Serve POST /session/create and WS /ws/audio/{session_id} on `app`."""
+    from .server import failed  # the other routes' failure body (server.py imports this module)
+
+    sessions = Sessions(engine, chat_options, speaker, options)
+    app.state.sessions = sessions
+
+    @app.post("/session/create")
+    async def create_session(request: Request):
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > options.max_body_bytes:
+                return failed(413, "body_too_large", f"Send at most {options.max_body_bytes} bytes of JSON")
+        try:
+            settings, rate = session_request(json.loads(body) if body.strip() else {}, chat_options)
+        except ValueError as problem:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return failed(400, "bad_request", f"Malformed session request: {problem}")
+        try:
+            session = sessions.create(settings, rate)
+        except EngineBusy:
+            metrics.REJECTED.inc()
+            slots = engine.options.slots
+            return failed(429, "concurrency_limit_reached", f"All {slots} conversations are in use; "
+                          "please try again in a minute.", limit=slots)
+        except EngineFailed as problem:
+            metrics.REJECTED.inc()
+            return failed(503, "engine_failed", f"The server cannot answer right now ({problem}).")
+        return {"session_id": session.id, "status": "created", "websocket_url": f"/ws/audio/{session.id}",
+                "sample_rate": rate, "settings": asdict(settings), "expires_in_s": options.connect_timeout_s}
+
+    @app.websocket("/ws/audio/{session_id}")
+    async def audio_socket(websocket: WebSocket, session_id: str):
+        await websocket.accept()  # then close with a code the client can read (a refused handshake has none)
+        session = sessions.sessions.get(session_id)
+        if session is None:
+            await websocket.close(UNKNOWN_SESSION, "unknown or expired session: POST /session/create first")
+            return
+        if session.connected:
+            await websocket.close(SESSION_TAKEN, "this session already has a socket")
+            return
+        session.connected = True
+        session.expiry.cancel()
+        await sessions.serve(websocket, session)
+
+    return sessions

@@ -96,13 +96,19 @@ class Replies:
         self.session = session
         self.deliver = deliver
         self.sent: str | None = None  # the reply text already sent as deltas; None between turns
+        self.speaking = False  # speech was sent since the last hush (the client may be playing it)
 
     def run(self) -> None:
         while True:
             item = self.session.conversation.outbox.get()
             if item == CLOSED:
                 return self.deliver(None)
-            for message in [{"type": "hush"}] if item == HUSH else self.messages(item):
+            if item == HUSH:
+                if self.speaking:
+                    self.speaking = False
+                    self.deliver({"type": "hush"})
+                continue
+            for message in self.messages(item):
                 self.deliver(message)
 
     def messages(self, output: Output) -> list:
@@ -125,6 +131,7 @@ class Replies:
             if rate != self.session.rate:
                 samples = soxr.resample(samples, rate, self.session.rate)
             out.append((np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes())
+            self.speaking = True
         if output.final:
             self.sent = None
             out.append({"type": "text_response", "text": text, "timestamp": time.time(),
@@ -166,6 +173,11 @@ class Sessions:
             session.expiry.cancel()
         session.conversation.close()
         session.audio.shutdown(wait=False, cancel_futures=True)
+
+    def end_all(self) -> None:
+        """At server shutdown: free every session's slot (pending expiries would never run)."""
+        for session in list(self.sessions.values()):
+            self.end(session)
 
     async def serve(self, websocket: WebSocket, session: Session) -> None:
         """The connected socket: receive until it closes (or the conversation does), then end the session."""
@@ -275,6 +287,7 @@ def add_session_routes(app, engine, chat_options: ConversationOptions, speaker,
 
     sessions = Sessions(engine, chat_options, speaker, options)
     app.state.sessions = sessions
+    app.router.on_shutdown.append(sessions.end_all)
 
     @app.post("/session/create")
     async def create_session(request: Request):

@@ -42,6 +42,9 @@ for phase in ("prefill", "decode"):  # export both series from the start (dashbo
     INFERENCE.labels(phase)
 for kind in ("audio", "turn", "client"):
     ERRORS.labels(kind)
+for mode in ("chat", "transcribe"):  # conversation.MODES
+    for transport in TRANSPORTS:
+        TURNS.labels(mode, transport)
 
 OPEN: set = set()  # conversations holding a slot (they add and remove themselves)
 open_lock = threading.Lock()

@@ -135,7 +135,7 @@ def test_metrics_are_prometheus_text_with_the_promised_names(live_server, app_en
 
     during = asyncio.run(while_connected())
     assert value(during, "websocket_connections_active", transport="session_ws") == 1
-    assert value(during, "engine_slots_in_use") == app_engine.active_chats == 1
+    assert value(during, "engine_slots_in_use") == 1
     assert value(during, "turns_total", mode="chat", transport="session_ws") == \
         value(before, "turns_total", mode="chat", transport="session_ws") + 1
     assert value(during, "generated_tokens_total") > value(before, "generated_tokens_total")

@@ -198,6 +198,27 @@ def test_cancel_stops_a_reply_and_stopping_the_server_ends_sessions(app_engine):
     wait_for_free_slots(app_engine, timeout_s=5)
 
 
+def test_a_session_ends_at_the_servers_time_limit(app_engine):
+    server = BackgroundServer(create_app(app_engine, ConversationOptions(reply_tokens=8),
+                                         ServerOptions(session_time_limit_s=1.0), speaker=None))
+
+    async def run():
+        session = create(server)
+        async with websockets.connect(socket_url(server, session)) as ws:
+            started = time.time()
+            told = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+        return told, closed.value.rcvd.code, time.time() - started
+
+    try:
+        told, code, lasted = asyncio.run(run())
+    finally:
+        server.stop()
+    assert told["code"] == "time_limit" and code == 1000 and 0.9 < lasted < 5
+    wait_for_free_slots(app_engine, timeout_s=5)
+
+
 def test_bad_create_requests_get_400(api_server, app_engine):
     for body in ["[1]", "{bad", json.dumps({"sample_rate": 4000}), json.dumps({"sample_rate": "16000"}),
                  json.dumps({"mode": "sing"}), json.dumps({"sample_rate": True})]:

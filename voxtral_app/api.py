@@ -145,11 +145,13 @@ class Replies:
 class Sessions:
     """The created sessions by id. Owner: the event loop (every method runs there)."""
 
-    def __init__(self, engine, chat_options: ConversationOptions, speaker, options: SessionOptions):
+    def __init__(self, engine, chat_options: ConversationOptions, speaker, options: SessionOptions,
+                 time_limit_s: float | None = None):
         self.engine = engine
         self.chat_options = chat_options
         self.speaker = speaker
         self.options = options
+        self.time_limit_s = time_limit_s  # a connected session ends after this long (None: never)
         self.sessions: dict[str, Session] = {}
 
     def create(self, settings: Settings, rate: int) -> Session:
@@ -195,7 +197,14 @@ class Sessions:
         receiving = asyncio.create_task(self.receive(websocket, session, outgoing))
         sending = asyncio.create_task(self.send(websocket, outgoing))
         try:
-            await asyncio.wait({receiving, sending}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({receiving, sending}, timeout=self.time_limit_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                sending.cancel()
+                await websocket.send_json(error("time_limit", f"sessions last at most {self.time_limit_s:.0f} s"))
+                await websocket.close(1000, "the session reached its time limit")
+        except (RuntimeError, OSError):  # the client has gone already
+            pass
         finally:
             for task in (receiving, sending):
                 task.cancel()
@@ -281,11 +290,12 @@ def session_request(body: dict, chat_options: ConversationOptions) -> tuple[Sett
 
 
 def add_session_routes(app, engine, chat_options: ConversationOptions, speaker,
-                       options: SessionOptions = SessionOptions()) -> Sessions:
-    """Serve POST /session/create and WS /ws/audio/{session_id} on `app`."""
+                       options: SessionOptions = SessionOptions(), time_limit_s: float | None = None) -> Sessions:
+    """Serve POST /session/create and WS /ws/audio/{session_id} on `app`; `time_limit_s`: the
+    server's limit per connection (--session-time-limit)."""
     from .server import failed  # the other routes' failure body (server.py imports this module)
 
-    sessions = Sessions(engine, chat_options, speaker, options)
+    sessions = Sessions(engine, chat_options, speaker, options, time_limit_s)
     app.state.sessions = sessions
     app.router.on_shutdown.append(sessions.end_all)
 

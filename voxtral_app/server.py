@@ -238,6 +238,6 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
                                      'Please call again later.</Say><Hangup/></Response>', media_type="application/xml")
         return await stream.handle_incoming_call(request)
 
-    add_session_routes(app, engine, chat_options, speaker, options.sessions)  # api.py
+    add_session_routes(app, engine, chat_options, speaker, options.sessions, options.session_time_limit_s)  # api.py
     metrics.add_metrics_route(app, engine)  # GET /metrics
     return gr.mount_gradio_app(app, ui, path="/")

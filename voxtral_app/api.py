@@ -223,6 +223,14 @@ class Sessions:
             logger.debug("session socket closed while sending: %s", problem)
 
     async def receive(self, websocket: WebSocket, session: Session, outgoing: asyncio.Queue) -> None:
+        try:
+            await self.receive_each(websocket, session, outgoing)
+        except RuntimeError as problem:  # the socket closed under us (the server closed it first)
+            logger.debug("session socket: %s", problem)
+        except Exception:  # noqa: BLE001 - a bug ends this session, never the server
+            logger.exception("session %s…: receiving failed", session.id[:6])
+
+    async def receive_each(self, websocket: WebSocket, session: Session, outgoing: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
         limit = self.options.max_message_bytes
         while True:

@@ -219,6 +219,30 @@ def test_a_session_ends_at_the_servers_time_limit(app_engine):
     wait_for_free_slots(app_engine, timeout_s=5)
 
 
+def test_with_an_access_token_sessions_and_metrics_want_the_bearer(app_engine):
+    from voxtral_app.guard import GuardOptions
+
+    server = BackgroundServer(create_app(app_engine, ConversationOptions(reply_tokens=8),
+                                         ServerOptions(guard=GuardOptions(auth_token="s3cret")), speaker=None))
+    bearer = {"Authorization": "Bearer s3cret"}
+
+    async def run(session):
+        async with websockets.connect(socket_url(server, session), additional_headers=bearer) as ws:
+            await ws.send(json.dumps({"type": "text_input", "text": "Hi"}))
+            return await until(ws, "text_response")
+
+    try:
+        assert httpx.post(f"{server.url}/session/create").status_code == 401
+        assert httpx.get(f"{server.url}/metrics").status_code == 401
+        assert httpx.get(f"{server.url}/metrics", headers=bearer).status_code == 200
+        session = httpx.post(f"{server.url}/session/create", headers=bearer).json()
+        turn = asyncio.run(run(session))
+    finally:
+        server.stop()
+    assert turn[-1]["type"] == "text_response"
+    wait_for_free_slots(app_engine, timeout_s=5)
+
+
 def test_bad_create_requests_get_400(api_server, app_engine):
     for body in ["[1]", "{bad", json.dumps({"sample_rate": 4000}), json.dumps({"sample_rate": "16000"}),
                  json.dumps({"mode": "sing"}), json.dumps({"sample_rate": True})]:

@@ -62,8 +62,8 @@ def shadowed(engine, monkeypatch):
     shadow = SlotShadow()
     launch, settle = Chat.launch, Chat.settle
 
-    def launched(chat, prompt, sampling, record, started):
-        reply = launch(chat, prompt, sampling, record, started)
+    def launched(chat, prompt, sampling, record, started, **kwargs):
+        reply = launch(chat, prompt, sampling, record, started, **kwargs)
         shadow.launched(reply)
         if record and prompt.ids != prompts.chat_prompt(engine.processor, chat.messages).ids:
             shadow.errors.append("the incremental prompt differs from a re-encode of the messages")

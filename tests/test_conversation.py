@@ -6,14 +6,17 @@ import random
 import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
+from servers import BackgroundServer
 
 from voxtral_app import prompt as prompts
 from voxtral_app.audio import SAMPLE_RATE
 from voxtral_app.conversation import CLOSED, HUSH, Conversation, ConversationOptions, Output, Settings
 from voxtral_app.engine import EngineFailed, EngineOptions, Sampling
 from voxtral_app.loading import load_engine
+from voxtral_app.server import create_app
 from voxtral_app.session import Chat
 from voxtral_app.turn import TurnEvent
 
@@ -62,8 +65,8 @@ def shadowed(engine, monkeypatch):
     shadow = SlotShadow()
     launch, settle = Chat.launch, Chat.settle
 
-    def launched(chat, prompt, sampling, record, started):
-        reply = launch(chat, prompt, sampling, record, started)
+    def launched(chat, prompt, sampling, record, started, **kwargs):
+        reply = launch(chat, prompt, sampling, record, started, **kwargs)
         shadow.launched(reply)
         if record and prompt.ids != prompts.chat_prompt(engine.processor, chat.messages).ids:
             shadow.errors.append("the incremental prompt differs from a re-encode of the messages")
@@ -193,5 +196,12 @@ def test_a_dead_decode_thread_fails_turns_fast_and_refuses_new_ones(tiny_checkpo
         assert "failed" in outputs_until_final(conversation, timeout_s=10)[-1].status["error"]
         conversation.close()
         assert conversation.closed.wait(10)
+        served = BackgroundServer(create_app(engine, speaker=None))
+        try:
+            health = httpx.get(f"{served.url}/health")
+        finally:
+            served.stop()
+        assert health.status_code == 503 and health.json()["status"] == "degraded"
+        assert "injected" in health.json()["error"]
     finally:
         engine.close()

@@ -223,16 +223,18 @@ class Conversation:
         return Output([dict(m) for m in self.history], status, audio, final)
 
     def begin_audio(self, audio: np.ndarray, speech_end: float, quiet: bool = False) -> Pending | None:
-        """Start the reply to a spoken turn (prompt, audio encoding and prefill begin now); nothing is shown."""
+        """Start the reply to a spoken turn (prompt, audio encoding and prefill begin now); nothing is shown.
+        `quiet`: speculative, at a short pause: no error is shown, and the engine serves it after waited-for turns."""
         settings = self.settings
         label = "🎙️ %.1f s of speech" % (len(audio) / SAMPLE_RATE)
         try:
             audio = prepare(SAMPLE_RATE, audio, self.options.max_audio_s)
             if settings.mode == "transcribe":
-                reply = self.chat.transcribe(audio, settings.language or None)
+                reply = self.chat.transcribe(audio, settings.language or None, speculative=quiet)
             else:
                 reply = self.chat.start(audio, sampling=replace(CHAT, temperature=settings.temperature,
-                                                                max_new_tokens=self.options.reply_tokens))
+                                                                max_new_tokens=self.options.reply_tokens),
+                                        speculative=quiet)
         except (AudioError, ValueError, EngineBusy, EngineFailed) as error:
             if not quiet:
                 metrics.ERRORS.labels("audio" if isinstance(error, AudioError) else "turn").inc()
@@ -277,6 +279,7 @@ class Conversation:
         if pending is None:
             return
         reply = pending.reply
+        reply.want()
         pending.turn_end = time.perf_counter()
         pending.history_at = len(self.history)
         self.shown = pending

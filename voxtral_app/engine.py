@@ -67,6 +67,7 @@ class Generation:
     sampling: Sampling
     tokens: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # sampled ids, then None
     cancelled: threading.Event = field(default_factory=threading.Event)  # set by anyone: stop soon
+    wanted: threading.Event = field(default_factory=threading.Event)  # someone waits for it (not speculative)
     done: threading.Event = field(default_factory=threading.Event)  # set by the decode thread, last
     fed: list[int] = field(default_factory=list)  # generated tokens whose keys/values are in the cache
     error: Exception | None = None
@@ -147,6 +148,10 @@ class Engine:
 
     def cancel(self, generation: Generation) -> None:
         generation.cancelled.set()
+        self.wake_up()
+
+    def wake_up(self) -> None:
+        """Tell the decode thread a generation's events changed (cancelled, wanted)."""
         with self.wake:
             self.wake.notify()
 
@@ -214,7 +219,11 @@ class Engine:
                     self.wake.wait(1.0)
                 if self.closed or self.failure is not None:
                     return
-                self.taken, self.pending = self.pending, []
+                # every prefill someone waits for goes first; a speculative one (a turn that may go
+                # on) at most one per step, so it never holds up a finished turn or the replies in flight
+                wanted = [g for g in self.pending if g.wanted.is_set()]
+                unseen = [g for g in self.pending if not g.wanted.is_set()]
+                self.taken, self.pending = wanted + unseen[:1], unseen[1:]
             self.beat = time.monotonic()
             for generation in self.taken:
                 self.prefill(generation)

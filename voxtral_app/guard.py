@@ -33,7 +33,7 @@ class GuardOptions:
     opens_per_minute: int = 30  # offers + socket opens one client address may make per minute (0: no limit)
     limit_loopback: bool = False  # also limit 127.0.0.1/::1 (off: local tests and reverse proxies)
     open_paths: tuple[str, ...] = ("/webrtc/offer", "/websocket/offer", "/telephone/handler", "/session/create",
-                                   "/ws/audio", "/gradio_api/queue/join")
+                                   "/ws/audio")
     public_paths: tuple[str, ...] = ("/health", "/telephone/")  # no token: health checks; Twilio signs its own
 
     def body_cap(self, path: str) -> int:

@@ -85,7 +85,7 @@ class VoxtralHandler(StreamHandler):
         conversation.post("settings", settings)
         if self.on_open is not None:
             self.on_open(conversation, self.transport_name)
-        if not self.phone_mode:  # ask the page for its current controls, so the first turn uses them
+        if self.transport_name == "webrtc":  # ask the page for its current controls, so the first turn uses them
             self.send_message_sync(create_message("send_input", []))
 
     def shutdown(self) -> None:

@@ -83,15 +83,16 @@ def check_offer(raw: bytes) -> Offer:
 
 
 def create_app(engine: Engine, chat_options: ConversationOptions | None = None, options: ServerOptions = ServerOptions(),
-               speaker=None, app: FastAPI | None = None, handler=None) -> FastAPI:
+               speaker="auto", app: FastAPI | None = None, handler=None) -> FastAPI:
     """FastAPI app serving Voxtral: UI at /, /webrtc/offer, /websocket/offer, /telephone/*, /health, /metrics,
     POST /session/create + WS /ws/audio/{id} (api.py).
 
+    `speaker`: text-to-speech for spoken replies ("auto": the best one here; None: text only).
     `app`: mount into this FastAPI app instead of a new one. `handler`: a fastrtc handler to use
     instead of VoxtralHandler (bench/turn_latency.py compares fastrtc's default turn-taking).
     """
     chat_options = chat_options or ConversationOptions(max_audio_s=engine.options.max_audio_s)
-    if speaker is None:
+    if speaker == "auto":
         speaker = load_speaker_or_none(VoiceOptions())
     handler = handler or VoxtralHandler(engine, chat_options, speaker)
     transport.buffer_less_audio(options.jitter_prefetch)

@@ -80,6 +80,11 @@ class Reply:
     def cancel(self) -> None:
         self.engine.cancel(self.generation)
 
+    def want(self) -> None:
+        """Someone is waiting for this reply now: the engine prefills it before speculative ones."""
+        self.generation.wanted.set()
+        self.engine.wake_up()
+
     @property
     def cancelled(self) -> bool:
         return self.generation.cancelled.is_set()
@@ -123,25 +128,27 @@ class Chat:
     def prompt_ids(self) -> list[int]:
         return self.current.prompt_ids if self.current is not None else []
 
-    def start(self, audio: np.ndarray | None = None, text: str = "", sampling: Sampling = CHAT) -> Reply:
+    def start(self, audio: np.ndarray | None = None, text: str = "", sampling: Sampling = CHAT,
+              speculative: bool = False) -> Reply:
         """Add a user turn and start the reply (prefill begins now; iterate the Reply for text).
-        A reply still running is settled first (it stays in the conversation with what it said)."""
+        A reply still running is settled first (it stays in the conversation with what it said).
+        `speculative`: nobody waits for it yet (the engine prefills it after waited-for turns) until `want()`."""
         started = time.perf_counter()
         self.settle()
         self.messages.append(prompts.user_message(audio, text))
         try:
             prompt = self.fit(sampling)
-            return self.launch(prompt, sampling, record=True, started=started)
+            return self.launch(prompt, sampling, record=True, started=started, speculative=speculative)
         except BaseException:
             self.drop_last_turn()  # atomic: no reply, no turn
             raise
 
-    def transcribe(self, audio: np.ndarray, language: str | None = None) -> Reply:
+    def transcribe(self, audio: np.ndarray, language: str | None = None, speculative: bool = False) -> Reply:
         """Start a transcription of `audio`; it is not added to the conversation."""
         started = time.perf_counter()
         self.settle()
         prompt = prompts.transcription_prompt(self.engine.processor, audio, language, self.engine.options.model)
-        return self.launch(prompt, TRANSCRIBE, record=False, started=started)
+        return self.launch(prompt, TRANSCRIBE, record=False, started=started, speculative=speculative)
 
     def discard(self, reply: Reply) -> None:
         """Drop a reply (begun speculatively, or taken back) and the user turn it answered."""
@@ -203,7 +210,8 @@ class Chat:
         self.encoded = (n, prompt)
         return prompt
 
-    def launch(self, prompt: prompts.Prompt, sampling: Sampling, record: bool, started: float) -> Reply:
+    def launch(self, prompt: prompts.Prompt, sampling: Sampling, record: bool, started: float,
+               speculative: bool = False) -> Reply:
         starts = prompts.audio_block_starts(prompt.ids, self.engine.begin_audio_id)
         clips = list(zip(starts, map(clip_key, prompt.audio)))
         keep = min(common_prefix(self.cached, prompt.ids), len(prompt.ids) - 1)
@@ -213,6 +221,8 @@ class Chat:
         new_clips = [clip for clip, (start, _) in zip(prompt.audio, clips) if start >= keep]
         features = prompts.audio_features(self.engine.processor, new_clips, self.engine.device)
         generation = Generation(self.slot, prompt.ids[keep:], keep, features, sampling, submitted=started)
+        if not speculative:
+            generation.wanted.set()
         self.current = Reply(self.engine, self.engine.submit(generation), record, prompt.ids, clips)
         return self.current
 

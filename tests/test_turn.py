@@ -1,14 +1,14 @@
 """Turn-taking on real speech: where turns end, when they resume, when someone barges in."""
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 from conftest import espeak
 
 from voxtral_app.audio import SAMPLE_RATE
+from voxtral_app.denoise import CleanOptions
 from voxtral_app.endpoint import EndOfTurnOptions
 from voxtral_app.turn import REASONS, TurnOptions, TurnTaker
+from voxtral_app.vad import VadOptions
 
 PAUSE_ONLY = TurnOptions(end_of_turn=EndOfTurnOptions(enabled=False))  # every pause_s of silence ends a turn
 TAIL_S = EndOfTurnOptions.hold_s + 0.5  # silence after speech: room for the longest hold
@@ -119,7 +119,7 @@ def test_steady_noise_the_vad_calls_speech_still_ends_the_turn(phrase):
     """Loud steady noise after the speech: the energy VAD calls it speech at first (its floor adapts
     over seconds), but with no new speech energy the turn ends anyway ("no_new_speech")."""
     rng = np.random.default_rng(1)
-    options = TurnOptions(vad=replace(TurnOptions.vad, kind="energy"), end_of_turn=EndOfTurnOptions(enabled=False))
+    options = TurnOptions(vad=VadOptions(kind="energy"), end_of_turn=EndOfTurnOptions(enabled=False))
     noise = rng.normal(0, 0.05, 4 * SAMPLE_RATE).astype(np.float32)  # -26 dBFS, far above the silence before
     events = run(TurnTaker(options), np.concatenate([silence(0.5), phrase, noise]))
     ends = [e for kind, _, e in events if kind == "end"]
@@ -129,3 +129,33 @@ def test_steady_noise_the_vad_calls_speech_still_ends_the_turn(phrase):
 
 def test_reasons_are_named():
     assert set(REASONS) == {"complete", "long_pause", "pause", "no_new_speech", "max_turn"}
+
+
+def speech_in(sentence, noise_rms, before_s=1.0, after_s=TAIL_S, seed=0):
+    """The sentence with white noise of `noise_rms` all through: before_s, the sentence, after_s."""
+    noise = np.random.default_rng(seed).normal(0, noise_rms, int((before_s + after_s) * SAMPLE_RATE) + len(sentence))
+    audio = noise.astype(np.float32)
+    audio[int(before_s * SAMPLE_RATE): int(before_s * SAMPLE_RATE) + len(sentence)] += sentence
+    return audio
+
+
+@pytest.mark.parametrize("cleaning", [CleanOptions(), CleanOptions(noise_reduction=True, auto_gain=True)])
+def test_turn_in_white_noise_at_10_db_snr_ends(cleaning):
+    sentence = espeak("Please tell me a short joke about computers")
+    audio = speech_in(sentence, np.sqrt(np.mean(sentence ** 2)) / 10 ** (10 / 20))
+    events = run(TurnTaker(TurnOptions(cleaning=cleaning)), audio)
+    assert [kind for kind, _, _ in events] == ["speech", "end"]
+    waited = events[1][1] - 1.0 - len(sentence) / SAMPLE_RATE
+    assert 0 < waited <= EndOfTurnOptions.hold_s + 0.3
+
+
+@pytest.mark.parametrize("options", [TurnOptions(), TurnOptions(cleaning=CleanOptions(auto_gain=True)),
+                                     TurnOptions(vad=VadOptions(kind="webrtc"))], ids=["silero", "gain", "webrtc"])
+def test_quiet_speaker_at_minus_35_dbfs_gets_a_turn_that_ends(options):
+    sentence = espeak("Please tell me a short joke about computers")
+    quiet = sentence * (10 ** (-35 / 20) / np.sqrt(np.mean(sentence ** 2)))
+    audio = speech_in(quiet, 1e-5)  # a faint hiss, -100 dBFS
+    events = run(TurnTaker(options), audio)
+    assert [kind for kind, _, _ in events] == ["speech", "end"]
+    waited = events[1][1] - 1.0 - len(sentence) / SAMPLE_RATE
+    assert 0 < waited <= EndOfTurnOptions.hold_s + 0.3

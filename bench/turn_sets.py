@@ -20,7 +20,8 @@ SileroVadOptions(min_silence_duration_ms=100); the VAD model is the silero-vad p
 turn_latency, so only its threshold applies), and ours: pause only (before the end-of-turn model),
 with Smart Turn (the app's default), and with Smart Turn + WebRTC noise suppression and gain.
 
-Per set and configuration: end of speech -> first VISIBLE reply token at the client (p50/p90/p99),
+Per set and configuration: end of speech -> first VISIBLE reply token at the client (p50/p90/p99,
+over the utterances that stayed one turn),
 missed turns (speech never detected), flicker (utterances whose reply was shown and then taken
 back), false cuts (one utterance left two user turns), never ended (speech detected, no reply within
 turn_latency.TIMEOUT_S), and for ours how the turns ended.
@@ -167,7 +168,7 @@ def summarize(config: str, name: str, outcomes: list[tl.Outcome]) -> dict:
     ours = config.startswith("ours")
     firsts, missed, never, reasons = [], 0, 0, Counter()
     for o in outcomes:
-        if o.first_token_ms is not None:
+        if o.first_token_ms is not None and o.user_turns == 1:  # a split turn's reply may come before its end
             firsts.append(o.first_token_ms)
         if ours:
             events = during(tl.TURN_EVENTS, o)

@@ -1,16 +1,23 @@
 """Turn-taking on real speech: where turns end, when they resume, when someone barges in."""
 
+import io
+import subprocess
+from dataclasses import replace
+
 import numpy as np
 import pytest
+import soundfile as sf
 from conftest import espeak
 
-from voxtral_app.audio import SAMPLE_RATE
+from voxtral_app.audio import SAMPLE_RATE, prepare
 from voxtral_app.denoise import CleanOptions
 from voxtral_app.endpoint import EndOfTurnOptions
 from voxtral_app.turn import REASONS, TurnOptions, TurnTaker
 from voxtral_app.vad import VadOptions
 
 PAUSE_ONLY = TurnOptions(end_of_turn=EndOfTurnOptions(enabled=False))  # every pause_s of silence ends a turn
+# The tests feed audio faster than real time: wait for each decision as a real-time stream would have
+MODEL = TurnOptions(end_of_turn=EndOfTurnOptions(wait_s=30.0))
 TAIL_S = EndOfTurnOptions.hold_s + 0.5  # silence after speech: room for the longest hold
 
 
@@ -44,7 +51,7 @@ def test_turn_ends_shortly_after_speech(phrase):
 
 
 def test_turn_with_the_model_ends_by_its_decision_or_the_hold(phrase):
-    events = run(TurnTaker(), np.concatenate([silence(0.5), phrase, silence(TAIL_S)]))
+    events = run(TurnTaker(MODEL), np.concatenate([silence(0.5), phrase, silence(TAIL_S)]))
     assert [kind for kind, _, _ in events] == ["speech", "end"]
     end = events[1][2]
     assert end.reason in ("complete", "long_pause") and 0.0 <= end.finished <= 1.0
@@ -67,7 +74,7 @@ def test_speech_back_within_the_resume_window_continues_the_turn(phrase, gap_s):
 
 
 def test_later_speech_is_a_new_turn(phrase):
-    events = run(TurnTaker(), np.concatenate([phrase, silence(TAIL_S + 0.5), phrase, silence(TAIL_S)]))
+    events = run(TurnTaker(MODEL), np.concatenate([phrase, silence(TAIL_S + 0.5), phrase, silence(TAIL_S)]))
     assert [kind for kind, _, _ in events] == ["speech", "end", "speech", "end"]
     assert len(events[3][2].audio) < 1.5 * len(phrase)
 
@@ -104,7 +111,7 @@ def test_thinking_pause_in_real_speech_holds_the_turn(speech):
     the sentence's real end (at 4.64 s, a 620 ms pause in the recording) ends it as "complete"."""
     cut, end = int(1.67 * SAMPLE_RATE), int(4.64 * SAMPLE_RATE)
     audio = np.concatenate([speech[:cut], silence(0.5), speech[cut:end], silence(TAIL_S)])
-    events = run(TurnTaker(), audio, kinds=("speech", "pause", "continue", "end", "resume"))
+    events = run(TurnTaker(MODEL), audio, kinds=("speech", "pause", "continue", "end", "resume"))
     kinds = [kind for kind, _, _ in events]
     assert kinds.count("end") == 1 and "resume" not in kinds and kinds[-1] == "end"
     held = [t for kind, t, _ in events if kind == "continue"]
@@ -115,20 +122,49 @@ def test_thinking_pause_in_real_speech_holds_the_turn(speech):
     assert len(final[2].audio) >= end
 
 
-def test_steady_noise_the_vad_calls_speech_still_ends_the_turn(phrase):
+@pytest.mark.parametrize("foreground_db, reason", [(0.0, "no_new_speech"), (TurnOptions.foreground_db, "background")])
+def test_steady_noise_the_vad_calls_speech_still_ends_the_turn(phrase, foreground_db, reason):
     """Loud steady noise after the speech: the energy VAD calls it speech at first (its floor adapts
-    over seconds), but with no new speech energy the turn ends anyway ("no_new_speech")."""
+    over seconds), but flat "speech" ends the turn ("no_new_speech"), and sooner, speech far below the
+    speaker's level ("background")."""
     rng = np.random.default_rng(1)
-    options = TurnOptions(vad=VadOptions(kind="energy"), end_of_turn=EndOfTurnOptions(enabled=False))
-    noise = rng.normal(0, 0.05, 4 * SAMPLE_RATE).astype(np.float32)  # -26 dBFS, far above the silence before
+    options = TurnOptions(vad=VadOptions(kind="energy"), end_of_turn=EndOfTurnOptions(enabled=False),
+                          foreground_db=foreground_db)
+    noise = rng.normal(0, 0.02, 4 * SAMPLE_RATE).astype(np.float32)  # -34 dBFS, far above the silence before
     events = run(TurnTaker(options), np.concatenate([silence(0.5), phrase, noise]))
     ends = [e for kind, _, e in events if kind == "end"]
-    assert [kind for kind, _, _ in events][:2] == ["speech", "end"] and ends[0].reason == "no_new_speech"
+    assert [kind for kind, _, _ in events][:2] == ["speech", "end"] and ends[0].reason == reason
     assert len(ends[0].audio) < len(phrase) + (TurnOptions.energy_floor_s + TurnOptions.stale_s + 0.6) * SAMPLE_RATE
 
 
+def babble(seconds, seed=0):
+    """Four other espeak-ng voices talking at once, RMS 1."""
+    voices = ("en-us+m3", "en+f2", "en-gb+m1", "en+f4")
+    texts = ("What is the weather going to be like this weekend", "Explain how a rainbow forms in simple words",
+             "Remind me to call my sister after lunch tomorrow", "Which planet in our solar system has the most moons")
+    mix = np.zeros(int(seconds * SAMPLE_RATE), np.float32)
+    for k, voice in enumerate(voices):
+        wav = subprocess.run(["espeak-ng", "-v", voice, "--stdout", texts[k]], capture_output=True, check=True).stdout
+        talk = prepare(*reversed(sf.read(io.BytesIO(wav), dtype="float32")), max_seconds=60)
+        talk = np.roll(np.resize(talk, len(mix)), (seed + 1) * 7919 * (k + 1))
+        mix += talk / np.sqrt(np.mean(talk ** 2))
+    return mix / np.sqrt(np.mean(mix ** 2))
+
+
+def test_turn_in_babble_10_db_below_the_speaker_ends():
+    """Other voices never stop, so the VAD never hears silence; the speaker's turn still ends."""
+    sentence = espeak("Please tell me a short joke about computers")
+    room = babble(1.0 + len(sentence) / SAMPLE_RATE + 2.5) * np.sqrt(np.mean(sentence ** 2)) / 10 ** (10 / 20)
+    audio = room.astype(np.float32)
+    audio[SAMPLE_RATE: SAMPLE_RATE + len(sentence)] += sentence
+    events = run(TurnTaker(MODEL), audio)
+    assert [kind for kind, _, _ in events][:2] == ["speech", "end"]
+    waited = events[1][1] - 1.0 - len(sentence) / SAMPLE_RATE
+    assert 0 < waited <= 1.5 and events[1][2].reason in REASONS
+
+
 def test_reasons_are_named():
-    assert set(REASONS) == {"complete", "long_pause", "pause", "no_new_speech", "max_turn"}
+    assert set(REASONS) == {"complete", "long_pause", "pause", "no_new_speech", "background", "max_turn"}
 
 
 def speech_in(sentence, noise_rms, before_s=1.0, after_s=TAIL_S, seed=0):
@@ -143,14 +179,14 @@ def speech_in(sentence, noise_rms, before_s=1.0, after_s=TAIL_S, seed=0):
 def test_turn_in_white_noise_at_10_db_snr_ends(cleaning):
     sentence = espeak("Please tell me a short joke about computers")
     audio = speech_in(sentence, np.sqrt(np.mean(sentence ** 2)) / 10 ** (10 / 20))
-    events = run(TurnTaker(TurnOptions(cleaning=cleaning)), audio)
+    events = run(TurnTaker(replace(MODEL, cleaning=cleaning)), audio)
     assert [kind for kind, _, _ in events] == ["speech", "end"]
     waited = events[1][1] - 1.0 - len(sentence) / SAMPLE_RATE
     assert 0 < waited <= EndOfTurnOptions.hold_s + 0.3
 
 
-@pytest.mark.parametrize("options", [TurnOptions(), TurnOptions(cleaning=CleanOptions(auto_gain=True)),
-                                     TurnOptions(vad=VadOptions(kind="webrtc"))], ids=["silero", "gain", "webrtc"])
+@pytest.mark.parametrize("options", [MODEL, replace(MODEL, cleaning=CleanOptions(auto_gain=True)),
+                                     replace(MODEL, vad=VadOptions(kind="webrtc"))], ids=["silero", "gain", "webrtc"])
 def test_quiet_speaker_at_minus_35_dbfs_gets_a_turn_that_ends(options):
     sentence = espeak("Please tell me a short joke about computers")
     quiet = sentence * (10 ** (-35 / 20) / np.sqrt(np.mean(sentence ** 2)))

@@ -12,12 +12,14 @@ energy) runs over 32 ms windows, after optional noise suppression and gain (deno
 - an ended turn stays open for `resume_s`: speech back within it retracts the reply ("resume");
   speech after that, while a reply plays, is a barge-in ("speech");
 - never waiting forever: speech with no new energy for `stale_s` (steady noise or a hum the VAD takes
-  for speech) counts as silence and ends the turn ("no_new_speech"); `max_turn_s` cuts endless speech
+  for speech) counts as silence and ends the turn ("no_new_speech"); `background_s` of "speech" far
+  quieter than the speaker (babble, a TV) ends it too ("background"); `max_turn_s` cuts endless speech
   ("max_turn").
 """
 
 import logging
 import time
+from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -26,11 +28,11 @@ import numpy as np
 
 from .denoise import Cleaner, CleanOptions
 from .endpoint import EndOfTurnOptions, shared_model
-from .vad import WINDOW, WINDOW_S, EnergyDetector, VadOptions, detector
+from .vad import WINDOW, WINDOW_S, EnergyDetector, VadOptions, detector, level_dbfs
 
 logger = logging.getLogger(__name__)
 
-REASONS = ("complete", "long_pause", "pause", "no_new_speech", "max_turn")  # why a turn ended
+REASONS = ("complete", "long_pause", "pause", "no_new_speech", "background", "max_turn")  # why a turn ended
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class TurnOptions:
     stale_s: float = 1.0  # "speech" without a rise of energy this long is noise: it counts as silence
     energy_margin_db: float = 6.0  # a window this far above the quietest of the last energy_floor_s has new energy
     energy_floor_s: float = 1.0  # (syllables rise and fall several times a second; steady noise does not)
+    foreground_db: float = 12.0  # "speech" this far below the speaker's loudest of the last 3 s is the room's
+    # (babble, a TV): it starts no turn, and `background_s` of only that ends the turn ("background"; 0: off)
+    background_s: float = 0.5  # (longer than the speaker's own soft sounds: a trailing consonant, a breath)
     vad: VadOptions = VadOptions()  # which VAD (--vad)
     cleaning: CleanOptions = CleanOptions()  # noise suppression / gain before everything (off by default)
     end_of_turn: EndOfTurnOptions = EndOfTurnOptions()  # Smart Turn at the pause (on by default)
@@ -73,6 +78,7 @@ class TurnTaker:
         self.options = options
         self.vad = detector(options.vad)
         self.energy = EnergyDetector(VadOptions(margin_db=options.energy_margin_db, floor_s=options.energy_floor_s))
+        self.loudest: deque[float] = deque(maxlen=round(3.0 / WINDOW_S))  # dBFS of the speaker's last 3 s of speech
         self.cleaner = Cleaner(options.cleaning) if options.cleaning.enabled else None
         self.model = shared_model(options.end_of_turn) if options.end_of_turn.enabled else None
         self.windows: list[np.ndarray] = []  # the turn being spoken (or just ended), 32 ms windows
@@ -82,6 +88,7 @@ class TurnTaker:
         self.silence = 0  # consecutive silent windows while speaking / since the turn ended
         self.last_speech = 0.0
         self.quiet = 0  # consecutive windows without new speech energy
+        self.background = 0  # consecutive windows of background speech
         self.check: Future | None = None  # the end-of-turn decision running for this pause
         self.check_at = 0  # silent windows at which the next decision is due (while held)
         self.finished: float | None = None  # the model's last answer in this pause
@@ -102,16 +109,30 @@ class TurnTaker:
         events = []
         for window, prob, rise in zip(windows, probs, energy):
             self.quiet = 0 if rise >= 0.5 else self.quiet + 1
-            event = self.step(window, float(prob), now)
+            event = self.step(window, float(prob), self.is_background(window, float(prob)), now)
             if event is not None:
                 events.append(event)
         return events
 
-    def step(self, window: np.ndarray, prob: float, now: float) -> TurnEvent | None:
+    def is_background(self, window: np.ndarray, prob: float) -> bool:
+        """Speech to the VAD, but far quieter than the speaker (once heard): the room's."""
+        if self.options.foreground_db <= 0 or prob < self.options.release:
+            return False
+        level = level_dbfs(window)
+        if self.loudest and level < max(self.loudest) - self.options.foreground_db:
+            return True
+        if self.state == "speaking":
+            self.loudest.append(level)
+        return False
+
+    def step(self, window: np.ndarray, prob: float, background: bool, now: float) -> TurnEvent | None:
         o = self.options
-        stale = self.quiet * WINDOW_S >= o.stale_s
+        stale = prob >= o.release and self.quiet * WINDOW_S >= o.stale_s  # the VAD hears speech, the level is flat
+        self.background = self.background + 1 if background else 0
         self.windows.append(window)
         if self.state == "speaking":
+            if self.background * WINDOW_S >= o.background_s > 0:
+                return self.end("background")
             if prob >= o.release and not stale:
                 paused = self.silence * WINDOW_S >= o.speculate_s
                 self.silence = 0
@@ -128,7 +149,7 @@ class TurnTaker:
             return self.end(reason) if reason else None
 
         # idle or ended: wait for enough speech to (re)start a turn
-        self.speech_run = self.speech_run + 1 if prob >= o.threshold and not stale else 0
+        self.speech_run = self.speech_run + 1 if prob >= o.threshold and not stale and not background else 0
         if self.state == "ended":
             self.silence += 1
             if self.silence * WINDOW_S > o.resume_s and self.speech_run == 0:
@@ -147,7 +168,7 @@ class TurnTaker:
         return None
 
     def ending(self, stale: bool) -> str | None:
-        """Why the turn being spoken ends at this window, or None while it goes on."""
+        """Why the turn being spoken ends at this window (`stale`: flat "speech"), or None while it goes on."""
         o, e = self.options, self.options.end_of_turn
         if len(self.windows) * WINDOW_S >= o.max_turn_s:
             return "max_turn"

@@ -136,7 +136,7 @@ class TurnTaker:
             if prob >= o.release and not stale:
                 paused = self.silence * WINDOW_S >= o.speculate_s
                 self.silence = 0
-                self.last_speech = now
+                self.last_speech = self.last_speech if background else now  # the speaker's speech, not the room's
                 self.drop_check()
                 if paused:
                     return TurnEvent("continue")

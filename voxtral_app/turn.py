@@ -19,7 +19,6 @@ energy) runs over 32 ms windows, after optional noise suppression and gain (deno
 
 import logging
 import time
-from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import numpy as np
 
 from .denoise import Cleaner, CleanOptions
 from .endpoint import EndOfTurnOptions, shared_model
-from .vad import WINDOW, WINDOW_S, EnergyDetector, VadOptions, detector, level_dbfs
+from .vad import WINDOW, WINDOW_S, EnergyDetector, VadOptions, detector
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +47,8 @@ class TurnOptions:
     stale_s: float = 1.0  # "speech" without a rise of energy this long is noise: it counts as silence
     energy_margin_db: float = 6.0  # a window this far above the quietest of the last energy_floor_s has new energy
     energy_floor_s: float = 1.0  # (syllables rise and fall several times a second; steady noise does not)
-    foreground_db: float = 12.0  # "speech" this far below the speaker's loudest of the last 3 s is the room's
-    # (babble, a TV): it starts no turn, and `background_s` of only that ends the turn ("background"; 0: off)
+    foreground_db: float = 8.0  # "speech" less than this above the room's level (the 20th percentile of the last
+    # 3 s's windows) is the room's (babble, a TV): it starts no turn, and `background_s` of it ends a turn ("background"; 0: off)
     background_s: float = 0.5  # (longer than the speaker's own soft sounds: a trailing consonant, a breath)
     vad: VadOptions = VadOptions()  # which VAD (--vad)
     cleaning: CleanOptions = CleanOptions()  # noise suppression / gain before everything (off by default)
@@ -78,7 +77,7 @@ class TurnTaker:
         self.options = options
         self.vad = detector(options.vad)
         self.energy = EnergyDetector(VadOptions(margin_db=options.energy_margin_db, floor_s=options.energy_floor_s))
-        self.loudest: deque[float] = deque(maxlen=round(3.0 / WINDOW_S))  # dBFS of the speaker's last 3 s of speech
+        self.room = EnergyDetector(VadOptions(margin_db=options.foreground_db, floor_s=3.0, floor_quantile=0.2))
         self.cleaner = Cleaner(options.cleaning) if options.cleaning.enabled else None
         self.model = shared_model(options.end_of_turn) if options.end_of_turn.enabled else None
         self.windows: list[np.ndarray] = []  # the turn being spoken (or just ended), 32 ms windows
@@ -88,7 +87,9 @@ class TurnTaker:
         self.silence = 0  # consecutive silent windows while speaking / since the turn ended
         self.last_speech = 0.0
         self.quiet = 0  # consecutive windows without new speech energy
-        self.background = 0  # consecutive windows of background speech
+        self.background = 0  # windows of the room's speech since the speaker was last heard
+        self.foreground = 0  # consecutive windows of the speaker's speech
+        self.heard = 0  # consecutive windows the VAD called speech while idle/ended
         self.check: Future | None = None  # the end-of-turn decision running for this pause
         self.check_at = 0  # silent windows at which the next decision is due (while held)
         self.finished: float | None = None  # the model's last answer in this pause
@@ -104,31 +105,25 @@ class TurnTaker:
         if not windows:
             return []
         joined = np.concatenate(windows)
-        probs, energy = self.vad.probabilities(joined), self.energy.probabilities(joined)
+        probs, energy, above = (self.vad.probabilities(joined), self.energy.probabilities(joined),
+                                self.room.probabilities(joined))
         now = time.perf_counter()
         events = []
-        for window, prob, rise in zip(windows, probs, energy):
+        for window, prob, rise, loud in zip(windows, probs, energy, above):
             self.quiet = 0 if rise >= 0.5 else self.quiet + 1
-            event = self.step(window, float(prob), self.is_background(window, float(prob)), now)
+            background = self.options.foreground_db > 0 and prob >= self.options.release and loud < 0.5
+            event = self.step(window, float(prob), background, now)
             if event is not None:
                 events.append(event)
         return events
 
-    def is_background(self, window: np.ndarray, prob: float) -> bool:
-        """Speech to the VAD, but far quieter than the speaker (once heard): the room's."""
-        if self.options.foreground_db <= 0 or prob < self.options.release:
-            return False
-        level = level_dbfs(window)
-        if self.loudest and level < max(self.loudest) - self.options.foreground_db:
-            return True
-        if self.state == "speaking":
-            self.loudest.append(level)
-        return False
-
     def step(self, window: np.ndarray, prob: float, background: bool, now: float) -> TurnEvent | None:
         o = self.options
         stale = prob >= o.release and self.quiet * WINDOW_S >= o.stale_s  # the VAD hears speech, the level is flat
-        self.background = self.background + 1 if background else 0
+        # windows since the speaker was last heard (2 windows above the room's level: babble has lone peaks)
+        speaker = prob >= o.release and not background
+        self.foreground = self.foreground + 1 if speaker else 0
+        self.background = 0 if self.foreground >= 2 else self.background + 1 if background or speaker else 0
         self.windows.append(window)
         if self.state == "speaking":
             if self.background * WINDOW_S >= o.background_s > 0:
@@ -150,17 +145,17 @@ class TurnTaker:
 
         # idle or ended: wait for enough speech to (re)start a turn
         self.speech_run = self.speech_run + 1 if prob >= o.threshold and not stale and not background else 0
+        self.heard = self.heard + 1 if prob >= o.threshold else 0  # what the VAD heard, the room's included
+        keep = self.preroll_windows + min(self.heard, self.windows_of(1.0))  # an onset the room's level hid
         if self.state == "ended":
             self.silence += 1
             if self.silence * WINDOW_S > o.resume_s and self.speech_run == 0:
                 self.state = "idle"
-                self.windows = self.windows[-self.preroll_windows:]
+                self.windows = self.windows[-keep:]
         else:
-            self.windows = self.windows[-self.preroll_windows:]
+            self.windows = self.windows[-keep:]
         if self.speech_run * WINDOW_S >= o.start_s:
             resumed = self.state == "ended"
-            if not resumed:
-                self.windows = self.windows[-(self.preroll_windows + self.speech_run):]
             self.state = "speaking"
             self.silence = 0
             self.last_speech = now

@@ -86,6 +86,7 @@ class VadOptions:
     aggressiveness: int = 2  # WebRTC VAD: 0 (calls most things speech) .. 3 (calls the least speech)
     margin_db: float = 9.0  # energy VAD: a window this far above the noise floor is speech (p = 0.5)
     floor_s: float = 3.0  # energy VAD: the noise floor is the quietest window of this last stretch
+    floor_quantile: float = 0.0  # ... or this quantile of its windows' levels (0: the quietest)
     silence_dbfs: float = -60.0  # energy VAD: quieter windows are silence whatever the floor
 
 
@@ -163,7 +164,9 @@ class EnergyDetector(Windowed):
         self.levels.append(level)
         if level < self.options.silence_dbfs:
             return 0.0
-        above = level - min(self.levels) - self.options.margin_db
+        q = self.options.floor_quantile
+        floor = min(self.levels) if q <= 0 else float(np.quantile(np.fromiter(self.levels, float), q))
+        above = level - floor - self.options.margin_db
         return float(1.0 / (1.0 + np.exp(-above / 2.0)))  # 0.5 at the margin, ~0.9 at 4 dB above it
 
 

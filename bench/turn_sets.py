@@ -1,6 +1,6 @@
 """Turn-taking in harder rooms, over real WebRTC: noise, babble, a quiet voice, a telephone, thinking pauses.
 
-    python bench/turn_sets.py --turns 2                # the short run in the README (~15 min on 2 cores)
+    python bench/turn_sets.py --turns 2                # the short run in the README (~10 min on 2 cores)
     python bench/turn_sets.py --turns 10               # the full run
     python bench/turn_sets.py --sets clean thinking --configs ours-smart-turn
 

@@ -9,9 +9,10 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-COPY requirements.txt .
+COPY requirements.txt requirements-models.txt ./
 RUN python3.11 -m venv /venv && /venv/bin/pip install --no-cache-dir --upgrade pip \
-    && /venv/bin/pip install --no-cache-dir -r requirements.txt
+    && /venv/bin/pip install --no-cache-dir -r requirements.txt \
+    && /venv/bin/pip install --no-cache-dir --no-deps -r requirements-models.txt
 COPY . .
 
 # The app runs unprivileged; the model cache is the only place it writes, kept on a volume so a new

@@ -37,6 +37,15 @@ def parse_args(argv=None, environ=None) -> argparse.Namespace:
     add("--pause-ms", type=seconds, env=("VOXTRAL_PAUSE_MS",), help="silence that ends a turn (default: 128)")
     add("--temperature", type=temperature, env=("VOXTRAL_TEMPERATURE", "TEMPERATURE"),
         help="chat temperature a conversation starts with (default: 0.2)")
+    # turn-taking: VAD, noise suppression / gain before it, Smart Turn at the pause
+    add("--vad", default="silero", choices=("silero", "webrtc", "energy"), env=("VAD",),
+        help="voice activity detector (VAD_AGGRESSIVENESS=0-3 for webrtc)")
+    add("--noise-reduction", action=argparse.BooleanOptionalAction, default=False, env_type=switch,
+        env=("ENABLE_NOISE_REDUCTION",), help="WebRTC noise suppression before the VAD and Voxtral")
+    add("--auto-gain", action=argparse.BooleanOptionalAction, default=False, env_type=switch,
+        env=("ENABLE_AUTO_GAIN",), help="WebRTC automatic gain control before the VAD and Voxtral")
+    add("--end-of-turn", action=argparse.BooleanOptionalAction, default=True, env_type=switch,
+        env=("ENABLE_END_OF_TURN",), help="Smart Turn decides at each pause whether the person has finished")
     add("--voice", default="auto", choices=["auto", "kokoro", "espeak"], env=("VOXTRAL_VOICE",),
         help="text-to-speech for spoken replies")
     add("--auth-token", env=("VOXTRAL_AUTH_TOKEN",),
@@ -91,7 +100,6 @@ def main(argv=None) -> None:
     from voxtral_app.guard import GuardOptions
     from voxtral_app.server import ServerOptions, create_app
     from voxtral_app.tts import VoiceOptions, load_speaker_or_none
-    from voxtral_app.turn import TurnOptions
 
     def given(**values) -> dict:  # None: the option's own default
         return {name: value for name, value in values.items() if value is not None}
@@ -102,7 +110,7 @@ def main(argv=None) -> None:
                              on_failure=stop_serving)
     except ModelLoadError as error:
         sys.exit(f"error: {error}")
-    turns = TurnOptions(**given(pause_s=None if args.pause_ms is None else args.pause_ms / 1000))
+    turns = turn_options(args, given(pause_s=None if args.pause_ms is None else args.pause_ms / 1000))
     chat_options = ConversationOptions(turns=turns, max_audio_s=engine.options.max_audio_s,
                                **given(temperature=args.temperature))
     guard = GuardOptions(auth_token=args.auth_token or None, opens_per_minute=max(0, args.opens_per_minute))
@@ -120,6 +128,26 @@ def main(argv=None) -> None:
         engine.close()
     if engine.failure is not None:
         sys.exit(f"error: the decode thread died ({engine.failure}); exiting so a supervisor restarts the app")
+
+
+def turn_options(args: argparse.Namespace, given: dict):
+    from dataclasses import replace
+
+    from voxtral_app.denoise import CleanOptions
+    from voxtral_app.endpoint import EndOfTurnOptions, shared_model
+    from voxtral_app.turn import TurnOptions
+    from voxtral_app.vad import VadOptions
+
+    turns = TurnOptions(**given, vad=VadOptions(kind=args.vad, aggressiveness=int(os.environ.get("VAD_AGGRESSIVENESS", 2))),
+                        cleaning=CleanOptions(noise_reduction=args.noise_reduction, auto_gain=args.auto_gain),
+                        end_of_turn=EndOfTurnOptions(enabled=args.end_of_turn))
+    if turns.end_of_turn.enabled:
+        try:
+            shared_model(turns.end_of_turn)  # load it now, not in the first turn
+        except RuntimeError as error:  # the model file is optional: without it, every pause_s ends a turn
+            logging.getLogger("app").warning("end-of-turn model off: %s", error)
+            turns = replace(turns, end_of_turn=EndOfTurnOptions(enabled=False))
+    return turns
 
 
 def stop_serving(error: BaseException) -> None:

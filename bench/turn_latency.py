@@ -143,6 +143,8 @@ class Utterance:
     text: str
     audio: np.ndarray  # float32 16 kHz; speech ends at the last sample
     gap_ms: int = 0
+    tail: np.ndarray | None = None  # what the client sends after the speech (default: TAIL_S of silence)
+    set: str = ""  # bench/turn_sets.py: which set it belongs to
 
 
 def plan(turns: int, gap_turns: int) -> list[Utterance]:
@@ -173,19 +175,31 @@ def plan(turns: int, gap_turns: int) -> list[Utterance]:
 
 
 class DefaultTurns(ReplyOnPause):
-    """fastrtc's ReplyOnPause with its default AlgoOptions, answering with the same Conversation.
+    """fastrtc's ReplyOnPause with its default AlgoOptions (or `algo_options`), answering with the same
+    Conversation.
 
-    Only the VAD model is ours: the same Silero model from the silero-vad package, because fastrtc's
-    own default downloads it.
+    Only the VAD model is ours by default: the same Silero model from the silero-vad package, because
+    fastrtc's own default downloads it. `starts` collects when a person was heard to start talking.
     """
 
-    def __init__(self, engine, options: ConversationOptions):
-        super().__init__(self.reply, model=SileroPauseModel())
+    starts: list[float] = []  # perf_counter times ReplyOnPause decided someone started talking
+
+    def __init__(self, engine, options: ConversationOptions, algo_options=None, model=None, model_options=None):
+        super().__init__(self.reply, algo_options=algo_options, model=model or SileroPauseModel(),
+                         model_options=model_options)
         self.engine, self.options, self.speaker = engine, options, None  # what the UI's upload path reads
         self.conversation = None
+        self.tuning = (algo_options, model, model_options)
 
     def copy(self) -> "DefaultTurns":
-        return DefaultTurns(self.engine, self.options)
+        return DefaultTurns(self.engine, self.options, *self.tuning)
+
+    def determine_pause(self, audio, sampling_rate, state) -> bool:
+        talking = state.started_talking
+        paused = super().determine_pause(audio, sampling_rate, state)
+        if state.started_talking and not talking:
+            DefaultTurns.starts.append(time.perf_counter())
+        return paused
 
     def start_up(self) -> None:
         self.conversation = Conversation(self.engine, self.options, name="bench").open()
@@ -215,12 +229,16 @@ def configurations(engine, reply_tokens: int, pauses_s: list[float]) -> list[tup
     return configs
 
 
+TURN_EVENTS: list[tuple[float, str, str]] = []  # (perf_counter, kind, reason) of every turn event of ours
+
+
 def count_turn_events() -> Counter:
     """Count our handler's turn events ("pause", "continue", "end", "resume", ...) in this process."""
     counts, post = Counter(), Conversation.post
 
     def counted(conversation, kind, value=None):
         counts[kind] += 1
+        TURN_EVENTS.append((time.perf_counter(), kind, getattr(value, "reason", "") or ""))
         post(conversation, kind, value)
 
     Conversation.post = counted
@@ -283,7 +301,8 @@ class Outcome:
 async def speak(client: TimedClient, utterance: Utterance) -> Outcome:
     """Say one utterance (+ TAIL_S silence), wait for its reply to finish (or TIMEOUT_S), measure."""
     users_before, messages_from, started = users(client.history), len(client.messages), time.perf_counter()
-    audio = np.concatenate([utterance.audio, np.zeros(int(TAIL_S * SAMPLE_RATE), np.float32)])
+    tail = utterance.tail if utterance.tail is not None else np.zeros(int(TAIL_S * SAMPLE_RATE), np.float32)
+    audio = np.concatenate([utterance.audio, tail])
     speech_sent = client.say(audio, len(utterance.audio) / SAMPLE_RATE)
     events: list[tuple[float, dict]] = []
     sent = deadline = None

@@ -1,11 +1,24 @@
 """Turn-taking on real speech: where turns end, when they resume, when someone barges in."""
 
+import io
+import subprocess
+from dataclasses import replace
+
 import numpy as np
 import pytest
+import soundfile as sf
 from conftest import espeak
 
-from voxtral_app.audio import SAMPLE_RATE
-from voxtral_app.turn import TurnOptions, TurnTaker
+from voxtral_app.audio import SAMPLE_RATE, prepare
+from voxtral_app.denoise import CleanOptions
+from voxtral_app.endpoint import EndOfTurnOptions
+from voxtral_app.turn import REASONS, TurnOptions, TurnTaker
+from voxtral_app.vad import VadOptions
+
+PAUSE_ONLY = TurnOptions(end_of_turn=EndOfTurnOptions(enabled=False))  # every pause_s of silence ends a turn
+# The tests feed audio faster than real time: wait for each decision as a real-time stream would have
+MODEL = TurnOptions(end_of_turn=EndOfTurnOptions(wait_s=30.0))
+TAIL_S = EndOfTurnOptions.hold_s + 0.5  # silence after speech: room for the longest hold
 
 
 def silence(seconds):
@@ -27,19 +40,33 @@ def phrase():
 
 
 def test_turn_ends_shortly_after_speech(phrase):
-    events = run(TurnTaker(), np.concatenate([silence(0.5), phrase, silence(1.0)]))
+    events = run(TurnTaker(PAUSE_ONLY), np.concatenate([silence(0.5), phrase, silence(1.0)]))
     assert [kind for kind, _, _ in events] == ["speech", "end"]
     speech_end = 0.5 + len(phrase) / SAMPLE_RATE
     end_at = events[1][1]
     assert TurnOptions.pause_s <= end_at - speech_end <= TurnOptions.pause_s + 0.25
     turn = events[1][2].audio
     assert len(phrase) <= len(turn) <= len(phrase) + 0.7 * SAMPLE_RATE  # the phrase, a pre-roll and the pause
+    assert events[1][2].reason == "pause"
+
+
+def test_turn_with_the_model_ends_by_its_decision_or_the_hold(phrase):
+    events = run(TurnTaker(MODEL), np.concatenate([silence(0.5), phrase, silence(TAIL_S)]))
+    assert [kind for kind, _, _ in events] == ["speech", "end"]
+    end = events[1][2]
+    assert end.reason in ("complete", "long_pause") and 0.0 <= end.finished <= 1.0
+    waited = events[1][1] - 0.5 - len(phrase) / SAMPLE_RATE
+    hold = EndOfTurnOptions.hold_s
+    if end.reason == "complete":
+        assert end.finished >= EndOfTurnOptions.threshold and waited < hold
+    else:
+        assert end.finished < EndOfTurnOptions.threshold and hold <= waited <= hold + 0.25
 
 
 @pytest.mark.parametrize("gap_s", [0.3, 0.5])
 def test_speech_back_within_the_resume_window_continues_the_turn(phrase, gap_s):
     first, second = espeak("I was thinking about"), espeak("going to the beach tomorrow")
-    events = run(TurnTaker(), np.concatenate([first, silence(gap_s), second, silence(1.0)]))
+    events = run(TurnTaker(PAUSE_ONLY), np.concatenate([first, silence(gap_s), second, silence(1.0)]))
     kinds = [kind for kind, _, _ in events]
     assert kinds in (["speech", "end", "resume", "end"], ["speech", "end"])  # a 300 ms gap may not even end it
     final = events[-1][2].audio
@@ -47,7 +74,7 @@ def test_speech_back_within_the_resume_window_continues_the_turn(phrase, gap_s):
 
 
 def test_later_speech_is_a_new_turn(phrase):
-    events = run(TurnTaker(), np.concatenate([phrase, silence(1.5), phrase, silence(1.0)]))
+    events = run(TurnTaker(MODEL), np.concatenate([phrase, silence(TAIL_S + 0.5), phrase, silence(TAIL_S)]))
     assert [kind for kind, _, _ in events] == ["speech", "end", "speech", "end"]
     assert len(events[3][2].audio) < 1.5 * len(phrase)
 
@@ -62,11 +89,12 @@ def test_endless_speech_is_cut_into_turns(speech):
     events = run(taker, speech[: 10 * SAMPLE_RATE])
     ends = [e for kind, _, e in events if kind == "end"]
     assert len(ends) >= 2 and all(len(e.audio) <= 3.1 * SAMPLE_RATE for e in ends)
+    assert {e.reason for e in ends} == {"max_turn"}
 
 
 def test_short_pause_prepares_a_reply_and_speech_drops_it():
     first, second = espeak("I was thinking about"), espeak("going to the beach tomorrow")
-    options = TurnOptions()
+    options = PAUSE_ONLY
     gap = silence((options.speculate_s + options.pause_s) / 2 + 0.03)  # long enough to prepare, too short to end
     events = run(TurnTaker(options), np.concatenate([first, gap, second, silence(1.0)]),
                  kinds=("speech", "pause", "continue", "end"))
@@ -75,3 +103,96 @@ def test_short_pause_prepares_a_reply_and_speech_drops_it():
     pause, end = events[-2][2], events[-1][2]
     assert len(pause.audio) < len(end.audio) and np.array_equal(end.audio[: len(pause.audio)], pause.audio)
     assert pause.speech_end == end.speech_end
+
+
+def test_thinking_pause_in_real_speech_holds_the_turn(speech):
+    """A 500 ms pause inserted mid-sentence into a real recording (after 1.67 s, between two words):
+    Smart Turn calls it unfinished, so the turn is held (no "end", nothing shown or taken back), and
+    the sentence's real end (at 4.64 s, a 620 ms pause in the recording) ends it as "complete"."""
+    cut, end = int(1.67 * SAMPLE_RATE), int(4.64 * SAMPLE_RATE)
+    audio = np.concatenate([speech[:cut], silence(0.5), speech[cut:end], silence(TAIL_S)])
+    events = run(TurnTaker(MODEL), audio, kinds=("speech", "pause", "continue", "end", "resume"))
+    kinds = [kind for kind, _, _ in events]
+    assert kinds.count("end") == 1 and "resume" not in kinds and kinds[-1] == "end"
+    held = [t for kind, t, _ in events if kind == "continue"]
+    assert any(1.67 + 0.5 <= t <= 1.67 + 0.75 for t in held)  # the thinking pause ended in a "continue"
+    final = events[-1]
+    assert final[2].reason == "complete" and final[2].finished >= EndOfTurnOptions.threshold
+    assert final[1] - (len(audio) / SAMPLE_RATE - TAIL_S) < EndOfTurnOptions.hold_s  # sooner than the hold
+    assert len(final[2].audio) >= end
+
+
+@pytest.mark.parametrize("foreground_db, reasons", [(0.0, ["no_new_speech"]),
+                                                     (TurnOptions.foreground_db, ["no_new_speech", "background"])])
+def test_steady_noise_the_vad_calls_speech_still_ends_the_turn(phrase, foreground_db, reasons):
+    """Loud steady noise after the speech: the energy VAD calls it speech at first (its floor adapts
+    over seconds), but flat "speech" ends the turn ("no_new_speech"), and sooner, speech far below the
+    speaker's level ("background")."""
+    rng = np.random.default_rng(1)
+    options = TurnOptions(vad=VadOptions(kind="energy"), end_of_turn=EndOfTurnOptions(enabled=False),
+                          foreground_db=foreground_db)
+    noise = rng.normal(0, 0.02, 4 * SAMPLE_RATE).astype(np.float32)  # -34 dBFS, far above the silence before
+    events = run(TurnTaker(options), np.concatenate([silence(0.5), phrase, noise]))
+    ends = [e for kind, _, e in events if kind == "end"]
+    assert [kind for kind, _, _ in events][:2] == ["speech", "end"] and ends[0].reason in reasons
+    assert len(ends[0].audio) < len(phrase) + (TurnOptions.energy_floor_s + TurnOptions.stale_s + 0.6) * SAMPLE_RATE
+
+
+def babble(seconds, seed=0):
+    """Four other espeak-ng voices talking at once, RMS 1."""
+    voices = ("en-us+m3", "en+f2", "en-gb+m1", "en+f4")
+    texts = ("What is the weather going to be like this weekend", "Explain how a rainbow forms in simple words",
+             "Remind me to call my sister after lunch tomorrow", "Which planet in our solar system has the most moons")
+    mix = np.zeros(int(seconds * SAMPLE_RATE), np.float32)
+    for k, voice in enumerate(voices):
+        wav = subprocess.run(["espeak-ng", "-v", voice, "--stdout", texts[k]], capture_output=True, check=True).stdout
+        talk = prepare(*reversed(sf.read(io.BytesIO(wav), dtype="float32")), max_seconds=60)
+        talk = np.roll(np.resize(talk, len(mix)), (seed + 1) * 7919 * (k + 1))
+        mix += talk / np.sqrt(np.mean(talk ** 2))
+    return mix / np.sqrt(np.mean(mix ** 2))
+
+
+def test_turn_in_babble_10_db_below_the_speaker_ends():
+    """Other voices never stop, so the VAD never hears silence; the speaker's turn still ends."""
+    sentence = espeak("Please tell me a short joke about computers")
+    room = babble(1.0 + len(sentence) / SAMPLE_RATE + 2.5) * np.sqrt(np.mean(sentence ** 2)) / 10 ** (10 / 20)
+    audio = room.astype(np.float32)
+    audio[SAMPLE_RATE: SAMPLE_RATE + len(sentence)] += sentence
+    events = run(TurnTaker(MODEL), audio)
+    assert [kind for kind, _, _ in events][:2] == ["speech", "end"]
+    waited = events[1][1] - 1.0 - len(sentence) / SAMPLE_RATE
+    assert 0 < waited <= 1.5 and events[1][2].reason in REASONS
+
+
+def test_reasons_are_named():
+    assert set(REASONS) == {"complete", "long_pause", "pause", "no_new_speech", "background", "max_turn"}
+
+
+def speech_in(sentence, noise_rms, before_s=1.0, after_s=TAIL_S, seed=0):
+    """The sentence with white noise of `noise_rms` all through: before_s, the sentence, after_s."""
+    noise = np.random.default_rng(seed).normal(0, noise_rms, int((before_s + after_s) * SAMPLE_RATE) + len(sentence))
+    audio = noise.astype(np.float32)
+    audio[int(before_s * SAMPLE_RATE): int(before_s * SAMPLE_RATE) + len(sentence)] += sentence
+    return audio
+
+
+@pytest.mark.parametrize("cleaning", [CleanOptions(), CleanOptions(noise_reduction=True, auto_gain=True)])
+def test_turn_in_white_noise_at_10_db_snr_ends(cleaning):
+    sentence = espeak("Please tell me a short joke about computers")
+    audio = speech_in(sentence, np.sqrt(np.mean(sentence ** 2)) / 10 ** (10 / 20))
+    events = run(TurnTaker(replace(MODEL, cleaning=cleaning)), audio)
+    assert [kind for kind, _, _ in events] == ["speech", "end"]
+    waited = events[1][1] - 1.0 - len(sentence) / SAMPLE_RATE
+    assert 0 < waited <= EndOfTurnOptions.hold_s + 0.3
+
+
+@pytest.mark.parametrize("options", [MODEL, replace(MODEL, cleaning=CleanOptions(auto_gain=True)),
+                                     replace(MODEL, vad=VadOptions(kind="webrtc"))], ids=["silero", "gain", "webrtc"])
+def test_quiet_speaker_at_minus_35_dbfs_gets_a_turn_that_ends(options):
+    sentence = espeak("Please tell me a short joke about computers")
+    quiet = sentence * (10 ** (-35 / 20) / np.sqrt(np.mean(sentence ** 2)))
+    audio = speech_in(quiet, 1e-5)  # a faint hiss, -100 dBFS
+    events = run(TurnTaker(options), audio)
+    assert [kind for kind, _, _ in events] == ["speech", "end"]
+    waited = events[1][1] - 1.0 - len(sentence) / SAMPLE_RATE
+    assert 0 < waited <= EndOfTurnOptions.hold_s + 0.3

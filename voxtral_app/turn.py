@@ -1,22 +1,37 @@
 """Turn-taking: when has the person finished speaking, and when do they cut in?
 
 fastrtc's default ReplyOnPause re-runs the VAD on whole 0.6 s chunks and waits for a silent one,
-so a reply starts 0.6-1.2 s after the person stops. Here the Silero VAD runs streaming over 32 ms
-windows and a turn ends after `pause_s` of silence. That short pause would split sentences with a
-thinking pause in them, so an ended turn stays open for `resume_s`: if speech comes back within
-it, the reply already started is retracted and the two parts become one turn ("resume"). Speech
-that starts later, while a reply is playing, is a barge-in ("speech").
+so a reply starts 0.6-1.2 s after the person stops. Here a streaming VAD (vad.py: Silero, WebRTC or
+energy) runs over 32 ms windows, after optional noise suppression and gain (denoise.py):
+- after `speculate_s` of silence: "pause", the reply is prepared unseen; Smart Turn (endpoint.py)
+  starts deciding whether the person has finished;
+- after `pause_s`: "end" (shown) if the model says finished ("complete"); otherwise the turn is held
+  open until the model changes its mind on a recheck or `hold_s` of silence passes ("long_pause").
+  Speech before the end is a "continue": the unseen reply is dropped, nothing flickers;
+- without the model every `pause_s` of silence ends the turn ("pause"), as before the model;
+- an ended turn stays open for `resume_s`: speech back within it retracts the reply ("resume");
+  speech after that, while a reply plays, is a barge-in ("speech");
+- never waiting forever: speech with no new energy for `stale_s` (steady noise or a hum the VAD takes
+  for speech) counts as silence and ends the turn ("no_new_speech"); `background_s` of "speech" far
+  quieter than the speaker (babble, a TV) ends it too ("background"); `max_turn_s` cuts endless speech
+  ("max_turn").
 """
 
 import logging
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import numpy as np
 
-from .vad import WINDOW, WINDOW_S, SpeechDetector
+from .denoise import Cleaner, CleanOptions
+from .endpoint import EndOfTurnOptions, shared_model
+from .vad import WINDOW, WINDOW_S, EnergyDetector, VadOptions, detector
 
 logger = logging.getLogger(__name__)
+
+REASONS = ("complete", "long_pause", "pause", "no_new_speech", "background", "max_turn")  # why a turn ended
 
 
 @dataclass(frozen=True)
@@ -25,10 +40,36 @@ class TurnOptions:
     release: float = 0.35  # speech probability below which speech has stopped (hysteresis)
     start_s: float = 0.064  # speech needed to start a turn (2 windows): a click is not a turn
     speculate_s: float = 0.064  # silence after which the reply is prepared (encoder, prefill), unseen
-    pause_s: float = 0.128  # silence that ends a turn; the prepared reply is shown then
+    pause_s: float = 0.128  # silence that ends a turn the end-of-turn model calls finished (or any, without it)
     resume_s: float = 0.8  # speech back within this long after a turn ended continues that turn
     preroll_s: float = 0.2  # audio kept from before speech was detected (soft onsets)
     max_turn_s: float = 60.0  # endless speech is cut into turns of at most this long
+    stale_s: float = 1.0  # "speech" without a rise of energy this long is noise: it counts as silence
+    energy_margin_db: float = 6.0  # a window this far above the quietest of the last energy_floor_s has new energy
+    energy_floor_s: float = 1.0  # (syllables rise and fall several times a second; steady noise does not)
+    foreground_db: float = 8.0  # "speech" less than this above the room's level (the 20th percentile of the last
+    # 3 s's windows) is the room's (babble, a TV): it starts no turn, and `background_s` of it ends a turn ("background"; 0: off)
+    background_s: float = 0.5  # (longer than the speaker's own soft sounds: a trailing consonant, a breath)
+    vad: VadOptions = VadOptions()  # which VAD (--vad)
+    cleaning: CleanOptions = CleanOptions()  # noise suppression / gain before everything (off by default)
+    end_of_turn: EndOfTurnOptions = EndOfTurnOptions()  # Smart Turn at the pause (on by default)
+
+
+def end_of_turn_model(options: EndOfTurnOptions):
+    """The shared Smart Turn model, or None when it is off or its file is not installed (then every
+    `pause_s` of silence ends a turn, as before the model; said once)."""
+    global _model_missing
+    if not options.enabled or _model_missing:
+        return None
+    try:
+        return shared_model(options)
+    except RuntimeError as error:
+        _model_missing = True
+        logger.warning("end-of-turn model off: %s", error)
+        return None
+
+
+_model_missing = False  # set once, by the first TurnTaker that found no model file
 
 
 @dataclass
@@ -36,82 +77,160 @@ class TurnEvent:
     kind: str  # "speech": new speech began (barge-in); "pause": a short silence, prepare a reply;
     # "continue": speech back before the turn ended (drop that); "end": the turn is over;
     # "resume": speech back within resume_s of the end (take the reply back, the turn goes on)
-    audio: np.ndarray | None = None  # "pause", "end": the turn so far, float32 16 kHz
+    audio: np.ndarray | None = None  # "pause", "end": the turn so far, float32 16 kHz (cleaned if cleaning is on)
     speech_end: float = 0.0  # "pause", "end": perf_counter time the last speech window arrived
+    reason: str = ""  # "end": one of REASONS
+    finished: float | None = None  # "end": the end-of-turn model's last probability that the turn was over
 
 
 class TurnTaker:
-    """Streaming VAD state machine for one connection: feed 16 kHz audio, get turn events."""
+    """Streaming turn-taking for one connection: feed 16 kHz audio, get turn events.
+
+    Owned by the thread that feeds it (fastrtc's receive thread). End-of-turn decisions run on the
+    model's pool and come back as Futures; only this thread reads them.
+    """
 
     def __init__(self, options: TurnOptions = TurnOptions()):
         self.options = options
-        self.vad = SpeechDetector()
+        self.vad = detector(options.vad)
+        self.energy = EnergyDetector(VadOptions(margin_db=options.energy_margin_db, floor_s=options.energy_floor_s))
+        self.room = EnergyDetector(VadOptions(margin_db=options.foreground_db, floor_s=3.0, floor_quantile=0.2))
+        self.cleaner = Cleaner(options.cleaning) if options.cleaning.enabled else None
+        self.model = end_of_turn_model(options.end_of_turn)
         self.windows: list[np.ndarray] = []  # the turn being spoken (or just ended), 32 ms windows
         self.pending = np.zeros(0, dtype=np.float32)
-        self.state = "idle"  # idle -> speaking -> (pause) -> ended -> idle | speaking (resume)
+        self.state = "idle"  # idle -> speaking -> ended -> idle | speaking (resume)
         self.speech_run = 0  # consecutive speech windows while idle/ended
         self.silence = 0  # consecutive silent windows while speaking / since the turn ended
         self.last_speech = 0.0
+        self.quiet = 0  # consecutive windows without new speech energy
+        self.background = 0  # windows of the room's speech since the speaker was last heard
+        self.foreground = 0  # consecutive windows of the speaker's speech
+        self.heard = 0  # consecutive windows the VAD called speech while idle/ended
+        self.check: Future | None = None  # the end-of-turn decision running for this pause
+        self.check_at = 0  # silent windows at which the next decision is due (while held)
+        self.finished: float | None = None  # the model's last answer in this pause
 
     def feed(self, audio: np.ndarray) -> list[TurnEvent]:
         """Float32 16 kHz samples -> the turn events they complete, in order."""
+        if self.cleaner is not None:
+            audio = self.cleaner.process(audio)
         self.pending = np.concatenate([self.pending, audio])
         count = len(self.pending) // WINDOW
         windows = [self.pending[i * WINDOW:(i + 1) * WINDOW] for i in range(count)]
         self.pending = self.pending[count * WINDOW:]
-        probs = self.vad.probabilities(np.concatenate(windows)) if windows else []
+        if not windows:
+            return []
+        joined = np.concatenate(windows)
+        probs, energy, above = (self.vad.probabilities(joined), self.energy.probabilities(joined),
+                                self.room.probabilities(joined))
         now = time.perf_counter()
         events = []
-        for window, prob in zip(windows, probs):
-            event = self.step(window, float(prob), now)
+        for window, prob, rise, loud in zip(windows, probs, energy, above):
+            self.quiet = 0 if rise >= 0.5 else self.quiet + 1
+            background = self.options.foreground_db > 0 and prob >= self.options.release and loud < 0.5
+            event = self.step(window, float(prob), background, now)
             if event is not None:
                 events.append(event)
         return events
 
-    def step(self, window: np.ndarray, prob: float, now: float) -> TurnEvent | None:
+    def step(self, window: np.ndarray, prob: float, background: bool, now: float) -> TurnEvent | None:
         o = self.options
+        stale = prob >= o.release and self.quiet * WINDOW_S >= o.stale_s  # the VAD hears speech, the level is flat
+        # windows since the speaker was last heard (2 windows above the room's level: babble has lone peaks)
+        speaker = prob >= o.release and not background
+        self.foreground = self.foreground + 1 if speaker else 0
+        self.background = 0 if self.foreground >= 2 else self.background + 1 if background or speaker else 0
         self.windows.append(window)
         if self.state == "speaking":
-            if prob >= o.release:
+            if self.background * WINDOW_S >= o.background_s > 0:
+                return self.end("background")
+            if prob >= o.release and not stale:
                 paused = self.silence * WINDOW_S >= o.speculate_s
                 self.silence = 0
-                self.last_speech = now
+                self.last_speech = self.last_speech if background else now  # the speaker's speech, not the room's
+                self.drop_check()
                 if paused:
                     return TurnEvent("continue")
             else:
                 self.silence += 1
-                if self.silence == max(1, round(o.speculate_s / WINDOW_S)) and o.speculate_s < o.pause_s:
+                if self.silence == self.windows_of(o.speculate_s) and o.speculate_s < o.pause_s:
+                    self.start_check()
                     return TurnEvent("pause", np.concatenate(self.windows), self.last_speech)
-            too_long = len(self.windows) * WINDOW_S >= o.max_turn_s
-            if self.silence * WINDOW_S >= o.pause_s or too_long:
-                self.state = "ended" if not too_long else "idle"
-                self.silence = 0
-                self.speech_run = 0
-                turn = np.concatenate(self.windows)
-                if too_long:
-                    logger.info("turn reached %.0f s of speech; replying to it now", o.max_turn_s)
-                    self.windows = []
-                return TurnEvent("end", turn, self.last_speech)
-            return None
+            reason = self.ending(stale)
+            return self.end(reason) if reason else None
 
         # idle or ended: wait for enough speech to (re)start a turn
-        self.speech_run = self.speech_run + 1 if prob >= o.threshold else 0
+        self.speech_run = self.speech_run + 1 if prob >= o.threshold and not stale and not background else 0
+        self.heard = self.heard + 1 if prob >= o.threshold else 0  # what the VAD heard, the room's included
+        keep = self.preroll_windows + min(self.heard, self.windows_of(1.0))  # an onset the room's level hid
         if self.state == "ended":
             self.silence += 1
             if self.silence * WINDOW_S > o.resume_s and self.speech_run == 0:
                 self.state = "idle"
-                self.windows = self.windows[-self.preroll_windows:]
+                self.windows = self.windows[-keep:]
         else:
-            self.windows = self.windows[-self.preroll_windows:]
+            self.windows = self.windows[-keep:]
         if self.speech_run * WINDOW_S >= o.start_s:
             resumed = self.state == "ended"
-            if not resumed:
-                self.windows = self.windows[-(self.preroll_windows + self.speech_run):]
             self.state = "speaking"
             self.silence = 0
             self.last_speech = now
             return TurnEvent("resume" if resumed else "speech")
         return None
+
+    def ending(self, stale: bool) -> str | None:
+        """Why the turn being spoken ends at this window (`stale`: flat "speech"), or None while it goes on."""
+        o, e = self.options, self.options.end_of_turn
+        if len(self.windows) * WINDOW_S >= o.max_turn_s:
+            return "max_turn"
+        if self.silence < self.windows_of(o.pause_s):
+            return None
+        if stale:
+            return "no_new_speech"
+        if self.model is None:
+            return "pause"
+        if self.silence >= self.windows_of(max(e.hold_s, o.pause_s)):
+            return "long_pause"
+        if self.check is None and self.silence >= self.check_at:
+            self.start_check()
+        at_pause = self.silence == self.windows_of(o.pause_s)
+        if self.check is not None and (at_pause or self.check.done()):
+            try:
+                self.finished = self.check.result(timeout=e.wait_s if at_pause else 0)
+            except FutureTimeout:  # still deciding: hold, and look again at the next window
+                return None
+            self.check = None
+            if self.finished >= e.threshold:
+                return "complete"
+            self.check_at = self.silence + self.windows_of(e.recheck_s) if e.recheck_s > 0 else 1 << 30
+        return None
+
+    def end(self, reason: str) -> TurnEvent:
+        turn = np.concatenate(self.windows)
+        event = TurnEvent("end", turn, self.last_speech, reason, self.finished)
+        logger.debug("turn ended (%s) after %.2f s of silence", reason, self.silence * WINDOW_S)
+        if reason == "max_turn":
+            logger.info("turn reached %.0f s of speech; replying to it now", self.options.max_turn_s)
+            self.windows = []
+        self.state = "ended" if reason != "max_turn" else "idle"
+        self.silence = 0
+        self.speech_run = 0
+        self.drop_check()
+        return event
+
+    def start_check(self) -> None:
+        """Ask the end-of-turn model about the turn so far (its last 8 s), off this thread."""
+        if self.model is not None and self.check is None:
+            self.check = self.model.check(np.concatenate(self.windows[-250:]))  # 250 windows = 8 s, all it reads
+
+    def drop_check(self) -> None:
+        if self.check is not None:
+            self.check.cancel()
+        self.check, self.check_at, self.finished = None, 0, None
+
+    def windows_of(self, seconds: float) -> int:
+        return max(1, round(seconds / WINDOW_S))
 
     @property
     def preroll_windows(self) -> int:

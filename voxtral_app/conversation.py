@@ -99,6 +99,7 @@ class Pending:
     turn_end: float = 0.0
     first_token: float | None = None
     history_at: int = 0  # chat length before this turn was shown (where a retraction cuts)
+    ended_by: str = ""  # why turn-taking ended the turn: complete, long_pause, no_new_speech, background, max_turn
 
     def status(self) -> dict:
         stats = self.reply.stats
@@ -106,7 +107,7 @@ class Pending:
         return {"mode": self.settings.mode, "pause_ms": round((self.turn_end - self.speech_end) * 1000),
                 "first_token_ms": first, "tokens": stats["tokens"],
                 "tokens_per_s": round(stats["tokens_per_s"], 1), "prefill_tokens": stats["prefill_tokens"],
-                "cached_tokens": stats["cached_tokens"]}
+                "cached_tokens": stats["cached_tokens"], "ended_by": self.ended_by}
 
 
 def latency_line(status: dict) -> str:
@@ -194,7 +195,10 @@ class Conversation:
             self.drop_speculation()
         elif kind == "end":
             pending, self.speculation = self.speculation, None
-            self.show(pending or self.begin_audio(value.audio, value.speech_end))
+            pending = pending or self.begin_audio(value.audio, value.speech_end)
+            if pending is not None:
+                pending.ended_by = getattr(value, "reason", "") or ""
+            self.show(pending)
         elif kind == "audio":  # a whole turn at once (an upload)
             rate, samples = value
             try:

@@ -24,6 +24,7 @@ MIN_WINDOW = 256  # tokens; smallest attention window a decode step reads
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # decode batches are padded up to one of these sizes
 TOP_CANDIDATES = 1024  # tokens considered when sampling; at Voxtral's temperature 0.2 the rest is ~0 mass
 PREFILL_STEP = 256  # tokens; compiled prefills are padded to a power of two below this, a multiple above
+ROW_OFFSET = 1_000_003  # added to a row index passed to compiled code: an int that is never 0, 1 or a size
 WARMUP_BUDGET_S = 120.0  # start-up compilation / CUDA-graph capture stops here; the rest compiles on first use
 
 
@@ -61,11 +62,12 @@ class SlotCache:
             torch._dynamo.mark_static_address(tensor)  # updated in place: no copies under CUDA graphs
         self.scratch_row = slots
         self.max_tokens = max_tokens
-        self.route(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), 1, 0)
+        self.route(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), 1, ROW_OFFSET)
 
     def route(self, rows: torch.Tensor, positions: torch.Tensor, window: int, first_row: int | None) -> None:
         """The next forward writes key/value [b, :, q] to row rows[b, q] (or rows[b, 0]) at positions[b, q],
-        and reads rows first_row.. (contiguous) or rows[:, 0] (scattered), positions [0, window)."""
+        and reads positions [0, window) of rows first_row - ROW_OFFSET onwards (contiguous rows) or of
+        rows[:, 0] (scattered, first_row None). The offset keeps dynamo from specialising rows 0 and 1."""
         self.rows = rows  # [B, Q] or [B, 1]
         self.positions = positions  # [B, Q]
         self.window = window
@@ -77,7 +79,8 @@ class SlotCache:
         keys[self.rows, :, self.positions] = key.transpose(1, 2)  # indexed view is [B, Q, kv_heads, head_dim]
         values[self.rows, :, self.positions] = value.transpose(1, 2)
         if self.first_row is not None:
-            rows = slice(self.first_row, self.first_row + key.shape[0])
+            first = self.first_row - ROW_OFFSET
+            rows = slice(first, first + key.shape[0])
             return keys[rows, :, : self.window], values[rows, :, : self.window]  # views: nothing copied
         return keys[self.rows[:, 0], :, : self.window], values[self.rows[:, 0], :, : self.window]
 
@@ -150,7 +153,7 @@ class Decoder:
                                        fullgraph=True, dynamic=True)
 
     def allow_variants(self) -> None:
-        """Let dynamo keep one graph per (batch bucket, window, greedy or not, rows contiguous or not).
+        """Let dynamo keep one graph per (batch bucket, window, rows contiguous or not).
         Its config is thread-local: call this on every thread that runs the compiled step."""
         variants = 4 * len(self.batch_buckets) * (self.max_tokens // MIN_WINDOW).bit_length() + 16
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, variants)
@@ -167,12 +170,12 @@ class Decoder:
         return self.model.get_audio_features(features).pooler_output
 
     @torch.no_grad()
-    def forward_eager(self, embeds, rows, positions, window: int, slot: int, last: int) -> torch.Tensor:
-        """A prompt of [1, Q] embeddings written at `positions` of `rows` -> [V] logits after its `last` one."""
-        self.cache.route(rows, positions, window, slot)
+    def forward_eager(self, embeds, rows, positions, window: int, first_row: int, last) -> torch.Tensor:
+        """A prompt of [1, Q] embeddings written at `positions` of `rows` -> [V] logits after the [1] `last` one."""
+        self.cache.route(rows, positions, window, first_row)
         hidden = self.forward(inputs_embeds=embeds, attention_mask=causal_mask(positions, window),
                               position_ids=positions)
-        return self.model.lm_head(hidden[0, last])
+        return self.model.lm_head(hidden[0].index_select(0, last)[0])
 
     @torch.no_grad()
     def prefill(self, slot: int, ids: list[int], start: int, features: torch.Tensor | None) -> torch.Tensor:
@@ -193,10 +196,11 @@ class Decoder:
         offsets = torch.arange(size, device=self.device)
         positions = (start + offsets).clamp(max=self.max_tokens - 1)[None]
         rows = torch.where(offsets < n, slot, self.cache.scratch_row)[None]  # [1, size]
-        return self._forward(embeds, rows, positions, window_for(start + n, self.max_tokens), slot, n - 1)
+        last = torch.tensor([n - 1], device=self.device)  # a tensor: an int would be specialised per length
+        return self._forward(embeds, rows, positions, window_for(start + n, self.max_tokens), slot + ROW_OFFSET, last)
 
     @torch.no_grad()
-    def step_eager(self, rows, tokens, positions, window: int, temperature, top_p, greedy: bool,
+    def step_eager(self, rows, tokens, positions, window: int, temperature, top_p,
                    first_row: int | None) -> torch.Tensor:
         """One decode step for B rows: [B] tokens at [B] positions -> [B] sampled next tokens."""
         positions = positions[:, None]
@@ -204,7 +208,7 @@ class Decoder:
         hidden = self.forward(input_ids=tokens[:, None], attention_mask=causal_mask(positions, window),
                               position_ids=positions)
         logits = self.model.lm_head(hidden[:, -1])
-        return logits.argmax(dim=-1) if greedy else sample(logits, temperature, top_p)
+        return sample(logits, temperature, top_p)  # greedy rows too: one graph, not one per mode
 
     def step(self, rows: list[int], tokens: list[int], positions: list[int],
              temperature: list[float], top_p: list[float]) -> list[int]:
@@ -215,8 +219,8 @@ class Decoder:
         size = bucket(n, self.batch_buckets)
         pad = size - n
         order = sorted(range(n), key=rows.__getitem__)
-        first_row = rows[order[0]] if pad == 0 and all(rows[j] == rows[order[0]] + k for k, j in enumerate(order)) \
-            else None
+        contiguous = pad == 0 and all(rows[j] == rows[order[0]] + k for k, j in enumerate(order))
+        first_row = rows[order[0]] + ROW_OFFSET if contiguous else None
 
         def tensor(values, fill, dtype):
             return torch.tensor([values[j] for j in order] + [fill] * pad, dtype=dtype, device=self.device)
@@ -224,39 +228,39 @@ class Decoder:
         window = window_for(max(positions) + 1, self.max_tokens)
         out = self._step(tensor(rows, self.cache.scratch_row, torch.long), tensor(tokens, 0, torch.long),
                          tensor(positions, 0, torch.long), window,
-                         tensor(temperature, 0.0, torch.float32), tensor(top_p, 1.0, torch.float32),
-                         not any(t > 0 for t in temperature), first_row)  # Python values: one variant each
+                         tensor(temperature, 0.0, torch.float32), tensor(top_p, 1.0, torch.float32), first_row)
         sampled = out[:n].tolist()
         result = [0] * n
         for k, j in enumerate(order):
             result[j] = sampled[k]
         return result
 
-    def warm_up(self) -> None:
+    def warm_up(self) -> tuple[int, int]:
         """Compile (and on GPU capture CUDA graphs for) the prefill and the decode step's variants before
         a user's turn, likeliest first, for at most `warmup_budget_s`; what is left compiles on first use.
+        -> (variants run, variants there are).
 
         Run at start-up only, before any slot holds a conversation: it writes junk into the rows."""
         started = time.perf_counter()
         scratch = self.cache.scratch_row
         windows = sorted({window_for(2 ** i, self.max_tokens) for i in range(8, 31) if 2 ** i <= 2 * self.max_tokens})
-        # slots 0 and 1 are Python ints that dynamo specialises; other slots share one graph
-        runs = [lambda slot=slot, n=n: self.prefill(slot, [0] * n, 0, None) for slot in (0, 1, scratch) for n in (17, 300)
-                if n <= self.max_tokens]
+        runs = [lambda n=n: self.prefill(scratch, [0] * n, 0, None) for n in (17, 300) if n <= self.max_tokens]
         for window in windows:
             for size in self.batch_buckets:
                 row_sets = [list(range(first, first + size)) for first in range(self.slots - size + 1)]  # contiguous
                 if size > 1:
                     row_sets.append([scratch] * (size - 1) + [0])  # scattered (padded) rows: a gathered copy
-                for rows in row_sets:
-                    for temperature in (0.0, 1.0):
-                        runs.append(lambda r=rows, w=window, t=temperature: self.step(
-                            r, [0] * len(r), [w - 1] * len(r), [t] * len(r), [1.0] * len(r)))
+                for rows in row_sets:  # on GPU each (rows, window) is a CUDA graph of its own
+                    runs.append(lambda r=rows, w=window: self.step(r, [0] * len(r), [w - 1] * len(r),
+                                                                   [1.0] * len(r), [1.0] * len(r)))
         done = 0
         for run in runs:
-            if time.perf_counter() - started > self.warmup_budget_s:
+            if done and time.perf_counter() - started > self.warmup_budget_s:
                 break
+            run_started = time.perf_counter()
             run()
             done += 1
+            logger.debug("warm-up variant %d: %.2f s", done, time.perf_counter() - run_started)
         logger.info("warm-up: %d of %d variants in %.1f s (budget %.0f s)", done, len(runs),
                     time.perf_counter() - started, self.warmup_budget_s)
+        return done, len(runs)

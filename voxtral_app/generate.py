@@ -5,7 +5,7 @@ turn only prefills what is new. Decoding runs one step for all conversations tha
 at once (batched), reading each row's cache up to a bucketed window rather than its full length.
 The step samples on the device and is the unit that torch.compile (CUDA graphs on GPU) sees; the
 eager path runs the very same code, so CPU tests cover it. Compiled, the prefill runs too, its
-prompt padded to one of a few lengths (PREFILL_BUCKETS), the padding written to the scratch row.
+prompt padded to one of a few lengths (`prefill_buckets`), the padding written to the scratch row.
 
 Attention reads a slot's cache in place (a view) wherever the rows of a step are one contiguous
 run of slots: every prefill (one row), every batch-1 step, and batches whose slots are adjacent
@@ -48,7 +48,7 @@ class SlotCache:
 
     It quacks like a transformers Cache for the Llama decoder: `route()` says which rows and
     positions the next forward writes, `update()` writes there in place and returns the read rows'
-    first `window` positions: a view of rows first_row..first_row+B-1 when the caller says they are
+    first `window` positions: a view of B rows from `first_row` on when the caller says they are
     contiguous, else a gathered copy. The extra last row is scratch for padded batch rows and
     padded prompt positions. Owned by the decode thread, like the Decoder.
     """

@@ -2,10 +2,12 @@
 
     python bench/engine.py --config tiny   # tiny random Voxtral on CPU, about half a minute
     python bench/engine.py --config full   # Voxtral-Mini-3B-2507 shapes, random bf16 weights, GPU
+    bench/gpu/run.sh --config full         # the same on the GPU machine, with the wheels it lacks (README)
 
 Prints one markdown table: audio encode, time to first token, decode speed against the memory
 bandwidth floor, peak memory, KV reuse across turns and throughput of concurrent conversations.
 Every timing is the median of --repeats runs after one untimed run (which also compiles).
+Progress goes to stderr with timestamps; --json writes the raw timings (seconds) too.
 """
 
 import os
@@ -14,13 +16,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # random weights: nothing to download
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # fastrtc imports gradio: no DNS lookups
 
 import argparse
-import importlib.util
+import json
 import logging
 import resource
 import statistics
 import sys
 import tempfile
 import time
+import wave
 from dataclasses import replace
 from functools import partial
 
@@ -30,10 +33,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from voxtral_app import checkpoint, prompt
-from voxtral_app.audio import SAMPLE_RATE, prepare, read_wav
 from voxtral_app.engine import Engine, EngineOptions, Sampling
 from voxtral_app.loading import load_engine, resolve_device, warm_up
 
+SPEECH_WAV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets", "speech-16k.wav")  # espeak-ng, 9 s
+SAMPLE_RATE = 16_000  # Hz, the WAV's and Voxtral's
 CLIP_S = 5  # seconds of speech in a short turn
 LONG_S = 30  # seconds in a long turn: 480000 samples, still one encoder chunk
 TURNS = 8  # turns in the KV-reuse conversation
@@ -42,11 +46,21 @@ SLOTS = 8  # engine conversation slots
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}  # tensor size for the bandwidth measurement
 
 
+STARTED = time.perf_counter()
+
+
+def progress(message: str, *args) -> None:
+    """A timestamped line on stderr, so that a run cut off still says how far it got."""
+    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - STARTED:5.0f} s] {message % args}",
+          file=sys.stderr, flush=True)
+
+
 def speech_clips() -> tuple[np.ndarray, np.ndarray]:
-    """Real speech from fastrtc's test file -> (5 s clip, 30 s clip), mono 16 kHz."""
-    package = os.path.dirname(importlib.util.find_spec("fastrtc").origin)
-    speech = prepare(*read_wav(os.path.join(package, "speech_to_text", "test_file.wav")), max_seconds=300)
-    return speech[: CLIP_S * SAMPLE_RATE], np.resize(speech, LONG_S * SAMPLE_RATE)  # ~21 s, repeated to 30 s
+    """Speech from assets/speech-16k.wav (mono 16-bit 16 kHz; the stdlib reads it) -> (5 s, 30 s) clips."""
+    with wave.open(SPEECH_WAV) as f:
+        assert (f.getframerate(), f.getnchannels(), f.getsampwidth()) == (SAMPLE_RATE, 1, 2), SPEECH_WAV
+        speech = np.frombuffer(f.readframes(f.getnframes()), dtype=np.int16).astype(np.float32) / 32768
+    return speech[: CLIP_S * SAMPLE_RATE], np.resize(speech, LONG_S * SAMPLE_RATE)  # 9 s, repeated to 30 s
 
 
 def device_name(device: torch.device) -> str:
@@ -102,22 +116,25 @@ def peak_memory(device: torch.device) -> int:
 
 
 def build(config: str, device: torch.device, compile: bool | None, workdir: str):
-    """-> (model, processor, make_engine); the full engine is made after generate's memory is measured."""
+    """-> (model, processor, make_engine); the engine is made after generate's memory is measured."""
     options = EngineOptions(device=str(device), compile=compile, slots=SLOTS)
     if config == "tiny":
-        engine = load_engine(replace(options, model=checkpoint.build_tiny(os.path.join(workdir, "tiny"))))
-        return engine.model, engine.processor, lambda: engine
-    from transformers import AutoProcessor
+        loaded = load_engine(replace(options, model=checkpoint.build_tiny(os.path.join(workdir, "tiny")),
+                                     warmup=False))
+        loaded.close()  # its model and processor serve the engine made below, timed with its warm-up
+        model, processor = loaded.model, loaded.processor
+    else:
+        from transformers import AutoProcessor
 
-    full = checkpoint.full_size_config()
-    checkpoint.save_processor(workdir)  # the tiny checkpoint's processor: the real Tekken tokenizer
-    full.save_pretrained(workdir)  # without config.json the tokenizer loads as TokenizersBackend: no chat template
-    processor = AutoProcessor.from_pretrained(workdir)
-    model = checkpoint.random_model(full, dtype=torch.bfloat16, device=str(device))
+        full = checkpoint.full_size_config()
+        checkpoint.save_processor(workdir)  # the tiny checkpoint's processor: the real Tekken tokenizer
+        full.save_pretrained(workdir)  # without config.json the tokenizer loads as TokenizersBackend: no chat template
+        processor = AutoProcessor.from_pretrained(workdir)
+        model = checkpoint.random_model(full, dtype=torch.bfloat16, device=str(device))
 
     def make_engine():
         engine = Engine(model, processor, options)
-        warm_up(engine)  # as load_engine does: compile before the first timed turn
+        warm_up(engine)  # as load_engine does: compile (and capture CUDA graphs) before the first turn
         return engine
 
     return model, processor, make_engine
@@ -234,30 +251,43 @@ def ms(seconds: float) -> str:
 def measure(config: str, device: torch.device, compile: bool | None, tokens: int, repeats: int):
     """Build, measure both columns -> (header line, [(measurement, eager generate, ours)])."""
     started = time.perf_counter()
+    progress("building the %s model on %s", config, device)
     with tempfile.TemporaryDirectory() as workdir:
         model, processor, make_engine = build(config, device, compile, workdir)
+    progress("built: %.2fB parameters, %s", sum(p.numel() for p in model.parameters()) / 1e9, model.dtype)
     short, long = speech_clips()
     clips = {"5 s": short, "30 s": long}
     features = {name: prompt.audio_features(processor, [audio], device).to(model.dtype)
                 for name, audio in clips.items()}  # [1, 128, 3000] each: one 30 s chunk
+    ours = {}
     bandwidth = copy_bandwidth(device)
     floor = decode_step_bytes(model) / bandwidth  # s/token if the weights stream at copy speed
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    progress("copy bandwidth %.1f GB/s; eager generate column", bandwidth / 1e9)
     with torch.no_grad():  # as inside generate; the engine's own paths are no_grad already
         eager = eager_column(model, processor, features, clips, tokens, repeats)
     eager["peak"] = peak_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    progress("eager column done; making the engine (warm-up: compilation, CUDA graphs)")
+    warm_up_started = time.perf_counter()
     engine = make_engine()
+    ours["warm-up"] = time.perf_counter() - warm_up_started
+    progress("engine warm-up took %.1f s; engine column", ours["warm-up"])
     engine.eos_id = -1  # random weights: no reply ends at EOS, each is exactly `tokens` long
-    ours = ours_column(engine, features, clips, tokens, repeats)
+    ours.update(ours_column(engine, features, clips, tokens, repeats))
+    progress("engine column done; %d conversations of %d turns", repeats + 1, TURNS)
     chats = [conversation(engine, short, tokens) for _ in range(repeats + 1)][1:]  # first: warm-up
     ours["peak"] = peak_memory(device)
     with torch.no_grad():
         inputs = generate_inputs(processor, model, chats[0][1])
         eager["turn 8"] = timed(device, repeats, generate, model, inputs, 1)
+    progress("measured; closing the engine")
+    engine.close()
+    turns = [[{"first_token_s": r.generation.first_token - r.generation.queued, **r.stats} for r in replies]
+             for replies, _ in chats]
 
     def turn(i: int) -> str:
         stats = [replies[i].stats for replies, _ in chats]
@@ -275,6 +305,7 @@ def measure(config: str, device: torch.device, compile: bool | None, tokens: int
                   f"of weights at {bandwidth / 1e9:.1f} GB/s copy)")
     one_at_a_time = "n/a: generate serves one request at a time"
     rows = [
+        ("engine warm-up at start-up (compilation, CUDA graphs)", "n/a", f"{ours['warm-up']:.1f} s"),
         ("audio encode, 5 s clip (one 30 s chunk)", ms(eager["encode 5 s"]), ms(ours["encode 5 s"])),
         ("audio encode, 30 s clip (one 30 s chunk)", ms(eager["encode 30 s"]), ms(ours["encode 30 s"])),
         ("time to first token, 5 s speech (inputs ready)", ms(eager["ttft 5 s"]), ms(ours["ttft 5 s"])),
@@ -295,7 +326,16 @@ def measure(config: str, device: torch.device, compile: bool | None, tokens: int
     header = (f"**{device_name(device)}** · torch {torch.__version__} · {str(model.dtype).removeprefix('torch.')} · "
               f"config {config} · compiled: {engine.decoder.compiled} · median of {repeats} · "
               f"{time.perf_counter() - started:.0f} s")
-    return header, rows
+    raw = {"header": header, "tokens": tokens, "repeats": repeats, "bandwidth_bytes_per_s": bandwidth,
+           "floor_s_per_token": floor, "eager": eager, "ours": ours, "turns": turns,
+           "versions": {"torch": torch.__version__, "transformers": transformers_version()}}
+    return header, rows, raw
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def main(argv=None) -> None:
@@ -307,6 +347,7 @@ def main(argv=None) -> None:
                         help="torch.compile the engine's hot path (default: on with CUDA, off on CPU)")
     parser.add_argument("--tokens", type=int, default=None, help="tokens per reply (default: 16 tiny, 128 full)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per number; the median is shown")
+    parser.add_argument("--json", default=None, help="also write the raw timings (seconds) to this file")
     args = parser.parse_args(argv)
     tokens = args.tokens or (16 if args.config == "tiny" else 128)
     if tokens < 2:
@@ -316,7 +357,10 @@ def main(argv=None) -> None:
         parser.error("--config full needs a GPU: 4.7B parameters are 9.4 GB in bf16, plus the KV cache")
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("transformers").setLevel(logging.ERROR)  # generate's notices about its flags
-    header, rows = measure(args.config, device, args.compile, tokens, args.repeats)
+    header, rows, raw = measure(args.config, device, args.compile, tokens, args.repeats)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**raw, "rows": rows}, f, indent=1)
     print(header + "\n")
     print("| measurement | eager generate | ours |\n|---|---|---|")
     for name, eager_cell, ours_cell in rows:

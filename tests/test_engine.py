@@ -9,6 +9,7 @@ import torch
 from voxtral_app import prompt
 from voxtral_app.audio import wav_bytes
 from voxtral_app.engine import EngineOptions, Sampling
+from voxtral_app.generate import Decoder, bucket
 from voxtral_app.loading import ModelLoadError, load_engine
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=24)
@@ -126,18 +127,56 @@ def test_long_conversation_drops_oldest_turns(tiny_checkpoint, speech):
     assert 1 <= len(users) <= 2
 
 
-def test_compiled_path_matches_eager(tiny_checkpoint, engine, speech):
+def test_compiled_path_matches_eager(tiny_checkpoint, engine, speech, other_speech):
+    """Compiled prefill (padded to a bucket) and decode give eager's tokens, on a first turn and on a
+    second one that extends the slot's cache."""
     compiled = load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=2, max_tokens=2048,
-                                         compile=True))
-    assert compiled.decoder.compiled
+                                         compile=True, warmup=False))  # compiles on first use: only what runs here
+    assert compiled.decoder.compiled and compiled.decoder.prefill_buckets
     replies = []
     for eng in (compiled, engine):
         chat = eng.open_chat()
-        replies.append(chat.start(speech, sampling=GREEDY))
-        run(replies[-1])
+        replies.append([chat.start(speech, sampling=GREEDY), chat.start(other_speech, sampling=GREEDY)])
+        for reply in replies[-1]:
+            run(reply)
         chat.close()
     compiled.close()
-    assert replies[0].tokens == replies[1].tokens
+    assert replies[0][1].stats["cached_tokens"] > 0 and len(replies[0][1].tokens) > 3
+    assert [r.tokens for r in replies[0]] == [r.tokens for r in replies[1]]
+
+
+def prefill_both_ways(model, ids, start_ids, features):
+    """The same prompt prefilled unpadded and padded to a bucket -> (decoders, logits), eager."""
+    decoders, logits = [], []
+    for buckets in (None, (64, 128, 512, 1024)):
+        decoder = Decoder(model, slots=2, max_tokens=1024, compile=False)
+        decoder.prefill_buckets = buckets
+        decoder.prefill(1, start_ids, 0, None)
+        logits.append(decoder.prefill(1, ids, len(start_ids), features))
+        decoders.append(decoder)
+    return decoders, logits
+
+
+def test_padded_prefill_writes_only_the_prompt_into_its_slot(engine, speech):
+    prompt_ = prompt.chat_prompt(engine.processor, [prompt.user_message(speech)])
+    features = prompt.audio_features(engine.processor, prompt_.audio, engine.device)
+    start_ids = prompt_.ids[:2]  # <s>[INST], before the audio block
+    (plain, padded), (expected, got) = prefill_both_ways(engine.model, prompt_.ids[2:], start_ids, features)
+    end = len(prompt_.ids)
+    assert bucket(end - 2, padded.prefill_buckets) > end - 2  # the test pads
+    assert torch.allclose(got, expected, atol=1e-5)
+    for layer in range(len(plain.cache.keys)):
+        for ours, theirs in ((padded.cache.keys[layer], plain.cache.keys[layer]),
+                             (padded.cache.values[layer], plain.cache.values[layer])):
+            assert torch.allclose(ours[1, :, :end], theirs[1, :, :end], atol=1e-5)
+            assert not ours[1, :, end:].any() and not ours[0].any()  # nothing past the prompt, no other slot
+            assert ours[padded.cache.scratch_row].any()  # the padding went to the scratch row
+
+
+def test_warm_up_stops_at_its_budget(engine):
+    decoder = Decoder(engine.model, slots=4, max_tokens=1024, compile=False, warmup_budget_s=0.0)
+    done, total = decoder.warm_up()
+    assert done == 1 and total > 10  # the budget is checked before each variant after the first
 
 
 def test_missing_model_says_how_to_point_at_a_local_checkpoint(tmp_path, monkeypatch):

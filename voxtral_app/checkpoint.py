@@ -18,6 +18,10 @@ BEGIN_AUDIO_ID = 25  # [BEGIN_AUDIO]
 TRANSCRIBE_ID = 34  # [TRANSCRIBE]
 SPECIAL_TOKENS = 1000  # Tekken v7 reserves ids 0-999 for control tokens
 FULL_SIZE_CONFIG = os.path.join(os.path.dirname(__file__), "..", "assets", "voxtral-mini-3b-2507.json")
+# What transformers loads from a hub repo: configs, processor/tokenizer files (tekken.json) and the
+# transformers weights (model.safetensors or model-0000X-of-0000N.safetensors + their index). The
+# Voxtral repos also hold Mistral's own consolidated.safetensors, the same weights again (~9.4 GB).
+HUB_FILES = ("*.json", "model*.safetensors")
 
 
 def tekken_json() -> dict:

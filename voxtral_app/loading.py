@@ -41,7 +41,7 @@ def checkpoint_path(model: str) -> str:
         raise ModelLoadError(f"No model directory at '{model}'. {download_hint(model)}")
     from huggingface_hub import snapshot_download
     try:
-        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tekken.json"])
+        return snapshot_download(model, allow_patterns=list(checkpoint.HUB_FILES))
     except Exception as error:  # offline, unknown repo, gated, network: all end the same way
         raise ModelLoadError(f"Could not get '{model}' from the Hugging Face Hub ({type(error).__name__}: "
                              f"{error}). {download_hint(model)}") from error

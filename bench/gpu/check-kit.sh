@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Prove the GPU kit here, without a GPU: a Python 3.12 venv holding only what the GPU machine has
+# (at its versions, where the registry has them), plus .whl/ installed exactly as bench/gpu/run.sh
+# installs it there, runs `bench/engine.py --config tiny` to the end. From a clean clone:
+#   bench/gpu/check-kit.sh              # ~5 GB venv (torch 2.11's CUDA build) the first time
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+VENV=${KIT_VENV:-$HOME/.cache/voxtral_app/kit-venv-py312}
+PY312=${PY312:-$(pyenv root 2>/dev/null)/versions/3.12.1/bin/python3.12}
+stamp() { echo "[$(date -u +%T)] $*"; }
+# The GPU machine's packages that matter here (KINDS.md, its pip list). Not matched: python 3.12.3
+# there, the pyenv 3.12 here; the image's other packages (not installed here: the bench needs none).
+DEVICE_PACKAGES="torch==2.11.0 transformers==5.17.0 accelerate==1.15.0 huggingface-hub==1.33.0 numpy==2.5.2
+    onnxruntime==1.30.0 tiktoken==0.14.0 tokenizers==0.23.2 safetensors==0.8.0 pillow requests attrs
+    typing-extensions jinja2 typer pyyaml regex tqdm packaging"
+if [ ! -x "$VENV/bin/python" ]; then
+    stamp "creating $VENV with $("$PY312" -V)"
+    "$PY312" -m venv "$VENV"
+fi
+stamp "installing the GPU machine's packages"
+"$VENV/bin/python" -m pip install -q $DEVICE_PACKAGES
+"$VENV/bin/python" -m pip list 2>/dev/null | grep -i -E '^(torch|transformers|accelerate|huggingface.hub|numpy|onnxruntime|tiktoken|tokenizers|safetensors) '
+[ -n "$(ls .whl/*.whl 2>/dev/null)" ] || PIP="$VENV/bin/python -m pip" bench/gpu/wheels.sh
+SITE=$(mktemp -d)
+trap 'rm -rf "$SITE"' EXIT
+stamp "bench/gpu/run.sh --config tiny, as on the GPU machine"
+OUT=${OUT:-bench-out/check-kit} SITE="$SITE" PYTHON="$VENV/bin/python" bench/gpu/run.sh --config tiny "$@"
+stamp "check-kit passed"

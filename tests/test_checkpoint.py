@@ -1,0 +1,48 @@
+"""A checkpoint laid out like the hub repo mistralai/Voxtral-Mini-3B-2507, and what the app downloads of it."""
+
+import json
+import os
+
+import torch
+from huggingface_hub.utils import filter_repo_objects
+
+from voxtral_app import checkpoint
+from voxtral_app.engine import EngineOptions, Sampling
+from voxtral_app.loading import load_engine
+
+
+def hub_like_checkpoint(path: str) -> list[str]:
+    """The tiny model as the hub repo lays out the real one -> its files, relative to `path`."""
+    checkpoint.save_processor(path)  # tekken.json, tokenizer/processor configs
+    model = checkpoint.random_model(checkpoint.tiny_config())
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    model.save_pretrained(path, max_shard_size=size * 3 // 5)  # two shards + model.safetensors.index.json
+    with open(os.path.join(path, "params.json"), "w") as f:  # Mistral's own config, beside transformers'
+        json.dump({"dim": 64, "n_layers": 2}, f)
+    with open(os.path.join(path, "consolidated.safetensors"), "wb") as f:  # Mistral's copy of the weights
+        f.write(b"\0" * 1024)
+    return sorted(os.listdir(path))
+
+
+def test_hub_files_keep_the_transformers_shards_and_drop_consolidated(tmp_path):
+    files = hub_like_checkpoint(str(tmp_path))
+    assert {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json", "consolidated.safetensors", "params.json", "tekken.json"} <= set(files)
+    kept = set(filter_repo_objects(files, allow_patterns=list(checkpoint.HUB_FILES)))  # as snapshot_download does
+    assert kept == set(files) - {"consolidated.safetensors"}
+    assert set(filter_repo_objects(["model.safetensors"], allow_patterns=list(checkpoint.HUB_FILES)))  # unsharded
+
+    engine = load_engine(EngineOptions(model=str(tmp_path), device="cpu", slots=1, max_tokens=512, warmup=False))
+    try:
+        reference = checkpoint.random_model(checkpoint.tiny_config()).state_dict()  # the same seed
+        loaded = engine.model.state_dict()
+        assert loaded.keys() == reference.keys()
+        assert all(torch.equal(loaded[name], reference[name]) for name in reference)
+        chat = engine.open_chat()
+        reply = chat.start(text="Hello", sampling=Sampling(temperature=0.0, top_p=1.0, max_new_tokens=4))
+        "".join(reply)
+        assert reply.generation.count == 4 and reply.generation.error is None
+        chat.close()
+    finally:
+        engine.close()
+

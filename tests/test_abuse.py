@@ -195,7 +195,7 @@ def test_big_bodies_are_refused_before_reading_and_do_not_stall_others(server):
     *statuses, chunked, latencies = asyncio.run(run())
     assert all(b" 413 " in status for status in statuses), statuses
     assert chunked == 413
-    assert max(latencies) < 0.25, latencies  # the event loop never stalled on them (15.5 s before)
+    assert max(latencies) < 1.0, latencies  # the event loop never stalled on them (15.5 s before); typically 10-20 ms
 
 
 @pytest.mark.parametrize("body, status", [

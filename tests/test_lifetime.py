@@ -57,9 +57,9 @@ def test_uploads_from_ten_page_sessions_give_their_slots_back(app_engine, speech
 
 
 def test_a_disconnect_during_a_prefill_does_not_delay_another_client(app_engine, speech):
-    """Client A streams a long reply; client B speaks 30 s and hangs up during its prefill. A's
+    """Client A streams a long reply; client B speaks and hangs up during its prefill. A's
     tokens keep coming: the worst gap between A's updates is measured against A's own typical gap."""
-    served = BackgroundServer(create_app(app_engine, ConversationOptions(reply_tokens=600)))
+    served = BackgroundServer(create_app(app_engine, ConversationOptions(reply_tokens=3000)))  # fits the 4096-token cache
 
     async def run():
         a = await Client.connect(served.url, temperature=1.0)
@@ -70,8 +70,8 @@ def test_a_disconnect_during_a_prefill_does_not_delay_another_client(app_engine,
                 _, event = await a.next_event(60)
                 if event["history"] and event["history"][-1]["role"] == "assistant" and event["history"][-1]["content"]:
                     break
-            long_turn = np.tile(speech, 3)[: 30 * SAMPLE_RATE]
-            ended = b.say(np.concatenate([long_turn, np.zeros(SAMPLE_RATE, np.float32)]), 30.0)
+            turn = speech[: 3 * SAMPLE_RATE]  # any clip is padded to 30 s: the prefill is a whole 375-token block
+            ended = b.say(np.concatenate([turn, np.zeros(SAMPLE_RATE, np.float32)]), 3.0)
             arrivals = []
 
             async def watch_a():
@@ -86,7 +86,8 @@ def test_a_disconnect_during_a_prefill_does_not_delay_another_client(app_engine,
             await asyncio.sleep(0.12)
             hung_up = time.perf_counter()
             await b.close()
-            await asyncio.wait_for(watcher, 120)
+            await asyncio.sleep(3)
+            watcher.cancel()
             return arrivals, hung_up
         finally:
             await a.close()

@@ -52,10 +52,13 @@ class Call:
             await asyncio.sleep(FRAME_S)
 
     async def wait_for(self, predicate, timeout=60.0):
-        for _ in range(int(timeout / 0.05)):
+        """Wait for a message, sending the line's silence meanwhile (Twilio streams media all call long)."""
+        silence = next(mulaw_payloads(np.zeros(int(FRAME_S * SAMPLE_RATE), np.float32)))
+        for _ in range(int(timeout / FRAME_S)):
             if any(predicate(m) for m in self.received):
                 return
-            await asyncio.sleep(0.05)
+            await self.ws.send(json.dumps({"event": "media", "streamSid": SID, "media": {"payload": silence}}))
+            await asyncio.sleep(FRAME_S)
         raise TimeoutError(f"no such message; got events {sorted({m.get('event') for m in self.received})}")
 
     def reply_audio(self) -> np.ndarray:

@@ -22,9 +22,11 @@ from fastrtc import Stream
 from pydantic import BaseModel, ValidationError
 
 from . import transport
+from .backend import describe
 from .conversation import ConversationOptions
 from .engine import Engine
 from .handler import VoxtralHandler
+from .openai_api import add_openai_routes
 from .tts import VoiceOptions, load_speaker_or_none
 from .ui import build_ui
 
@@ -140,12 +142,16 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
         """healthy | warming_up | degraded (503: the decode thread died or is stuck)."""
         status = "degraded" if not engine.healthy else "healthy" if engine.ready.is_set() else "warming_up"
         body = {"status": status, "model": engine.options.model, "device": str(engine.device),
-                "compiled": engine.decoder.compiled, "active_sessions": engine.active_chats, "max_sessions": slots}
+                "compiled": engine.decoder.compiled, "active_sessions": engine.active_chats, "max_sessions": slots,
+                "backend": describe(engine)}
         if engine.failure is not None:
             body["error"] = f"the decode thread died: {engine.failure}"
         elif engine.stuck:
             body["error"] = "the decode thread has not stepped for a while"
         return JSONResponse(body, status_code=503 if status == "degraded" else 200)
+
+    if isinstance(engine, Engine):  # OpenAI-compatible /v1 routes on the local engine
+        add_openai_routes(app, engine)
 
     @app.post("/webrtc/offer")
     async def webrtc_offer(request: Request):

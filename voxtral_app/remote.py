@@ -14,6 +14,7 @@ are guarded by `lock`. A server that is down or slow fails the reply with a mess
 (connect and read timeouts: never a hang); /health reads a reachability check made in the background.
 """
 
+import argparse
 import asyncio
 import base64
 import collections
@@ -23,7 +24,6 @@ import queue
 import threading
 import time
 import types
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -32,6 +32,7 @@ import numpy as np
 import openai
 import soundfile as sf
 
+from . import config
 from .audio import SAMPLE_RATE
 from .engine import CHAT, EngineBusy, EngineFailed, Sampling
 
@@ -61,15 +62,10 @@ class BackendUnavailable(RuntimeError):
 
 def base_url(url: str) -> str:
     """Check the URL's form -> the API's base URL; ValueError saying what is expected."""
-    parts = urllib.parse.urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http(s) URL such as http://vllm:8000/v1, got {url!r}")
     try:
-        parts.port  # noqa: B018 - raises for a port out of range
-    except ValueError as error:
-        raise ValueError(f"{url!r}: {error}") from None
-    path = parts.path.rstrip("/") or "/v1"
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+        return config.backend_url(url)
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(str(error)) from None
 
 
 def wav_base64(audio: np.ndarray) -> str:
@@ -326,8 +322,9 @@ class OpenAIBackend:
         try:
             models = self.call(self.list_models(), timeout=self.options.connect_timeout_s * 2 + 1)
         except Exception as error:  # noqa: BLE001 - any failure means: not a server we can use
+            reason = error.__cause__ or error if isinstance(error, openai.APIConnectionError) else error
             raise BackendUnavailable(f"no OpenAI-compatible server answers GET {self.url}/models "
-                                     f"({explain(error, self.url, self.options.connect_timeout_s)[1]})") from error
+                                     f"({type(reason).__name__}: {reason})") from error
         if not models:
             raise BackendUnavailable(f"the server at {self.url} serves no models")
         if self.options.model and self.options.model not in models:

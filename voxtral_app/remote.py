@@ -96,11 +96,13 @@ def audio_seconds(message: dict) -> float:
 
 def explain(error: BaseException, url: str, read_timeout_s: float) -> tuple[str, str]:
     """An openai/httpx error -> (metric kind, a message for the person in the chat)."""
-    if isinstance(error, openai.APITimeoutError):
+    if isinstance(error, (openai.APITimeoutError, httpx.TimeoutException)):
         return "backend_unavailable", f"the generation server at {url} did not answer within {read_timeout_s:.0f} s"
     if isinstance(error, openai.APIConnectionError):
         return "backend_unavailable", (f"the generation server at {url} cannot be reached "
                                        f"({error.__cause__ or error}); try again in a moment")
+    if isinstance(error, httpx.TransportError):  # mid-stream: the connection broke
+        return "backend_unavailable", f"the generation server at {url} went away mid-reply ({error})"
     if isinstance(error, openai.APIStatusError):
         if error.status_code == 429 or error.status_code >= 500:
             return "backend_unavailable", (f"the generation server at {url} is busy or failing "

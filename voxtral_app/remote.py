@@ -24,6 +24,7 @@ import queue
 import threading
 import time
 import types
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -39,6 +40,7 @@ from .engine import CHAT, EngineBusy, EngineFailed, Sampling
 logger = logging.getLogger(__name__)
 
 SETTLE_TIMEOUT_S = 30.0  # a cancelled stream closes at once; this is a backstop
+CONVERSATION_HEADER = "X-Voxtral-Conversation"  # deploy/vllm/nginx.conf pins a conversation to a replica by it
 WAV_BYTES_PER_S = 2 * SAMPLE_RATE  # 16-bit mono: what a turn's audio costs on the wire
 
 
@@ -207,6 +209,7 @@ class RemoteChat:
 
     def __init__(self, backend: "OpenAIBackend"):
         self.backend = backend
+        self.id = uuid.uuid4().hex  # sent as X-Voxtral-Conversation: a load balancer can pin it to a replica
         self.messages: list[dict] = []
         self.current: RemoteReply | None = None
         self.closed = False
@@ -216,13 +219,13 @@ class RemoteChat:
         self.messages.append(user_message(audio, text))
         self.trim()
         reply = RemoteReply(self.backend, record=True)
-        self.current = self.backend.submit(reply, self.backend.stream_chat(reply, list(self.messages), sampling))
+        self.current = self.backend.submit(reply, self.backend.stream_chat(reply, list(self.messages), sampling, self.id))
         return reply
 
     def transcribe(self, audio: np.ndarray, language: str | None = None) -> RemoteReply:
         self.settle()
         reply = RemoteReply(self.backend, record=False)
-        self.current = self.backend.submit(reply, self.backend.transcribe(reply, audio, language))
+        self.current = self.backend.submit(reply, self.backend.transcribe(reply, audio, language, self.id))
         return reply
 
     def discard(self, reply: RemoteReply) -> None:
@@ -460,11 +463,12 @@ class OpenAIBackend:
         logger.warning("turn failed on %s: %s", self.url, message)
         reply.error = message
 
-    async def stream_chat(self, reply: RemoteReply, messages: list[dict], sampling: Sampling) -> None:
+    async def stream_chat(self, reply: RemoteReply, messages: list[dict], sampling: Sampling, chat_id: str) -> None:
         try:
             stream = await self.client.chat.completions.create(
                 model=self.options.model, messages=messages, stream=True, stream_options={"include_usage": True},
-                temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens)
+                temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
+                extra_headers={CONVERSATION_HEADER: chat_id})
             async with stream:  # leaving it closes the response: a cancel reaches the server
                 async for chunk in stream:
                     if chunk.usage is not None:
@@ -477,12 +481,13 @@ class OpenAIBackend:
         except Exception as error:  # noqa: BLE001 - every failure ends the turn with a message
             self.failed(reply, error)
 
-    async def transcribe(self, reply: RemoteReply, audio: np.ndarray, language: str | None) -> None:
+    async def transcribe(self, reply: RemoteReply, audio: np.ndarray, language: str | None, chat_id: str) -> None:
         wav = base64.b64decode(wav_base64(audio))
         try:
             result = await self.client.audio.transcriptions.create(
                 model=self.options.model, file=("turn.wav", wav, "audio/wav"), temperature=0.0,
-                response_format="json", **({"language": language} if language else {}))
+                response_format="json", extra_headers={CONVERSATION_HEADER: chat_id},
+                **({"language": language} if language else {}))
             if result.text:
                 reply.put(result.text)
         except asyncio.CancelledError:

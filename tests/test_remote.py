@@ -5,6 +5,9 @@ barge-in that stops B's generation, and B going away mid-reply."""
 import asyncio
 import base64
 import io
+import os
+import subprocess
+import sys
 import time
 
 import httpx
@@ -21,6 +24,7 @@ from voxtral_app.server import create_app
 from voxtral_app.tts import VoiceOptions, load_speaker
 from servers import BackgroundServer
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=12)
 SILENCE = np.zeros(int(1.5 * SAMPLE_RATE), np.float32)
 
@@ -201,3 +205,32 @@ def test_server_gone_mid_reply_is_a_message_and_a_keeps_serving(app_engine, spea
         backend.close()
         b.stop()
     assert wait_for(lambda: app_engine.in_flight == 0 and app_engine.active_chats == 0, 10)
+
+
+def run_app(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "app.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, **(env or {})})
+
+
+def test_backend_flags_and_environment():
+    import app
+
+    args = app.parse_args([], environ={"VOXTRAL_BACKEND": "openai", "VOXTRAL_BACKEND_URL": "http://vllm:8000",
+                                       "VOXTRAL_BACKEND_API_KEY": "k", "VOXTRAL_BACKEND_MODEL": "m"})
+    assert (args.backend, args.backend_url, args.backend_api_key, args.backend_model) == (
+        "openai", "http://vllm:8000/v1", "k", "m")
+    assert app.parse_args([], environ={}).backend == "local"
+
+
+@pytest.mark.parametrize("args, env, says", [
+    (["--backend", "openai", "--backend-url", "notaurl"], {}, "argument --backend-url: expected an http(s) URL"),
+    (["--backend", "openai"], {"VOXTRAL_BACKEND_URL": "ftp://x"}, "VOXTRAL_BACKEND_URL='ftp://x'"),
+    (["--backend", "openai"], {}, "--backend openai needs --backend-url"),
+    (["--backend", "openai", "--backend-url", "http://127.0.0.1:9/v1"], {}, "--backend-url http://127.0.0.1:9/v1: "
+     "no OpenAI-compatible server answers"),
+])
+def test_bad_backend_url_is_a_one_line_error(args, env, says):
+    result = run_app(*args, env={"VOXTRAL_BACKEND_URL": "", **env})
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], result.stderr

@@ -237,6 +237,20 @@ def next_piece(reply) -> str | None:
                 raise RuntimeError(f"no token for {PIECE_TIMEOUT_S:.0f} s; the generation was stopped") from None
 
 
+def next_pieces(reply) -> str | None:
+    """next_piece, plus whatever else has already arrived: one thread hop and one chunk per batch."""
+    piece = next_piece(reply)
+    while piece is not None:
+        try:
+            more = reply.next_piece(timeout=0)
+        except queue.Empty:
+            break
+        if more is None:
+            break  # the end stays queued for the next call
+        piece += more
+    return piece
+
+
 def whole_reply(reply) -> str:
     while next_piece(reply) is not None:
         pass
@@ -319,7 +333,7 @@ def add_openai_routes(app: FastAPI, engine, pool_threads: int | None = None) -> 
                 yield chunk(delta({"role": "assistant", "content": ""}))
                 while True:
                     try:
-                        piece = await run(next_piece, reply)
+                        piece = await run(next_pieces, reply)
                     except RuntimeError as error:
                         failure = ApiError(500, f"generation failed: {error}", type="server_error")
                         yield f"data: {json.dumps(failure.body())}\n\n"

@@ -417,9 +417,12 @@ class OpenAIBackend:
             self.thread.join(5)
 
     async def shutdown(self) -> None:
-        for task in asyncio.all_tasks() - {asyncio.current_task()}:
+        tasks = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.client.close()
+        await self.loop.shutdown_asyncgens()
 
     # -- the loop thread ------------------------------------------------------------------------
 

@@ -37,8 +37,8 @@ from .engine import CHAT, EngineBusy, EngineFailed, Sampling
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 50_000_000  # a chat request: 5 min of 16-bit audio is 13 MB in base64, history more
-MAX_UPLOAD_BYTES = 25_000_000  # a transcription upload, OpenAI's own limit
+MAX_BODY_BYTES = 26_214_400  # 25 MB per chat request (guard.py's cap too): 5 min of 16-bit audio is 13 MB in base64
+MAX_UPLOAD_BYTES = 26_214_400  # 25 MB per transcription upload, OpenAI's own limit
 MAX_MESSAGES = 256
 MAX_TEXT_CHARS = 32_000  # per message
 MAX_REPLY_TOKENS = 2_048  # max_tokens is capped here
@@ -201,12 +201,12 @@ async def read_body(request: Request, cap: int) -> bytes:
     """The request body, refused with 413 past `cap` bytes (whatever Content-Length claims)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > cap:
-        raise ApiError(413, f"the request is over {cap // 1_000_000} MB", code="request_too_large")
+        raise ApiError(413, f"the request body is over the {cap}-byte limit of this route", code="body_too_large")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > cap:
-            raise ApiError(413, f"the request is over {cap // 1_000_000} MB", code="request_too_large")
+            raise ApiError(413, f"the request body is over the {cap}-byte limit of this route", code="body_too_large")
     return bytes(body)
 
 
@@ -354,7 +354,7 @@ def add_openai_routes(app: FastAPI, engine, pool_threads: int | None = None) -> 
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
-        raw = await read_body(request, MAX_UPLOAD_BYTES + 1_000_000)  # the file plus its form fields
+        raw = await read_body(request, MAX_UPLOAD_BYTES)
 
         async def replay():
             return {"type": "http.request", "body": raw, "more_body": False}

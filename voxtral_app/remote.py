@@ -51,7 +51,8 @@ class RemoteOptions:
     model: str = ""  # the served model id; "": the first one GET /v1/models lists
     slots: int = 8  # conversations at once (the server batches; this caps what one front end sends)
     max_audio_s: float = 300.0  # per-turn audio cap, 5 min
-    history_audio_s: float = 600.0  # audio kept in a conversation's history; older turns are dropped
+    history_audio_s: float = 480.0  # audio a conversation's request carries; older turns are dropped (480 s of
+    # 16-bit WAV is 20 MB in base64: under the 25 MB request cap of this app's /v1 and of most proxies)
     connect_timeout_s: float = 5.0  # TCP/TLS connect, and the start-up and health checks
     read_timeout_s: float = 30.0  # longest wait for the first token (prefill) or between two tokens
     check_interval_s: float = 10.0  # /health's reachability answer is at most this old

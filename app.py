@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from voxtral_app.config import EnvParser, log_level, port, seconds, sessions, switch, temperature
+from voxtral_app.config import EnvParser, backend_url, log_level, port, seconds, sessions, switch, temperature
 from voxtral_app.ice import PROVIDERS, IceOptions, missing_credentials, rtc_configuration
 
 # torch, transformers, gradio and fastrtc are imported in main(), after the arguments: --help answers at once
@@ -27,6 +27,12 @@ def parse_args(argv=None, environ=None) -> argparse.Namespace:
     add = parser.add_argument
     add("--model", env=("VOXTRAL_MODEL", "MODEL_NAME"), help="hub id or local checkpoint directory (default: "
         "mistralai/Voxtral-Mini-3B-2507; 'tiny-random': a tiny untrained model)")
+    # where replies are generated: this process, or an OpenAI-compatible server (vLLM, another copy of this app)
+    add("--backend", default="local", choices=["local", "openai"], env=("VOXTRAL_BACKEND",),
+        help="local: the model in this process; openai: stream from --backend-url")
+    add("--backend-url", type=backend_url, env=("VOXTRAL_BACKEND_URL",), help="e.g. http://vllm:8000/v1")
+    add("--backend-api-key", env=("VOXTRAL_BACKEND_API_KEY",), help="the server's API key, if it wants one")
+    add("--backend-model", env=("VOXTRAL_BACKEND_MODEL",), help="model id there (default: the first it lists)")
     add("--device", default="auto", env=("VOXTRAL_DEVICE", "DEVICE"), help="auto, cuda, cuda:1 or cpu")
     add("--compile", action=argparse.BooleanOptionalAction, env=("VOXTRAL_COMPILE", "ENABLE_TORCH_COMPILE"),
         env_type=switch, help="torch.compile the hot path (default: on with CUDA, off on CPU)")
@@ -70,6 +76,8 @@ def parse_args(argv=None, environ=None) -> argparse.Namespace:
     add("--share", action="store_true", help="also serve through a public Gradio link")
     args = parser.parse_args(argv)
     args.log_level = "DEBUG" if args.debug else args.log_level
+    if args.backend == "openai" and not args.backend_url:
+        parser.error("--backend openai needs --backend-url (or VOXTRAL_BACKEND_URL), e.g. http://vllm:8000/v1")
     args.ice = IceOptions(args.turn_url, args.turn_username, args.turn_credential, args.rtc_configuration,
                           args.turn_provider)
     try:
@@ -104,12 +112,15 @@ def main(argv=None) -> None:
     def given(**values) -> dict:  # None: the option's own default
         return {name: value for name, value in values.items() if value is not None}
 
-    try:
-        engine = load_engine(EngineOptions(**given(model=args.model), device=args.device, compile=args.compile,
-                                           slots=args.max_sessions), background_warmup=True,
-                             on_failure=stop_serving)
-    except ModelLoadError as error:
-        sys.exit(f"error: {error}")
+    if args.backend == "openai":
+        engine = open_backend(args)
+    else:
+        try:
+            engine = load_engine(EngineOptions(**given(model=args.model), device=args.device, compile=args.compile,
+                                               slots=args.max_sessions), background_warmup=True,
+                                 on_failure=stop_serving)
+        except ModelLoadError as error:
+            sys.exit(f"error: {error}")
     turns = turn_options(args, given(pause_s=None if args.pause_ms is None else args.pause_ms / 1000))
     chat_options = ConversationOptions(turns=turns, max_audio_s=engine.options.max_audio_s,
                                **given(temperature=args.temperature))
@@ -148,6 +159,19 @@ def turn_options(args: argparse.Namespace, given: dict):
             logging.getLogger("app").warning("end-of-turn model off: %s", error)
             turns = replace(turns, end_of_turn=EndOfTurnOptions(enabled=False))
     return turns
+
+
+def open_backend(args):
+    """--backend openai: the server at --backend-url must answer GET /v1/models now (one-line error if not)."""
+    from voxtral_app.remote import BackendUnavailable, OpenAIBackend, RemoteOptions
+
+    backend = OpenAIBackend(RemoteOptions(url=args.backend_url, api_key=args.backend_api_key or "",
+                                          model=args.backend_model or "", slots=args.max_sessions))
+    try:
+        return backend.connect()
+    except BackendUnavailable as error:
+        backend.close()
+        sys.exit(f"app.py: error: --backend-url {args.backend_url}: {error}")
 
 
 def stop_serving(error: BaseException) -> None:

@@ -10,10 +10,11 @@ import uvicorn
 class BackgroundServer:
     """`app` under uvicorn in a background thread on a free port (tests, benchmarks)."""
 
-    def __init__(self, app, host: str = "127.0.0.1"):
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            port = probe.getsockname()[1]
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        if not port:  # a free one
+            with socket.socket() as probe:
+                probe.bind((host, 0))
+                port = probe.getsockname()[1]
         self.app = app
         self.url = f"http://{host}:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
@@ -24,6 +25,8 @@ class BackgroundServer:
                 raise RuntimeError(f"the server on {self.url} did not start")
             time.sleep(0.05)
 
-    def stop(self) -> None:
+    def stop(self, force: bool = False) -> None:
+        """force: do not wait for open responses (streams) to finish: like a crash, to the clients."""
         self.server.should_exit = True
+        self.server.force_exit = force
         self.thread.join(10)

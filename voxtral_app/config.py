@@ -108,3 +108,17 @@ def log_level(text: str) -> str:
     if text.upper() not in LOG_LEVELS:
         raise argparse.ArgumentTypeError(f"expected one of {', '.join(LOG_LEVELS)}, got {text!r}")
     return text.upper()
+
+
+def backend_url(text: str) -> str:
+    """An OpenAI-compatible server's base URL: http(s)://host[:port][/path]; a bare host gets /v1."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(text.strip())
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not one
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an http(s) URL such as http://vllm:8000/v1, got {text!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"expected an http(s) URL such as http://vllm:8000/v1, got {text!r}")
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") or "/v1", "", ""))

@@ -152,6 +152,9 @@ async def refuse(scope, receive, send, status: int, error: str, message: str):
         await send({"type": "websocket.accept"})
         return await send({"type": "websocket.close", "code": 4000 + status, "reason": message[:120]})
     body = json.dumps({"status": "failed", "meta": {"error": error}, "message": message}).encode()
+    if scope.get("path", "").startswith("/v1/"):  # OpenAI's error shape for the OpenAI-compatible routes
+        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                     "code": error}}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})

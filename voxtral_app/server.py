@@ -25,11 +25,13 @@ from pydantic import BaseModel, ValidationError
 from . import metrics, transport
 from .access import AccessOptions, Connections
 from .api import SessionOptions, add_session_routes
+from .backend import describe
 from .conversation import ConversationOptions
 from .guard import Guard, GuardOptions
 from .sockets import CheckedWebSocket, SocketClosed, call_token
 from .engine import Engine
 from .handler import PHONE_RATE, VoxtralHandler
+from .openai_api import add_openai_routes
 from .tts import VoiceOptions, load_speaker_or_none
 from .ui import build_ui
 
@@ -145,13 +147,17 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
         """healthy | warming_up | degraded (503: the decode thread died or is stuck)."""
         status = "degraded" if not engine.healthy else "healthy" if engine.ready.is_set() else "warming_up"
         body = {"status": status, "model": engine.options.model, "device": str(engine.device),
-                "compiled": engine.decoder.compiled, "active_sessions": engine.active_chats, "max_sessions": slots}
+                "compiled": engine.decoder.compiled, "active_sessions": engine.active_chats, "max_sessions": slots,
+                "backend": describe(engine)}
         if engine.failure is not None:
             body["error"] = f"the decode thread died: {engine.failure}"
         elif engine.stuck:
             body["error"] = "the decode thread has not stepped for a while"
         body.update(metrics.system_health(engine))  # gpu_available, gpu_count, system{cpu, memory, GPU GB}
         return JSONResponse(body, status_code=503 if status == "degraded" else 200)
+
+    if isinstance(engine, Engine):  # OpenAI-compatible /v1 routes on the local engine
+        add_openai_routes(app, engine)
 
     @app.post("/webrtc/offer")
     async def webrtc_offer(request: Request):

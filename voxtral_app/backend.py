@@ -1,0 +1,103 @@
+"""The generation backend: what a Conversation and the server need from whatever generates replies.
+
+Two implementations: `engine.Engine` (local: the model in this process, a KV cache per
+conversation, batched decode) and `remote.OpenAIBackend` (streams from an OpenAI-compatible server
+such as vLLM). app.py picks one with `--backend local|openai`; nothing else knows which it got.
+These Protocols only write the contract down (typing, docs); nothing checks them at run time.
+"""
+
+import threading
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+
+from .engine import Sampling
+
+
+class Reply(Protocol):
+    """A reply in progress, read by one thread; `cancel()` may come from any thread."""
+
+    text: str  # what the reader has been handed so far
+    prompt_ids: list[int]  # the prompt it continues ([] when the backend does not say)
+
+    def next_piece(self, timeout: float | None = None) -> str | None:
+        """The next text piece ('' is possible), None once over; queue.Empty after `timeout` s
+        without one; RuntimeError (a message for the user) if generation failed."""
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def cancel(self) -> None: ...
+
+    @property
+    def cancelled(self) -> bool: ...
+
+    @property
+    def done(self) -> bool: ...
+
+    @property
+    def stats(self) -> dict:
+        """prefill_tokens, cached_tokens, first_token_s (None before it), tokens, tokens_per_s."""
+
+
+class Chat(Protocol):
+    """One conversation: its messages and the reply in progress. Owned by the thread that drives it."""
+
+    messages: list[dict]
+
+    def start(self, audio: np.ndarray | None = None, text: str = "", sampling: Sampling = ...) -> Reply:
+        """Add a user turn (16 kHz float32 audio and/or text) and start the reply. Does not wait for
+        the first token; ValueError for a turn that cannot be sent."""
+
+    def transcribe(self, audio: np.ndarray, language: str | None = None) -> Reply: ...
+
+    def discard(self, reply: Reply) -> None:
+        """Drop a reply (speculative, or taken back) and the user turn it answered."""
+
+    def cancel(self) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def close(self) -> None:
+        """End the reply in progress and free the conversation's place."""
+
+
+class Options(Protocol):
+    model: str
+    slots: int  # conversations at once
+    max_audio_s: float  # per-turn audio cap
+
+
+class Backend(Protocol):
+    """Owned by the process; thread-safe. `open_chat()` raises engine.EngineBusy when `slots`
+    conversations are open, engine.EngineFailed when the backend cannot serve any more."""
+
+    options: Options
+    device: object  # str() names where generation runs; `.type` is "cuda", "cpu" or "remote"
+    decoder: object  # `.compiled`: whether the hot path is torch.compiled (False when remote)
+    ready: threading.Event  # set once the first turn can be served without a warm-up wait
+    failure: BaseException | None
+
+    def open_chat(self) -> Chat: ...
+
+    @property
+    def free_slots(self) -> list: ...
+
+    @property
+    def active_chats(self) -> int: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def healthy(self) -> bool: ...
+
+    @property
+    def stuck(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+def describe(backend) -> dict:
+    """What /health says about the backend: {"kind": "local"} or the remote backend's own report."""
+    return backend.describe() if hasattr(backend, "describe") else {"kind": "local"}

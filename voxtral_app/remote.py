@@ -1,0 +1,500 @@
+"""Generation on an OpenAI-compatible server: vLLM serving Voxtral, or another copy of this app.
+
+`OpenAIBackend` stands where the local `Engine` stands (backend.py's contract): `open_chat()`
+gives a `RemoteChat` that keeps the conversation's messages itself and streams each reply from
+`POST /v1/chat/completions` (the user's audio as an `input_audio` part, a base64 WAV; earlier turns
+as messages) or, in transcribe mode, `POST /v1/audio/transcriptions`. The server keeps no state
+between requests; prefix caching on it (vLLM's --enable-prefix-caching) spares re-encoding history.
+
+Threads: the backend owns ONE asyncio loop on its own thread ("voxtral-openai"); every request
+runs there through one AsyncOpenAI client on one httpx connection pool. A RemoteChat belongs to the
+thread that drives it (a Conversation's worker); a RemoteReply's pieces cross from the loop thread
+on a queue.SimpleQueue, and its end is a threading.Event. `slots`, `in_flight` and the error counts
+are guarded by `lock`. A server that is down or slow fails the reply with a message for the user
+(connect and read timeouts: never a hang); /health reads a reachability check made in the background.
+"""
+
+import argparse
+import asyncio
+import base64
+import collections
+import io
+import logging
+import queue
+import threading
+import time
+import types
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import httpx
+import numpy as np
+import openai
+import soundfile as sf
+
+from . import config
+from .audio import SAMPLE_RATE
+from .engine import CHAT, EngineBusy, EngineFailed, Sampling
+
+logger = logging.getLogger(__name__)
+
+SETTLE_TIMEOUT_S = 30.0  # a cancelled stream closes at once; this is a backstop
+CONVERSATION_HEADER = "X-Voxtral-Conversation"  # deploy/vllm/nginx.conf pins a conversation to a replica by it
+WAV_BYTES_PER_S = 2 * SAMPLE_RATE  # 16-bit mono: what a turn's audio costs on the wire
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    url: str  # the server's OpenAI base URL: http://vllm:8000/v1 (a bare http://host:port gets /v1)
+    api_key: str = ""  # sent as a bearer token; vLLM checks it when started with --api-key
+    model: str = ""  # the served model id; "": the first one GET /v1/models lists
+    slots: int = 8  # conversations at once (the server batches; this caps what one front end sends)
+    max_audio_s: float = 300.0  # per-turn audio cap, 5 min
+    history_audio_s: float = 480.0  # audio a conversation's request carries; older turns are dropped (480 s of
+    # 16-bit WAV is 20 MB in base64: under the 25 MB request cap of this app's /v1 and of most proxies)
+    connect_timeout_s: float = 5.0  # TCP/TLS connect, and the start-up and health checks
+    read_timeout_s: float = 30.0  # longest wait for the first token (prefill) or between two tokens
+    check_interval_s: float = 10.0  # /health's reachability answer is at most this old
+    max_connections: int = 64  # the httpx pool
+
+
+class BackendUnavailable(RuntimeError):
+    """The server at --backend-url does not answer like an OpenAI-compatible server."""
+
+
+def base_url(url: str) -> str:
+    """Check the URL's form -> the API's base URL; ValueError saying what is expected."""
+    try:
+        return config.backend_url(url)
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(str(error)) from None
+
+
+def wav_base64(audio: np.ndarray) -> str:
+    """16 kHz float32 samples -> a 16-bit WAV, base64 (half the bytes of float; the source was 16-bit)."""
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def user_message(audio: np.ndarray | None, text: str) -> dict:
+    """A user turn as OpenAI's chat format carries it (vLLM's Voxtral reads `input_audio` parts)."""
+    content = []
+    if audio is not None:
+        content.append({"type": "input_audio", "input_audio": {"data": wav_base64(audio), "format": "wav"}})
+    if text:
+        content.append({"type": "text", "text": text})
+    if not content:
+        raise ValueError("a user turn needs audio or text")
+    return {"role": "user", "content": content}
+
+
+def audio_seconds(message: dict) -> float:
+    if not isinstance(message["content"], list):
+        return 0.0
+    data = [part["input_audio"]["data"] for part in message["content"] if part["type"] == "input_audio"]
+    return sum(len(b64) * 3 / 4 for b64 in data) / WAV_BYTES_PER_S
+
+
+def explain(error: BaseException, url: str, read_timeout_s: float) -> tuple[str, str]:
+    """An openai/httpx error -> (metric kind, a message for the person in the chat)."""
+    if isinstance(error, (openai.APITimeoutError, httpx.TimeoutException)):
+        return "backend_unavailable", f"the generation server at {url} did not answer within {read_timeout_s:.0f} s"
+    if isinstance(error, openai.APIConnectionError):
+        return "backend_unavailable", (f"the generation server at {url} cannot be reached "
+                                       f"({error.__cause__ or error}); try again in a moment")
+    if isinstance(error, httpx.TransportError):  # mid-stream: the connection broke
+        return "backend_unavailable", f"the generation server at {url} went away mid-reply ({error})"
+    if isinstance(error, openai.APIStatusError):
+        if error.status_code == 429 or error.status_code >= 500:
+            return "backend_unavailable", (f"the generation server at {url} is busy or failing "
+                                           f"({error.status_code}: {error.message})")
+        return "backend_error", f"the generation server refused the turn ({error.status_code}: {error.message})"
+    return "backend_error", f"the generation server's answer could not be read ({type(error).__name__}: {error})"
+
+
+class RemoteReply:
+    """A reply streaming from the server. Read by one thread; the loop thread writes pieces, usage
+    and times before it ends the queue with None; `cancel()` may come from any thread."""
+
+    def __init__(self, backend: "OpenAIBackend", record: bool):
+        self.backend = backend
+        self.record = record  # chat replies join the conversation; transcripts do not
+        self.prompt_ids: list[int] = []  # the server tokenizes; we do not know its ids
+        self.pieces: queue.SimpleQueue = queue.SimpleQueue()  # str, then None
+        self.text = ""  # what the reader has been handed
+        self.tokens: list[str] = []  # the pieces handed out (one per streamed chunk)
+        self.error: str | None = None  # set by the loop thread before the end
+        self.usage = None  # the server's usage, when it sends one
+        self.task: asyncio.Task | None = None  # loop-owned
+        self.ended = threading.Event()
+        self.cancel_event = threading.Event()
+        self.submitted = time.perf_counter()
+        self.first_token: float | None = None
+        self.finished: float | None = None
+        self.chunks = 0
+
+    # -- reader thread --------------------------------------------------------------------------
+
+    def next_piece(self, timeout: float | None = None) -> str | None:
+        piece = self.pieces.get(timeout=timeout) if timeout is not None else self.pieces.get()
+        if piece is None:
+            self.pieces.put(None)  # stays over: later calls see the end too
+            if self.error is not None and not self.cancelled:
+                raise RuntimeError(self.error)
+            return None
+        self.tokens.append(piece)
+        self.text += piece
+        return piece
+
+    def __iter__(self) -> Iterator[str]:
+        while (piece := self.next_piece()) is not None:
+            if piece:
+                yield piece
+
+    def wait(self, timeout: float = SETTLE_TIMEOUT_S) -> bool:
+        return self.ended.wait(timeout)
+
+    @property
+    def done(self) -> bool:
+        return self.ended.is_set()
+
+    @property
+    def stats(self) -> dict:
+        end = self.finished or time.perf_counter()
+        first = (self.first_token - self.submitted) if self.first_token else None
+        usage = self.usage
+        tokens = usage.completion_tokens if usage is not None else self.chunks
+        decode_s = end - self.first_token if self.first_token else 0.0
+        details = getattr(usage, "prompt_tokens_details", None)
+        return {"prefill_tokens": usage.prompt_tokens if usage is not None else 0,
+                "cached_tokens": (getattr(details, "cached_tokens", None) or 0) if details is not None else 0,
+                "first_token_s": first, "tokens": tokens,
+                "tokens_per_s": max(tokens - 1, 0) / decode_s if decode_s > 0 else 0.0}
+
+    # -- any thread -----------------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Close the stream (the server sees the client go and stops generating)."""
+        if not self.cancel_event.is_set():
+            self.cancel_event.set()
+            self.backend.on_loop(self.stop)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    # -- loop thread ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    def put(self, piece: str) -> None:
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+        self.chunks += 1
+        self.pieces.put(piece)
+
+    def end(self, task: asyncio.Task | None = None) -> None:
+        self.finished = time.perf_counter()
+        self.pieces.put(None)
+        self.backend.stream_ended()
+        self.ended.set()
+
+
+class RemoteChat:
+    """One conversation: its messages in OpenAI's format, and the reply in progress.
+    Owned by the thread that drives it (a Conversation's worker)."""
+
+    def __init__(self, backend: "OpenAIBackend"):
+        self.backend = backend
+        self.id = uuid.uuid4().hex  # sent as X-Voxtral-Conversation: a load balancer can pin it to a replica
+        self.messages: list[dict] = []
+        self.current: RemoteReply | None = None
+        self.closed = False
+
+    def start(self, audio: np.ndarray | None = None, text: str = "", sampling: Sampling = CHAT) -> RemoteReply:
+        self.settle()
+        self.messages.append(user_message(audio, text))
+        self.trim()
+        reply = RemoteReply(self.backend, record=True)
+        self.current = self.backend.submit(reply, self.backend.stream_chat(reply, list(self.messages), sampling, self.id))
+        return reply
+
+    def transcribe(self, audio: np.ndarray, language: str | None = None) -> RemoteReply:
+        self.settle()
+        reply = RemoteReply(self.backend, record=False)
+        self.current = self.backend.submit(reply, self.backend.transcribe(reply, audio, language, self.id))
+        return reply
+
+    def discard(self, reply: RemoteReply) -> None:
+        reply.cancel()
+        recorded, reply.record = reply.record, False
+        if self.current is reply:
+            self.settle()
+            if recorded:
+                self.drop_last_turn()
+
+    def cancel(self) -> None:
+        if self.current is not None:
+            self.current.cancel()
+
+    def reset(self) -> None:
+        self.settle(cancel=True)
+        self.messages = []
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.settle(cancel=True)
+            self.backend.release()
+
+    def drop_last_turn(self) -> None:
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages.pop()
+
+    def trim(self) -> None:
+        """Drop the oldest turns while the history holds more audio than the server should re-read."""
+        while len(self.messages) > 1 and sum(map(audio_seconds, self.messages)) > self.backend.options.history_audio_s:
+            self.messages = self.messages[2:] if self.messages[1]["role"] == "assistant" else self.messages[1:]
+
+    def settle(self, cancel: bool = False) -> None:
+        """Wait for the last reply's stream to close, and keep its text in the conversation (what
+        its reader saw) or drop the turn it answered (no text, or it failed)."""
+        reply, self.current = self.current, None
+        if reply is None:
+            return
+        if cancel:
+            reply.cancel()
+        if not reply.wait():
+            logger.error("a reply's stream did not close in %.0f s", SETTLE_TIMEOUT_S)
+            reply.cancel()
+        if reply.record:
+            text = reply.text.strip()
+            if text and reply.error is None:
+                self.messages.append({"role": "assistant", "content": text})
+            else:
+                self.drop_last_turn()
+
+
+@dataclass(frozen=True)
+class Remote:
+    """Where generation runs, as /health and the page name it."""
+
+    url: str
+    type: str = "remote"
+
+    def __str__(self) -> str:
+        return self.url
+
+
+class OpenAIBackend:
+    """A generation backend on an OpenAI-compatible server (backend.py's contract); thread-safe."""
+
+    def __init__(self, options: RemoteOptions):
+        self.url = base_url(options.url)
+        self.options = options
+        self.device = Remote(self.url)
+        self.decoder = types.SimpleNamespace(compiled=False)  # what /health and the page show
+        self.failure: BaseException | None = None  # never set: a remote failure fails turns, not the process
+        self.ready = threading.Event()  # set once the server has answered
+        self.lock = threading.Lock()
+        self.open_chats = 0
+        self.streams = 0  # requests in flight
+        self.errors: collections.Counter = collections.Counter()  # kind -> count (errors_total{kind})
+        self.reachable: bool | None = None  # the last background check's answer
+        self.problem = ""  # why the last check failed
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="voxtral-openai", daemon=True)
+        self.thread.start()
+        self.client: openai.AsyncOpenAI = self.call(self.make_client(), timeout=10)
+        self.checker: asyncio.Task | None = None
+
+    async def make_client(self) -> openai.AsyncOpenAI:
+        o = self.options
+        timeout = httpx.Timeout(o.read_timeout_s, connect=o.connect_timeout_s, pool=o.connect_timeout_s)
+        http = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=o.max_connections,
+                                                                      max_keepalive_connections=o.max_connections))
+        return openai.AsyncOpenAI(base_url=self.url, api_key=o.api_key or "none", http_client=http, timeout=timeout,
+                                  max_retries=0)  # a retry would only make the person wait longer
+
+    # -- start-up and health --------------------------------------------------------------------
+
+    def connect(self) -> "OpenAIBackend":
+        """Ask GET /v1/models (within the connect timeout), pick the model, start the background
+        health check. BackendUnavailable says what went wrong."""
+        try:
+            models = self.call(self.list_models(), timeout=self.options.connect_timeout_s * 2 + 1)
+        except Exception as error:  # noqa: BLE001 - any failure means: not a server we can use
+            reason = error.__cause__ or error if isinstance(error, openai.APIConnectionError) else error
+            raise BackendUnavailable(f"no OpenAI-compatible server answers GET {self.url}/models "
+                                     f"({type(reason).__name__}: {reason})") from error
+        if not models:
+            raise BackendUnavailable(f"the server at {self.url} serves no models")
+        if self.options.model and self.options.model not in models:
+            raise BackendUnavailable(f"the server at {self.url} does not serve {self.options.model!r} "
+                                     f"(it serves {', '.join(models)})")
+        self.options = replace(self.options, model=self.options.model or models[0])
+        self.reachable = True
+        self.ready.set()
+        self.checker = self.call(self.start_checks(), timeout=10)
+        logger.info("generating on %s (model %s)", self.url, self.options.model)
+        return self
+
+    async def list_models(self) -> list[str]:
+        page = await self.client.with_options(timeout=self.options.connect_timeout_s).models.list()
+        return [model.id for model in page.data]
+
+    async def start_checks(self) -> asyncio.Task:
+        return asyncio.get_running_loop().create_task(self.check_forever())
+
+    async def check_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.check_interval_s)
+            try:
+                await self.list_models()
+                self.reachable, self.problem = True, ""
+            except Exception as error:  # noqa: BLE001 - reported on /health
+                self.reachable = False
+                self.problem = explain(error, self.url, self.options.connect_timeout_s)[1]
+
+    def describe(self) -> dict:
+        """For /health: which backend, and whether it answered its last check."""
+        with self.lock:
+            errors = dict(self.errors)
+        body = {"kind": "openai", "url": self.url, "model": self.options.model, "reachable": bool(self.reachable),
+                "streams": self.in_flight, "errors_total": errors}
+        if self.problem:
+            body["error"] = self.problem
+        return body
+
+    @property
+    def healthy(self) -> bool:
+        return self.thread.is_alive() and self.reachable is not False
+
+    @property
+    def stuck(self) -> bool:
+        return False  # a slow server fails its turns by the read timeout
+
+    # -- conversations --------------------------------------------------------------------------
+
+    def open_chat(self) -> RemoteChat:
+        with self.lock:
+            if not self.thread.is_alive():
+                raise EngineFailed("the backend's network thread has stopped; the app needs a restart")
+            if self.open_chats >= self.options.slots:
+                raise EngineBusy(f"all {self.options.slots} conversation slots are in use; try again shortly")
+            self.open_chats += 1
+        return RemoteChat(self)
+
+    def release(self) -> None:
+        with self.lock:
+            self.open_chats -= 1
+
+    @property
+    def free_slots(self) -> list[int]:
+        with self.lock:
+            return list(range(self.options.slots - self.open_chats))
+
+    @property
+    def active_chats(self) -> int:
+        with self.lock:
+            return self.open_chats
+
+    @property
+    def in_flight(self) -> int:
+        with self.lock:
+            return self.streams
+
+    def close(self) -> None:
+        if self.loop.is_closed() or not self.thread.is_alive():
+            return
+        try:
+            self.call(self.shutdown(), timeout=5)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+
+    async def shutdown(self) -> None:
+        tasks = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.client.close()
+        await self.loop.shutdown_asyncgens()
+
+    # -- the loop thread ------------------------------------------------------------------------
+
+    def call(self, coroutine, timeout: float):
+        """Run a coroutine on the backend's loop and wait for its result (not from the loop itself)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def on_loop(self, callback) -> None:
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(callback)
+
+    def submit(self, reply: RemoteReply, coroutine) -> RemoteReply:
+        """Start streaming `reply` on the loop; it ends (pieces end with None) whatever happens."""
+        with self.lock:
+            self.streams += 1
+
+        def begin() -> None:
+            reply.task = self.loop.create_task(coroutine)
+            reply.task.add_done_callback(reply.end)  # also when cancelled before it ran
+            if reply.cancelled:
+                reply.task.cancel()
+
+        if self.loop.is_closed():
+            coroutine.close()
+            reply.error = "the backend is closed"
+            reply.end()
+        else:
+            self.loop.call_soon_threadsafe(begin)
+        return reply
+
+    def stream_ended(self) -> None:
+        with self.lock:
+            self.streams -= 1
+
+    def failed(self, reply: RemoteReply, error: BaseException) -> None:
+        kind, message = explain(error, self.url, self.options.read_timeout_s)
+        if reply.cancelled:
+            return
+        with self.lock:
+            self.errors[kind] += 1
+        logger.warning("turn failed on %s: %s", self.url, message)
+        reply.error = message
+
+    async def stream_chat(self, reply: RemoteReply, messages: list[dict], sampling: Sampling, chat_id: str) -> None:
+        try:
+            stream = await self.client.chat.completions.create(
+                model=self.options.model, messages=messages, stream=True, stream_options={"include_usage": True},
+                temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
+                extra_headers={CONVERSATION_HEADER: chat_id})
+            async with stream:  # leaving it closes the response: a cancel reaches the server
+                async for chunk in stream:
+                    if chunk.usage is not None:
+                        reply.usage = chunk.usage
+                    for choice in chunk.choices:
+                        if choice.delta is not None and choice.delta.content:
+                            reply.put(choice.delta.content)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - every failure ends the turn with a message
+            self.failed(reply, error)
+
+    async def transcribe(self, reply: RemoteReply, audio: np.ndarray, language: str | None, chat_id: str) -> None:
+        wav = base64.b64decode(wav_base64(audio))
+        try:
+            result = await self.client.audio.transcriptions.create(
+                model=self.options.model, file=("turn.wav", wav, "audio/wav"), temperature=0.0,
+                response_format="json", extra_headers={CONVERSATION_HEADER: chat_id},
+                **({"language": language} if language else {}))
+            if result.text:
+                reply.put(result.text)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001
+            self.failed(reply, error)

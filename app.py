@@ -99,7 +99,8 @@ def main(argv=None) -> None:
     chat_options = ConversationOptions(turns=turns, max_audio_s=engine.options.max_audio_s,
                                **given(temperature=args.temperature))
     server_options = ServerOptions(session_time_limit_s=args.session_time_limit or None,
-                                   twilio_auth_token=args.twilio_auth_token, rtc_configuration=args.rtc_configuration)
+                                   twilio_auth_token=args.twilio_auth_token, rtc_configuration=args.rtc_configuration,
+                                   debug=args.log_level == "DEBUG")
     app = create_app(engine, chat_options, server_options, speaker=load_speaker_or_none(VoiceOptions(engine=args.voice)))
     if args.share:
         # the page again on the next port, reachable through a gradio.live link

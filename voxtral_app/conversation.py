@@ -109,19 +109,23 @@ class Pending:
     def status(self) -> dict:
         stats = self.reply.stats
         first = None if self.first_token is None else round((self.first_token - self.speech_end) * 1000)
-        return {"mode": self.settings.mode, "pause_ms": round((self.turn_end - self.speech_end) * 1000),
+        return {"mode": self.settings.mode, "language": self.settings.language,
+                "pause_ms": round((self.turn_end - self.speech_end) * 1000),
                 "first_token_ms": first, "tokens": stats["tokens"],
                 "tokens_per_s": round(stats["tokens_per_s"], 1), "prefill_tokens": stats["prefill_tokens"],
                 "cached_tokens": stats["cached_tokens"]}
 
 
-def reply_title(settings: Settings, status: dict) -> str:
+def reply_kind(mode: str, language: str = "") -> str:
+    """What a reply is, as the chat labels it."""
+    if mode == "transcribe":
+        return "📝 Transcript" + (f" ({language})" if language else "")
+    return "💬 Reply"
+
+
+def reply_title(status: dict) -> str:
     """A finished reply's title in the chat: what kind of reply it is, then how fast it came."""
-    if settings.mode == "transcribe":
-        kind = "📝 Transcript" + (f" ({settings.language})" if settings.language else "")
-    else:
-        kind = "💬 Reply"
-    return f"{kind} · {latency_line(status)}"
+    return f"{reply_kind(status['mode'], status.get('language', ''))} · {latency_line(status)}"
 
 
 def latency_line(status: dict) -> str:
@@ -334,7 +338,7 @@ class Conversation:
             status["error"] = str(error)
         elif not reply.text and not reply.cancelled:
             message["content"] = "…"  # nothing generated (an immediate end of sequence)
-        message["metadata"] = {"title": reply_title(pending.settings, status)}
+        message["metadata"] = {"title": reply_title(status)}
         logger.info("turn: mode=%s %s pause=%sms first_token=%sms prefill=%d cached=%d tokens=%d %.1f tok/s%s",
                     pending.settings.mode, pending.label, status["pause_ms"], status["first_token_ms"],
                     status["prefill_tokens"], status["cached_tokens"], status["tokens"], status["tokens_per_s"],

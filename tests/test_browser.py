@@ -123,11 +123,11 @@ class Page:
         box.fill(text)
         box.press("Enter")
 
-    def screenshot(self, name: str) -> str:
+    def screenshot(self, name: str, readme: bool = False) -> str:
         os.makedirs(OUTPUT_DIR, exist_ok=True)
         path = os.path.join(OUTPUT_DIR, name)
         self.page.screenshot(path=path)
-        if README_SCREENSHOTS:
+        if readme and README_SCREENSHOTS:
             save_small_png(path, os.path.join(README_SCREENSHOTS, name))
         return path
 
@@ -168,8 +168,17 @@ def test_one_click_transcribes_then_typed_turns_join_the_call(live_server, brows
         # the handler asked the page for its controls at start-up (send_input): the first turn is transcribed
         expect(chat.get_by_test_id("bot").first.locator(".message-content").first).to_have_text(
             re.compile(r"\S"), timeout=REPLY_TIMEOUT_MS)
-        expect(page.get_by_text(re.compile(r"📝 Transcript \(en\): \d+ ms from end of speech"))).to_be_visible()
         user = chat.get_by_test_id("user").first
+        expect(user.locator("#duration")).to_have_text(re.compile(r"0:0[1-4]"))  # the clip's player has loaded it
+        chat.evaluate("chat => chat.querySelectorAll('*').forEach(e => { e.scrollTop = 0; })")  # to the clip
+        shots.append(app.screenshot("page-light.png", readme=True))  # mid-conversation: the transcript starts
+        page.emulate_media(color_scheme="dark")  # gradio follows the system's scheme
+        expect(page.locator("body.dark, .dark").first).to_be_attached()
+        page.wait_for_timeout(1000)  # the theme's transitions
+        chat.evaluate("chat => chat.querySelectorAll('*').forEach(e => { e.scrollTop = 0; })")
+        shots.append(app.screenshot("page-dark.png", readme=True))
+        page.emulate_media(color_scheme="light")
+        expect(page.get_by_text(re.compile(r"📝 Transcript \(en\): \d+ ms from end of speech"))).to_be_visible()
         expect(user.locator("audio").first).to_be_attached()  # the user's turn is a playable clip
         src = user.locator("a.download-link").get_attribute("href")  # what the player plays
         clip = httpx.get(src if src.startswith("http") else live_server.url + src)
@@ -177,12 +186,6 @@ def test_one_click_transcribes_then_typed_turns_join_the_call(live_server, brows
         with wave.open(io.BytesIO(clip.content)) as played:
             rate, said_s = played.getframerate(), played.getnframes() / played.getframerate()
         assert rate == SAMPLE_RATE and 1.0 < said_s <= SPEECH_S + 0.5
-        chat.evaluate("chat => chat.querySelectorAll('*').forEach(e => { e.scrollTop = 0; })")  # to the clip
-        shots.append(app.screenshot("page-light.png"))  # mid-conversation: the transcript streams
-        page.emulate_media(color_scheme="dark")  # gradio follows the system's scheme
-        expect(page.locator("body.dark, .dark").first).to_be_attached()
-        shots.append(app.screenshot("page-dark.png"))
-        page.emulate_media(color_scheme="light")
 
         # "Clear conversation" stops the transcript (1024 tokens of a random model) and forgets the turn
         page.get_by_role("button", name="Clear conversation").click()
@@ -240,3 +243,14 @@ def test_typing_without_a_microphone_and_the_api_page(live_server, browser):
     assert set(app.elsewhere + api.elsewhere) <= {IFRAME_RESIZER}, app.elsewhere + api.elsewhere
     assert httpx.get(f"{live_server.url}/docs").status_code == 404
     assert httpx.get(f"{live_server.url}/openapi.json").status_code == 200
+
+
+def test_the_console_is_quiet_unless_debug(app_engine):
+    """--debug (app.py passes it as ServerOptions.debug) keeps fastrtc's console chatter; otherwise the page
+    silences console.log/debug/info. Both pages load no remote sound."""
+    from voxtral_app.server import ServerOptions, create_app
+    from voxtral_app.ui import OFFLINE, QUIET_CONSOLE
+
+    quiet, chatty = (create_app(app_engine, options=ServerOptions(debug=debug)).state.ui for debug in (False, True))
+    assert QUIET_CONSOLE in quiet.head and QUIET_CONSOLE not in chatty.head
+    assert OFFLINE in quiet.head and OFFLINE in chatty.head

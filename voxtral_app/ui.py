@@ -227,6 +227,10 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
             if not isinstance(text, str) or not text.strip():
                 yield gr.skip(), gr.skip(), gr.skip()
                 return
+            if len(text) > handler.options.max_text_chars:  # the box stops typing there; a script may not
+                gr.Warning(f"A message can have at most {handler.options.max_text_chars} characters.")
+                yield gr.skip(), gr.skip(), gr.skip()
+                return
             conversation = live_conversation(value)
             if conversation is not None:
                 conversation.post("text", text)

@@ -18,8 +18,11 @@ logger = logging.getLogger(__name__)
 
 LANGUAGES = ["auto", "en", "fr", "de", "es", "it", "pt", "nl", "hi"]  # Voxtral's languages
 
-# fastrtc 0.0.34's WebRTC component logs every message and connection state change to the console
-# (~440 lines in 30 s of talking). The page keeps warnings and errors; `python app.py --debug` keeps all.
+# The browser snippets below are written against fastrtc 0.0.34's component (its DOM and its logging);
+# transport.py refuses any other fastrtc version at import.
+# fastrtc's WebRTC component logs every data-channel message and connection state change: 3 lines per
+# chat update (83 lines in 30 s with one short reply from the tiny model; hundreds with real replies).
+# The page keeps warnings and errors; `python app.py --debug` keeps all.
 QUIET_CONSOLE = """<script>
 for (const level of ["log", "debug", "info"]) console[level] = () => {};
 </script>"""
@@ -146,7 +149,7 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
                 mode = gr.Radio(["chat", "transcribe"], value="chat", label="Mode", elem_id="mode",
                                 info="chat: Voxtral answers · transcribe: Voxtral writes down what you said")
                 language = gr.Dropdown(LANGUAGES, value="auto", label="Transcription language", visible=False,
-                               elem_id="language")
+                                       elem_id="language")  # shown in transcribe mode
                 temperature = gr.Slider(0.0, 1.0, value=handler.options.temperature, step=0.05, label="Temperature")
                 spoken = gr.Checkbox(False, label="Speak replies")
                 clear = gr.Button("Clear conversation")

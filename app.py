@@ -17,6 +17,8 @@ from voxtral_app.config import EnvParser, log_level, port, seconds, sessions, sw
 from voxtral_app.ice import PROVIDERS, IceOptions, missing_credentials, rtc_configuration
 
 # torch, transformers, gradio and fastrtc are imported in main(), after the arguments: --help answers at once
+WS_MAX_BYTES = 2 * 1_048_576  # uvicorn reads no WebSocket message bigger than this (the routes cap lower)
+GRACEFUL_SHUTDOWN_S = 5  # on SIGTERM, open streams get this long before they are cut
 CHATTY = ("aiortc", "aioice", "fastrtc", "gradio", "httpx", "mistral_common", "websockets")  # at WARNING unless DEBUG
 
 
@@ -37,6 +39,10 @@ def parse_args(argv=None, environ=None) -> argparse.Namespace:
         help="chat temperature a conversation starts with (default: 0.2)")
     add("--voice", default="auto", choices=["auto", "kokoro", "espeak"], env=("VOXTRAL_VOICE",),
         help="text-to-speech for spoken replies")
+    add("--auth-token", env=("VOXTRAL_AUTH_TOKEN",),
+        help="require this token: `Authorization: Bearer <token>` on the APIs, the password on the page")
+    add("--opens-per-minute", type=int, default=30, env=("VOXTRAL_OPENS_PER_MINUTE",),
+        help="offers and socket opens one client address may make per minute (0: no limit; loopback is exempt)")
     add("--twilio-auth-token", env=("TWILIO_AUTH_TOKEN",),
         help="check Twilio's request signature on /telephone/incoming")
     add("--turn-url", env=("VOXTRAL_TURN_URL",),
@@ -82,6 +88,7 @@ def main(argv=None) -> None:
     from voxtral_app.conversation import ConversationOptions
     from voxtral_app.engine import EngineOptions
     from voxtral_app.loading import ModelLoadError, load_engine
+    from voxtral_app.guard import GuardOptions
     from voxtral_app.server import ServerOptions, create_app
     from voxtral_app.tts import VoiceOptions, load_speaker_or_none
     from voxtral_app.turn import TurnOptions
@@ -98,7 +105,8 @@ def main(argv=None) -> None:
     turns = TurnOptions(**given(pause_s=None if args.pause_ms is None else args.pause_ms / 1000))
     chat_options = ConversationOptions(turns=turns, max_audio_s=engine.options.max_audio_s,
                                **given(temperature=args.temperature))
-    server_options = ServerOptions(session_time_limit_s=args.session_time_limit or None,
+    guard = GuardOptions(auth_token=args.auth_token or None, opens_per_minute=max(0, args.opens_per_minute))
+    server_options = ServerOptions(guard=guard, session_time_limit_s=args.session_time_limit or None,
                                    twilio_auth_token=args.twilio_auth_token, rtc_configuration=args.rtc_configuration,
                                    debug=args.log_level == "DEBUG")
     app = create_app(engine, chat_options, server_options, speaker=load_speaker_or_none(VoiceOptions(engine=args.voice)))
@@ -106,7 +114,8 @@ def main(argv=None) -> None:
         # the page again on the next port, reachable through a gradio.live link
         app.state.ui.launch(share=True, prevent_thread_lock=True, server_port=args.port + 1)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), ws_max_size=WS_MAX_BYTES,
+                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                     access_log=args.log_level == "DEBUG")
     finally:
         engine.close()

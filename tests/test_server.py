@@ -159,10 +159,13 @@ def test_websocket_turn_and_bad_messages(live_server, speech):
                         json.dumps({"event": "teleport"}), json.dumps([1, 2])]:
                 await ws.send(bad)
                 errors.append(json.loads(await ws.recv()))
-            await ws.send(json.dumps({"event": "start", "websocket_id": "ws-1"}))
+            await ws.send(json.dumps({"event": "start", "websocket_id": "ws-test-0001"}))
+            token = json.loads(await ws.recv())
+            assert token["event"] == "token"
             await asyncio.sleep(0.2)
             async with httpx.AsyncClient(timeout=60) as http:
-                async with http.stream("GET", f"{live_server.url}/outputs", params={"webrtc_id": "ws-1"}) as events:
+                async with http.stream("GET", f"{live_server.url}/outputs", params={"webrtc_id": "ws-test-0001"},
+                                       headers={"X-Voxtral-Token": token["token"]}) as events:
                     clip, _ = utterance(speech)
                     for payload in mulaw_frames(clip, SAMPLE_RATE):
                         await ws.send(json.dumps({"event": "media", "media": {"payload": payload}}))

@@ -75,6 +75,7 @@ class Client:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
         self.webrtc_id = uuid.uuid4().hex[:12]
+        self.token = ""  # the server's secret for this connection, from the offer's answer
         self.pc = RTCPeerConnection()
         self.track = SpeechTrack()
         self.events: asyncio.Queue = asyncio.Queue()  # (perf_counter time, {"history", "status"})
@@ -101,13 +102,14 @@ class Client:
         answer = response.json()
         if response.status_code != 200 or "sdp" not in answer:
             raise ConnectionError(f"offer refused ({response.status_code}): {answer}")
+        self.token = answer["token"]  # this connection's secret: /outputs and /input want it
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
         for _ in range(100):  # the outputs route exists once the audio track is connected
             if (await self.http.get(f"{self.url}/health")).status_code == 200 and await self.open_outputs():
                 break
             await asyncio.sleep(0.05)
         if settings:
-            await self.http.post(f"{self.url}/input", json={"webrtc_id": self.webrtc_id, **settings})
+            await self.http.post(f"{self.url}/input", json={"webrtc_id": self.webrtc_id, "token": self.token, **settings})
 
     async def listen(self, track) -> None:
         """Keep what the server says (its audio track), as a browser would play it."""
@@ -120,7 +122,8 @@ class Client:
             pass
 
     async def open_outputs(self) -> bool:
-        request = self.http.build_request("GET", f"{self.url}/outputs", params={"webrtc_id": self.webrtc_id})
+        request = self.http.build_request("GET", f"{self.url}/outputs", params={"webrtc_id": self.webrtc_id},
+                                          headers={"X-Voxtral-Token": self.token})
         response = await self.http.send(request, stream=True)
         if response.status_code != 200:
             await response.aclose()

@@ -83,7 +83,7 @@ class Engine:
     """The model, its slot cache and the decode thread that serves every conversation.
 
     Ownership: `pending`, `free_slots`, `failure` and `in_flight` are guarded by `self.wake` (a
-    Condition); `active` and the decoder's cache belong to the decode thread alone.
+    Condition); `active`, `taken` and the decoder's cache belong to the decode thread alone.
     """
 
     def __init__(self, model, processor, options: EngineOptions, on_failure: Callable[[BaseException], None] | None = None):
@@ -100,6 +100,7 @@ class Engine:
         self.free_slots = list(range(options.slots))
         self.pending: list[Generation] = []
         self.active: list[Generation] = []
+        self.taken: list[Generation] = []  # taken from `pending`, being prefilled (decode thread)
         self.in_flight = 0  # generations submitted and not yet finished
         self.failure: BaseException | None = None  # why the decode thread died
         self.wake = threading.Condition()
@@ -197,8 +198,8 @@ class Engine:
     def strand(self) -> None:
         """On the decode thread, as it ends: finish every reply it still holds."""
         with self.wake:
-            stranded, self.pending = self.pending + self.active, []
-        self.active = []
+            stranded, self.pending = self.pending + self.taken + self.active, []
+        self.active, self.taken = [], []
         for generation in stranded:
             if self.failure is not None:
                 generation.error = EngineFailed(f"the model server failed ({self.failure})")
@@ -212,10 +213,11 @@ class Engine:
                     self.wake.wait(1.0)
                 if self.closed or self.failure is not None:
                     return
-                new, self.pending = self.pending, []
+                self.taken, self.pending = self.pending, []
             self.beat = time.monotonic()
-            for generation in new:
+            for generation in self.taken:
                 self.prefill(generation)
+            self.taken = []
             for generation in self.active:
                 if generation.cancelled.is_set():
                     self.finish(generation)

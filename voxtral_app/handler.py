@@ -10,6 +10,8 @@ import queue
 import threading
 import time
 
+import numpy as np
+import soxr
 from fastrtc import AdditionalOutputs, CloseStream, StreamHandler
 from fastrtc.utils import create_message
 
@@ -24,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_RATE = 24_000  # Hz of the audio track fastrtc sends back
 EMIT_WAIT_S = 0.02  # emit() blocks this long for an output (fastrtc calls it in a loop)
+PHONE_RATE = 8_000  # Hz, Twilio's mu-law; phone audio is resampled on our threads, never on the event loop
+PEER_SILENT_S = 5.0  # a live microphone sends frames even in silence: none for this long means the peer is gone
 
 
 class VoxtralHandler(StreamHandler):
@@ -47,6 +51,7 @@ class VoxtralHandler(StreamHandler):
         self.settings = Settings(temperature=options.temperature)
         self.conversation: Conversation | None = None
         self.refused: str | None = None  # why start_up refused the connection, until emit closes it
+        self.last_frame: float | None = None  # monotonic time the last audio frame arrived
 
     def copy(self) -> "VoxtralHandler":
         return VoxtralHandler(self.engine, self.options, self.speaker, self.transport_name, self.on_open)
@@ -105,10 +110,12 @@ class VoxtralHandler(StreamHandler):
     def receive(self, frame) -> None:
         with self.lock:
             conversation = self.conversation
+            self.last_frame = time.monotonic()
         if conversation is None:
             return
         rate, samples = frame
         for event in self.turns.feed(to_16k(rate, samples)):
+            logger.debug("%s: turn event %s", self.transport_name, event.kind)
             if event.kind == "end":
                 self.send_message_sync(create_message("log", "pause_detected"))
             conversation.post(event.kind, event)
@@ -124,16 +131,27 @@ class VoxtralHandler(StreamHandler):
         if conversation is None:
             time.sleep(EMIT_WAIT_S)  # not started yet (or refused): fastrtc calls emit in a loop
             return None
+        if self.peer_gone():  # don't wait ~30 s for ICE consent to notice: free the slot now
+            logger.info("%s: no audio for %.0f s; closing the conversation", self.transport_name, PEER_SILENT_S)
+            conversation.close()
         try:
             item = conversation.outbox.get(timeout=EMIT_WAIT_S)
         except queue.Empty:
             return None
         if item == HUSH:
+            logger.debug("%s: hush", self.transport_name)
             self.stop_speaking()
             return None
         if item == CLOSED:
             return CloseStream("the conversation has ended")
         return self.to_fastrtc(item)
+
+    def peer_gone(self) -> bool:
+        if self.transport_name != "webrtc":  # sockets have their own media deadline (sockets.py)
+            return False
+        with self.lock:
+            last = self.last_frame
+        return last is not None and time.monotonic() - last > PEER_SILENT_S
 
     def to_fastrtc(self, output: Output):
         outputs = AdditionalOutputs(output.history, output.status)
@@ -141,7 +159,10 @@ class VoxtralHandler(StreamHandler):
             self.send_message_sync(create_message("log", "response_starting"))
         if output.audio is None:
             return outputs
-        return output.audio, outputs
+        rate, samples = output.audio
+        if self.phone_mode and rate != PHONE_RATE:  # here, not in fastrtc's librosa call on the event loop
+            samples, rate = soxr.resample(samples, rate, PHONE_RATE).astype(np.float32), PHONE_RATE
+        return (rate, samples), outputs
 
     def stop_speaking(self) -> None:
         if self.clear_queue is not None:  # fastrtc's playback queue, once the connection has one

@@ -1,14 +1,15 @@
 """The FastAPI app: FastRTC's WebRTC, WebSocket and telephone routes, the Gradio UI, /health.
 
 `create_app(engine)` builds it; pass `app=` to mount everything inside your own FastAPI service.
-The routes are fastrtc's own handlers behind a thin check: malformed offers and messages get a 4xx
-or an error message instead of reaching fastrtc (which would leak the peer connection or crash the
-socket), and the shared cap on conversations (the engine's KV-cache slots) covers browsers,
-WebRTC/WebSocket clients and phone calls alike.
+The routes are fastrtc's own handlers behind checks: every request first passes guard.py (body
+caps, access token, rate limits); malformed offers and messages get a 4xx or an error event instead
+of reaching fastrtc; a connection id is claimed once and its token (access.py) is needed to read
+or steer it; sockets have deadlines (sockets.py); and the shared cap on conversations (the engine's
+KV-cache slots) covers browsers, WebRTC/WebSocket clients and phone calls alike.
 """
 
-import base64
-import binascii
+import asyncio
+import hmac
 import json
 import logging
 from collections.abc import Callable
@@ -22,15 +23,16 @@ from fastrtc import Stream
 from pydantic import BaseModel, ValidationError
 
 from . import transport
+from .access import AccessOptions, Connections
 from .conversation import ConversationOptions
+from .guard import Guard, GuardOptions
+from .sockets import CheckedWebSocket, SocketClosed, call_token
 from .engine import Engine
-from .handler import VoxtralHandler
+from .handler import PHONE_RATE, VoxtralHandler
 from .tts import VoiceOptions, load_speaker_or_none
 from .ui import build_ui
 
 logger = logging.getLogger(__name__)
-
-TWILIO_EVENTS = {"connected", "start", "media", "mark", "stop", "dtmf", "ping"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class ServerOptions:
     jitter_prefetch: int = 1  # audio packets (20 ms each) aiortc buffers before decoding; its default 4
     # adds 60 ms to every turn. Raise it for lossy links where audio sounds choppy.
     debug: bool = False  # the page logs to the browser console (fastrtc's component is chatty)
+    keep_alive_s: float = 15.0  # /outputs sends a comment this often when there is nothing else to say
+    guard: GuardOptions = GuardOptions()  # body caps, access token, rate limits
+    access: AccessOptions = AccessOptions()  # offer deadline
 
 
 class Offer(BaseModel):
@@ -57,14 +62,18 @@ def failed(status: int, error: str, message: str, **meta) -> JSONResponse:
                                                      "message": message})
 
 
-def check_offer(body: dict) -> Offer:
-    offer = Offer.model_validate(body)
+def check_offer(raw: bytes) -> Offer:
+    """A request body -> a checked offer (JSON, fields, SDP with an audio track), or ValueError."""
+    offer = Offer.model_validate(json.loads(raw))
     if not offer.webrtc_id.strip() or len(offer.webrtc_id) > 200:
         raise ValueError("webrtc_id must be a short non-empty string")
     if offer.type == "offer":
         if not offer.sdp:
             raise ValueError("an offer needs an sdp")
-        description = SessionDescription.parse(offer.sdp)
+        try:
+            description = SessionDescription.parse(offer.sdp)
+        except Exception as error:  # aiortc's parser asserts on some malformed lines
+            raise ValueError(f"the SDP does not parse ({type(error).__name__})") from error
         if not any(media.kind == "audio" for media in description.media):
             raise ValueError("the offer has no audio track")
     elif offer.type != "ice-candidate" or offer.candidate is None:
@@ -72,52 +81,16 @@ def check_offer(body: dict) -> Offer:
     return offer
 
 
-def check_message(text: str) -> dict:
-    """One WebSocket message (fastrtc's or Twilio's Media Streams protocol) -> dict, or ValueError."""
-    message = json.loads(text)
-    if not isinstance(message, dict) or not isinstance(message.get("event"), str):
-        raise ValueError("a message must be a JSON object with an 'event'")
-    event = message["event"]
-    if event not in TWILIO_EVENTS:
-        raise ValueError(f"unknown event '{event}'")
-    if event == "media":
-        payload = (message.get("media") or {}).get("payload")
-        if not isinstance(payload, str):
-            raise ValueError("media needs media.payload (base64 mu-law)")
-        base64.b64decode(payload, validate=True)
-    if event == "start" and not isinstance(message.get("streamSid") or message.get("websocket_id"), str):
-        raise ValueError("start needs a streamSid (Twilio) or websocket_id")
-    return message
-
-
-class CheckedWebSocket:
-    """The socket fastrtc reads, with malformed messages answered and skipped instead of crashing it."""
-
-    def __init__(self, websocket: WebSocket):
-        self.websocket = websocket
-
-    def __getattr__(self, name):
-        return getattr(self.websocket, name)
-
-    async def receive_json(self) -> dict:
-        while True:
-            text = await self.websocket.receive_text()
-            try:
-                return check_message(text)
-            except (ValueError, binascii.Error, TypeError) as error:
-                logger.info("bad websocket message: %s", error)
-                await self.websocket.send_json({"event": "error", "message": f"ignored a bad message: {error}"})
-
-
 def create_app(engine: Engine, chat_options: ConversationOptions | None = None, options: ServerOptions = ServerOptions(),
-               speaker=None, app: FastAPI | None = None, handler=None) -> FastAPI:
+               speaker="auto", app: FastAPI | None = None, handler=None) -> FastAPI:
     """FastAPI app serving Voxtral: UI at /, /webrtc/offer, /websocket/offer, /telephone/*, /health.
 
+    `speaker`: text-to-speech for spoken replies ("auto": the best one here; None: text only).
     `app`: mount into this FastAPI app instead of a new one. `handler`: a fastrtc handler to use
     instead of VoxtralHandler (bench/turn_latency.py compares fastrtc's default turn-taking).
     """
     chat_options = chat_options or ConversationOptions(max_audio_s=engine.options.max_audio_s)
-    if speaker is None:
+    if speaker == "auto":
         speaker = load_speaker_or_none(VoiceOptions())
     handler = handler or VoxtralHandler(engine, chat_options, speaker)
     transport.buffer_less_audio(options.jitter_prefetch)
@@ -126,15 +99,43 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
                     time_limit=options.session_time_limit_s, rtc_configuration=options.rtc_configuration)
     ui = build_ui(engine, handler, slots, options.session_time_limit_s, options.rtc_configuration, options.debug)
     app = app or FastAPI(title="Voxtral realtime", docs_url=None, redoc_url=None)  # their pages load from a CDN
+    app.add_middleware(Guard, options=options.guard)
+    connections = Connections(options.access)
     app.state.stream = stream
     app.state.engine = engine
     app.state.ui = ui
+    app.state.connections = connections
+    sweeper: list[asyncio.Task] = []  # started by the first request (an app mounted elsewhere has no startup of ours)
+    closing = asyncio.Event()  # set at shutdown: streams end, so the server can exit
+
+    def sweep_soon() -> None:
+        if not sweeper:
+            sweeper.append(asyncio.create_task(sweep_forever()))
+
+    async def sweep_forever() -> None:
+        mixins = [stream] + transport.page_components(ui)
+        while not closing.is_set():
+            try:
+                await connections.sweep(mixins)
+            except Exception:  # noqa: BLE001 - the sweeper must outlive one bad connection
+                logger.exception("sweep failed")
+            await asyncio.sleep(options.access.sweep_every_s)
+
+    @app.on_event("shutdown")
+    async def shut_down() -> None:
+        closing.set()
+        for connection_id, _, _ in transport.peers(stream):
+            await transport.drop_connection(stream, connection_id)
 
     def full() -> JSONResponse | None:
         if engine.free_slots:
             return None
         return failed(429, "concurrency_limit_reached", f"All {slots} conversations are in use; "
                       "please try again in a minute.", limit=slots)
+
+    def token_of(request: Request, body: dict | None = None):
+        header = request.headers.get("x-voxtral-token")
+        return header or request.query_params.get("token") or (body or {}).get("token")
 
     @app.get("/health")
     async def health():
@@ -150,64 +151,123 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
 
     @app.post("/webrtc/offer")
     async def webrtc_offer(request: Request):
+        """fastrtc's offer; the answer also carries the connection's `token` for /outputs and /input."""
+        sweep_soon()
         try:
-            offer = check_offer(json.loads(await request.body()))
+            offer = await asyncio.to_thread(check_offer, await request.body())  # SDP parsing off the event loop
         except (ValueError, ValidationError) as error:
             return failed(400, "bad_offer", f"Malformed offer: {error}")
-        if offer.type == "offer" and (busy := full()):
+        if offer.type != "offer":  # a trickled ICE candidate: useless without the peer's ICE password
+            return await stream.handle_offer(offer.model_dump(), set_outputs=None)
+        if busy := full():
             return busy
         try:
+            token = connections.claim(offer.webrtc_id, "webrtc", taken=transport.is_known(stream, offer.webrtc_id))
+        except ValueError as error:
+            return failed(400, "bad_offer", f"Malformed offer: {error}")
+        except KeyError as error:
+            return failed(409, "connection_exists", f"{error.args[0]}; make a new random id")
+        try:
             outputs = stream.set_additional_outputs(offer.webrtc_id)
-            return await stream.handle_offer(offer.model_dump(), set_outputs=outputs)
+            answer = await stream.handle_offer(offer.model_dump(), set_outputs=outputs)
         except Exception as error:  # aiortc rejects what parsed but cannot be negotiated
             logger.info("offer failed: %s", error)
+            connections.release(offer.webrtc_id)
             await transport.drop_connection(stream, offer.webrtc_id)
             return failed(400, "bad_offer", f"Could not negotiate: {error}")
+        if isinstance(answer, dict):
+            return {**answer, "token": token}
+        connections.release(offer.webrtc_id)  # fastrtc refused it (its own checks)
+        return answer
 
     @app.get("/outputs")
-    async def outputs(webrtc_id: str):
-        """Server-sent events with the chat history and turn status, for clients without the UI."""
+    async def outputs(request: Request, webrtc_id: str):
+        """Server-sent events with the chat history and turn status: one reader per connection, with its token."""
+        if not connections.check(webrtc_id, token_of(request)):
+            return failed(403, "forbidden", "This connection's token is missing or wrong.")
+        claim = connections.claims[webrtc_id]
+        if claim.readers:
+            return failed(409, "already_reading", "This connection's outputs already have a reader.")
         if not transport.is_connected(stream, webrtc_id):
-            return failed(404, "unknown_connection", "No such connection")
+            return failed(404, "unknown_connection", "The connection is not up (yet, or any more).")
+        queue = transport.output_queue(stream, webrtc_id)
+        claim.readers += 1
 
         async def events():
-            async for output in stream.output_stream(webrtc_id):
-                history, status = output.args
-                yield f"data: {json.dumps({'history': history, 'status': status})}\n\n"
+            try:
+                while not closing.is_set():
+                    output = await transport.next_output(queue, options.keep_alive_s)
+                    if output is None:
+                        yield ": keep-alive\n\n"  # a comment line: proxies and clients keep the stream open
+                        continue
+                    history, status = output.args
+                    yield f"data: {json.dumps({'history': history, 'status': status})}\n\n"
+            except EOFError:
+                return
+            finally:
+                claim.readers -= 1
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/input")
     async def set_input(request: Request):
-        """Settings for a connection: {"webrtc_id", "mode", "language", "temperature", "spoken"}."""
+        """Settings for a connection: {"webrtc_id", "token", "mode", "language", "temperature", "spoken"}."""
         try:
             body = json.loads(await request.body())
             webrtc_id = body["webrtc_id"]
             if not isinstance(webrtc_id, str):
                 raise TypeError("webrtc_id must be a string")
         except (ValueError, KeyError, TypeError):
-            return failed(400, "bad_input", "Send JSON with a webrtc_id")
+            return failed(400, "bad_input", "Send a JSON object with a webrtc_id")
+        if not connections.check(webrtc_id, token_of(request, body)):
+            return failed(403, "forbidden", "This connection's token is missing or wrong.")
         if not transport.is_connected(stream, webrtc_id):
-            return failed(404, "unknown_connection", "No such connection")
+            return failed(404, "unknown_connection", "The connection is not up (yet, or any more).")
         stream.set_input(webrtc_id, body.get("mode"), body.get("language"), body.get("temperature"),
                          body.get("spoken"))
         return {"status": "ok"}
 
     async def serve_socket(websocket: WebSocket, phone: bool):
+        sweep_soon()
+        socket = CheckedWebSocket(websocket, phone, options.session_time_limit_s)
         if full():
-            await websocket.accept()
+            await socket.accept()
             await websocket.send_json({"event": "error", "status": "failed",
                                        "meta": {"error": "concurrency_limit_reached", "limit": slots},
                                        "message": f"All {slots} conversations are in use; try again in a minute."})
-            await websocket.close()
-            return
-        connection = handler.copy()
-        connection.phone_mode = phone
-        connection.transport_name = "phone" if phone else "websocket"
+            return await socket.close()
         try:
-            await transport.serve_websocket(stream, connection, CheckedWebSocket(websocket))
+            start = await socket.wait_for_start()
+        except SocketClosed:
+            return
+        connection_id = start.get("streamSid") if phone else start.get("websocket_id")
+        if phone and options.twilio_auth_token:
+            given = ((start.get("start") or {}).get("customParameters") or {}).get("token")
+            call_sid = (start.get("start") or {}).get("callSid") or ""
+            if not isinstance(given, str) or not hmac.compare_digest(
+                    given, call_token(options.twilio_auth_token, str(call_sid))):
+                logger.warning("refused a phone stream without a valid call token")
+                return await socket.close("refused: this stream has no valid call token", code=4403)
+        try:
+            token = connections.claim(connection_id, "phone" if phone else "websocket",
+                                      taken=transport.is_known(stream, connection_id))
+        except (ValueError, KeyError) as error:
+            return await socket.close(f"refused: {error.args[0]}", code=4409)
+        socket.started = start
+        try:
+            if not phone:
+                await websocket.send_json({"event": "token", "token": token})  # for /outputs and /input
+            connection = handler.copy()
+            connection.phone_mode = phone
+            if phone:  # take Twilio's 8 kHz as it comes: fastrtc would resample it with librosa on the event loop
+                connection.input_sample_rate = PHONE_RATE
+            connection.transport_name = "phone" if phone else "websocket"
+            try:
+                await transport.serve_websocket(stream, connection, socket)
+            finally:
+                connection.shutdown()  # never blocks
         finally:
-            connection.shutdown()  # never blocks
+            connections.release(connection_id)
 
     @app.websocket("/websocket/offer")
     async def websocket_offer(websocket: WebSocket):
@@ -219,10 +279,10 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
 
     @app.post("/telephone/incoming")
     async def telephone_incoming(request: Request):
+        form = dict(await request.form())
         if options.twilio_auth_token:
             from twilio.request_validator import RequestValidator
 
-            form = dict(await request.form())
             url = str(request.url)
             if request.headers.get("x-forwarded-proto") == "https":
                 url = url.replace("http://", "https://", 1)
@@ -232,6 +292,31 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
         if full():
             return PlainTextResponse('<?xml version="1.0" encoding="UTF-8"?><Response><Say>All lines are busy. '
                                      'Please call again later.</Say><Hangup/></Response>', media_type="application/xml")
-        return await stream.handle_incoming_call(request)
+        return PlainTextResponse(twiml(request, form, options.twilio_auth_token), media_type="application/xml")
 
-    return gr.mount_gradio_app(app, ui, path="/")
+    return gr.mount_gradio_app(app, ui, path="/", auth=guard_login(options.guard))
+
+
+def twiml(request: Request, form: dict, secret: str | None) -> str:
+    """Connect the call to /telephone/handler on this host, port and scheme; with a Twilio token set,
+    the stream carries the call's signed token, which the handler checks."""
+    from twilio.twiml.voice_response import Connect, VoiceResponse
+
+    secure = request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
+    host = request.headers.get("x-forwarded-host") or request.url.netloc
+    path = request.url.path.removesuffix("/telephone/incoming")
+    response = VoiceResponse()
+    connect = Connect()
+    media = connect.stream(url=f"{'wss' if secure else 'ws'}://{host}{path}/telephone/handler")
+    if secret:
+        media.parameter(name="token", value=call_token(secret, str(form.get("CallSid", ""))))
+    response.append(connect)
+    response.say("The call has been disconnected.")
+    return str(response)
+
+
+def guard_login(options: GuardOptions):
+    """The page's login when an access token is set: any user name, the token as the password."""
+    if not options.auth_token:
+        return None
+    return lambda _user, password: hmac.compare_digest(str(password).encode(), options.auth_token.encode())

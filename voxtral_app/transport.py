@@ -53,21 +53,59 @@ def resample_each_frame(handler, frame: av.AudioFrame):
 def tell_twilio_to_clear(handler) -> None:
     """Twilio keeps playing what it has buffered until told to clear (phone barge-in)."""
     context = get_current_context()
+    logger.debug("twilio clear: context %s", context)
     if context.websocket is not None:
         asyncio.run_coroutine_threadsafe(
             context.websocket.send_json({"event": "clear", "streamSid": context.webrtc_id}), handler.loop)
 
 
-async def drop_connection(stream: Stream, webrtc_id: str) -> None:
-    """Forget a WebRTC connection fastrtc half-built (an offer aiortc could not negotiate)."""
-    pc = stream.pcs.pop(webrtc_id, None)
-    stream.clean_up(webrtc_id)
+async def drop_connection(mixin, webrtc_id: str) -> None:
+    """Close and forget a WebRTC connection (half-built, never connected, or whose peer went silent).
+    `mixin`: the Stream, or the page's WebRTC component (each keeps its own peer connections)."""
+    pc = mixin.pcs.pop(webrtc_id, None)
+    mixin.clean_up(webrtc_id)
     if pc is not None:
         await pc.close()
 
 
+def peers(mixin) -> list[tuple[str, str, object]]:
+    """(connection id, aiortc connectionState, its handler copy) for each peer connection."""
+    return [(connection_id, pc.connectionState, mixin.handlers.get(connection_id))
+            for connection_id, pc in list(mixin.pcs.items())]
+
+
+def page_components(blocks) -> list:
+    """The page's WebRTC components: each keeps its own peer connections, apart from the Stream's."""
+    from fastrtc import WebRTC
+
+    return [block for block in blocks.blocks.values() if isinstance(block, WebRTC)]
+
+
 def is_connected(stream: Stream, connection_id: str) -> bool:
     return connection_id in stream.connections
+
+
+def is_known(stream: Stream, connection_id: str) -> bool:
+    """Whether fastrtc holds anything under this id (a peer, a socket, an outputs queue)."""
+    return connection_id in stream.pcs or connection_id in stream.connections or connection_id in stream.handlers
+
+
+def output_queue(stream: Stream, connection_id: str):
+    """fastrtc's queue of a connection's AdditionalOutputs (made on first use, as fastrtc does)."""
+    return stream.additional_outputs[connection_id]
+
+
+async def next_output(outputs, timeout_s: float):
+    """The next AdditionalOutputs from `output_queue()`, or None after `timeout_s`; EOFError once the
+    connection has ended."""
+    if outputs.quit.is_set():
+        raise EOFError
+    try:
+        return await asyncio.wait_for(outputs.queue.get(), timeout_s)
+    except (asyncio.TimeoutError, TimeoutError):
+        if outputs.quit.is_set():
+            raise EOFError from None
+        return None
 
 
 def live_handler(component, connection_id: str):

@@ -1,0 +1,136 @@
+"""Floods against `python app.py` on 127.0.0.1 while a live client keeps talking.
+
+    python bench/abuse.py --seconds 60        # baseline minute, then a minute under every flood
+
+A live WebRTC client speaks a sentence every 6 s throughout. First alone (baseline), then while
+this process floods the server, all at once: idle phone sockets that only say `start` (each holds
+a slot until its 10 s media deadline), WebRTC offers that never connect, 20 MB request bodies,
+/outputs readers guessing tokens, and WebSocket junk. Prints the live client's end of speech ->
+first reply text p50/p90, whether it was ever refused or missed a reply, and what the floods got.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+
+import httpx
+import websockets
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from soak import ROOT, app_process, percentile, speech_clips, talk  # noqa: E402
+
+
+async def idle_phone_sockets(ws_url: str, until: float, tally: Counter) -> None:
+    while time.monotonic() < until:
+        try:
+            async with websockets.connect(ws_url + "/telephone/handler") as ws:
+                await ws.send(json.dumps({"event": "start", "streamSid": f"MZflood{os.urandom(6).hex()}",
+                                          "start": {"callSid": "CAflood"}}))
+                try:
+                    while time.monotonic() < until:
+                        message = json.loads(await asyncio.wait_for(ws.recv(), max(0.1, until - time.monotonic())))
+                        if message.get("meta", {}).get("error") == "concurrency_limit_reached":
+                            tally["idle socket refused: server full"] += 1
+                except websockets.ConnectionClosed:
+                    tally["idle socket closed by the server"] += 1
+        except (OSError, websockets.WebSocketException, asyncio.TimeoutError, TimeoutError):
+            tally["idle socket failed to open"] += 1
+
+
+async def ghost_offers(url: str, until: float, tally: Counter) -> None:
+    from aiortc import RTCPeerConnection
+
+    async with httpx.AsyncClient(timeout=10) as http:
+        while time.monotonic() < until:
+            pc = RTCPeerConnection()
+            pc.addTransceiver("audio", direction="sendrecv")
+            await pc.setLocalDescription(await pc.createOffer())
+            response = await http.post(f"{url}/webrtc/offer", json={
+                "sdp": pc.localDescription.sdp, "type": "offer", "webrtc_id": f"ghost{os.urandom(6).hex()}"})
+            await pc.close()
+            tally[f"ghost offer: {response.status_code}"] += 1
+            await asyncio.sleep(0.5)
+
+
+async def big_bodies(url: str, until: float, tally: Counter) -> None:
+    host, port = url.split("//")[1].split(":")
+    while time.monotonic() < until:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"POST /webrtc/offer HTTP/1.1\r\nHost: {host}\r\nContent-Length: {20 * 1_048_576}\r\n\r\n".encode()
+                     + b"x" * 65_536)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        status = await reader.readline()
+        tally[f"20 MB offer: {status.decode().split(' ')[1] if status else 'no answer'}"] += 1
+        writer.close()
+        await asyncio.sleep(0.2)
+
+
+async def token_guesses(url: str, until: float, tally: Counter) -> None:
+    async with httpx.AsyncClient(timeout=10) as http:
+        while time.monotonic() < until:
+            response = await http.get(f"{url}/outputs", params={"webrtc_id": f"guess{os.urandom(4).hex()}",
+                                                                "token": "guess"})
+            tally[f"/outputs guess: {response.status_code}"] += 1
+            await asyncio.sleep(0.1)
+
+
+async def junk(ws_url: str, until: float, tally: Counter) -> None:
+    while time.monotonic() < until:
+        with contextlib.suppress(OSError, websockets.WebSocketException):
+            async with websockets.connect(ws_url + "/websocket/offer") as ws:
+                for message in (b"\x00" * 1000, "{not json", json.dumps({"event": "stop"}), "x" * 100_000):
+                    await ws.send(message)
+                    tally["junk answered"] += bool(await asyncio.wait_for(ws.recv(), 5))
+        await asyncio.sleep(0.2)
+
+
+async def run(url: str, seconds: float, flood: bool) -> tuple[list, Counter]:
+    until = time.monotonic() + seconds
+    results: dict = {}
+    tally: Counter = Counter()
+    ws_url = url.replace("http", "ws")
+
+    async def floods():
+        await asyncio.sleep(3)  # the live user connected first; the floods then try to crowd it out
+        await asyncio.gather(*[idle_phone_sockets(ws_url, until, tally) for _ in range(4)],
+                             ghost_offers(url, until, tally), big_bodies(url, until, tally),
+                             token_guesses(url, until, tally), junk(ws_url, until, tally))
+
+    live = talk(url, speech_clips(), 6.0, until, "live", results)
+    outcome = await asyncio.gather(live, *([floods()] if flood else []), return_exceptions=True)
+    if isinstance(outcome[0], Exception):  # the live client could not even connect: refused
+        tally[f"live client refused: {outcome[0]}"] += 1
+    return results.get("live", []), tally
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--sessions", type=int, default=4)
+    args = parser.parse_args()
+    os.makedirs(os.path.join(ROOT, "test-output"), exist_ok=True)
+    rows = []
+    with app_process("tiny-random", args.sessions) as (url, _):
+        for name, flood in (("alone", False), ("under every flood", True)):
+            latencies, tally = asyncio.run(run(url, args.seconds, flood))
+            answered = [x for x in latencies if x is not None]
+            refused = any(key.startswith("live client refused") for key in tally)
+            rows.append((name, len(latencies), len(answered), answered, refused, tally))
+    print(f"\nlive client: a turn every 6 s for {args.seconds:g} s; --max-sessions {args.sessions}; tiny-random\n")
+    print("| live client | turns | answered | first text p50 / p90 (ms) | ever refused | what the floods got |")
+    print("|---|---|---|---|---|---|")
+    for name, turns, answered, latencies, refused, tally in rows:
+        got = ", ".join(f"{key} x{count}" for key, count in sorted(tally.items())) or "-"
+        print(f"| {name} | {turns} | {answered} | {percentile(latencies, 50)} / {percentile(latencies, 90)} | "
+              f"{'yes' if refused else 'no'} | {got} |")
+
+
+if __name__ == "__main__":
+    main()

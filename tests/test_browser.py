@@ -33,6 +33,7 @@ SPEECH_S = 4.0  # of SPEECH_WAV, then
 SILENCE_S = 40.0  # of silence (chromium loops the file): one spoken turn, the next only 44 s later
 REPLY_TIMEOUT_MS = 90_000  # to the first reply text; ~5 s on CPU
 REPLY_DONE_TIMEOUT_MS = 15_000  # then to the turn's last update
+EXPECT_TIMEOUT_MS = 20_000  # for each page change (playwright's 5 s is short on a shared 2-core machine)
 CONSOLE_LINES_MAX = 10  # without --debug; fastrtc alone logs ~440 lines in 30 s of talking
 # gradio's page template loads this (async) for Hugging Face's Space iframe; offline it fails harmlessly
 IFRAME_RESIZER = "https://cdnjs.cloudflare.com/ajax/libs/iframe-resizer/4.3.1/iframeResizer.contentWindow.min.js"
@@ -86,6 +87,9 @@ class Page:
     """A page of the app, its components found by their labels, with what it printed and fetched."""
 
     def __init__(self, browser, server, path: str = "/"):
+        from playwright.sync_api import expect
+
+        expect.set_options(timeout=EXPECT_TIMEOUT_MS)
         self.page = browser.new_page(viewport=VIEWPORT)
         self.console: list[str] = []
         self.elsewhere: list[str] = []  # requests that left the server (a CDN: not offline)

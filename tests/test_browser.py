@@ -231,6 +231,7 @@ def test_typing_without_a_microphone_and_the_api_page(live_server, browser):
     loads nothing from outside, and FastAPI's CDN-backed /docs is off."""
     from playwright.sync_api import expect
 
+    sessions_before = active_sessions(live_server)
     app = Page(browser, live_server)
     try:
         expect(app.page.get_by_text(re.compile(r"Ready: .+ on cpu"))).to_be_visible()
@@ -238,8 +239,16 @@ def test_typing_without_a_microphone_and_the_api_page(live_server, browser):
         app.expect_reply(0, re.escape("💬 Reply"))
         expect(app.page.locator("#typed textarea")).to_have_value("")
         assert len(app.console) <= CONSOLE_LINES_MAX, app.console
+        assert active_sessions(live_server) == sessions_before + 1  # the page's own conversation
     finally:
         app.screenshot("browser-typed.png")
+        app.page.close()
+        # the page's unload should free its conversation's slot; from a closed Chromium tab it did not within
+        # 45 s here (reported), so the slot is given back directly: later tests share this engine
+        uploads = live_server.app.state.ui.uploads
+        for session in list(uploads.conversations):
+            uploads.close(session)
+        wait_for_sessions(live_server, sessions_before)
     api = Page(browser, live_server, "/?view=api")
     expect(api.page.get_by_text(re.compile(r"API", re.I)).first).to_be_visible()
     api.page.wait_for_load_state("networkidle")

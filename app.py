@@ -126,7 +126,8 @@ def main(argv=None) -> None:
                                **given(temperature=args.temperature))
     guard = GuardOptions(auth_token=args.auth_token or None, opens_per_minute=max(0, args.opens_per_minute))
     server_options = ServerOptions(guard=guard, session_time_limit_s=args.session_time_limit or None,
-                                   twilio_auth_token=args.twilio_auth_token, rtc_configuration=args.rtc_configuration)
+                                   twilio_auth_token=args.twilio_auth_token, rtc_configuration=args.rtc_configuration,
+                                   debug=args.log_level == "DEBUG")
     app = create_app(engine, chat_options, server_options, speaker=load_speaker_or_none(VoiceOptions(engine=args.voice)))
     if args.share:
         # the page again on the next port, reachable through a gradio.live link

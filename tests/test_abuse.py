@@ -97,7 +97,7 @@ def test_outputs_and_input_need_the_connection_token(server, speech):
 
     codes, replies = asyncio.run(run())
     assert codes == [403, 403, 409, 403, 400]
-    assert len(replies) == 5 and all(r["role"] == "assistant" and r["metadata"]["title"].startswith("chat")
+    assert len(replies) == 5 and all(r["role"] == "assistant" and r["metadata"]["title"].startswith("💬 Reply")
                                      for r in replies)  # 5 of 5, and still in chat mode
 
 

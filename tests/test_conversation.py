@@ -1,6 +1,7 @@
 """The Conversation and its engine Chat under hostile timing: speculative begins, abandons,
 retractions, barge-ins and clears from other threads, and a decode thread that dies."""
 
+import os
 import queue
 import random
 import threading
@@ -205,3 +206,38 @@ def test_a_dead_decode_thread_fails_turns_fast_and_refuses_new_ones(tiny_checkpo
         assert "injected" in health.json()["error"]
     finally:
         engine.close()
+
+
+def test_spoken_turns_show_as_clips_and_replies_say_their_mode(engine, speech):
+    """Each spoken turn is a playable 16 kHz wav in the chat (the last `clips` of them), each finished
+    reply's title names its mode, and the clips go when the conversation closes."""
+    import json
+
+    import soundfile
+
+    conversation = Conversation(engine, ConversationOptions(reply_tokens=4, clips=2), settings=GREEDY,
+                                name="clips").open()
+    try:
+        finals = []
+        for seconds, settings in [(1.0, GREEDY), (1.5, Settings(mode="transcribe", language="en")), (2.0, GREEDY)]:
+            conversation.post("settings", settings)
+            conversation.post("audio", (SAMPLE_RATE, speech[: int(seconds * SAMPLE_RATE)]))
+            finals.append(outputs_until_final(conversation)[-1])
+        history = finals[-1].history
+        json.dumps(history)  # /outputs sends it as JSON
+        turns = [m["content"] for m in history if m["role"] == "user"]
+        assert turns[0] == "🎙️ 1.0 s of speech"  # past `clips`: its label only
+        for turn, seconds in zip(turns[1:], (1.5, 2.0)):
+            assert turn["mime_type"] == "audio/wav" and turn["alt_text"] == f"🎙️ {seconds:.1f} s of speech"
+            samples, rate = soundfile.read(turn["path"], dtype="float32")
+            assert rate == SAMPLE_RATE and len(samples) == int(seconds * SAMPLE_RATE)
+            assert np.abs(samples - speech[: len(samples)]).max() < 1e-3  # what was said, as 16-bit PCM
+        titles = [m["metadata"]["title"] for m in history if m["role"] == "assistant"]
+        assert titles[0].startswith("💬 Reply · ⏱") and titles[1].startswith("📝 Transcript (en) · ⏱")
+        assert titles[2].startswith("💬 Reply · ⏱")
+        clip_dir = os.path.dirname(turns[-1]["path"])
+        assert len(os.listdir(clip_dir)) == 3  # up to 2 * clips files stay for outputs still on their way
+    finally:
+        conversation.close()
+    assert conversation.closed.wait(30)
+    assert not os.path.exists(clip_dir)

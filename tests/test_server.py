@@ -26,6 +26,12 @@ def utterance(speech, seconds=3.0):
     return np.concatenate([clip, SILENCE]), seconds
 
 
+def said_s(message) -> float:
+    """Seconds of speech in a user turn: its clip's label, "🎙️ 2.8 s of speech"."""
+    assert message["role"] == "user" and message["content"]["mime_type"] == "audio/wav"
+    return float(message["content"]["alt_text"].split()[1])
+
+
 def users(history):
     return [m for m in history if m["role"] == "user"]
 
@@ -71,7 +77,7 @@ def test_two_clients_see_only_their_own_history(live_server, speech, other_speec
 
     history_a, history_b = asyncio.run(run())
     assert [m["role"] for m in history_a] == ["user", "assistant"] == [m["role"] for m in history_b]
-    assert float(history_a[0]["content"].split()[1]) <= 2.1  # its own 2 s turn, not the other's 3 s
+    assert said_s(history_a[0]) <= 2.1  # its own 2 s turn, not the other's 3 s
     assert history_a[1]["content"] != history_b[1]["content"]
 
 
@@ -211,7 +217,7 @@ def test_mid_sentence_pause_stays_one_turn(live_server):
 
     history = asyncio.run(run())
     assert [m["role"] for m in history] == ["user", "assistant"]
-    said = float(history[0]["content"].split()[1])
+    said = said_s(history[0])
     assert said >= whole - 0.05  # one turn holding both parts
 
 

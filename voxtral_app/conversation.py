@@ -9,12 +9,16 @@ turn's speculative begin, its showing, a retraction, a barge-in and a clear can 
 
 import collections
 import logging
+import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
 
 import numpy as np
+import soundfile
 
 from . import metrics
 from .audio import SAMPLE_RATE, AudioError, prepare
@@ -72,6 +76,8 @@ class ConversationOptions:
     phone_spoken: bool = True  # phone callers cannot read: calls get spoken replies unless this is off
     idle_timeout_s: float = 300.0  # a conversation with no turn or message for this long closes itself
     temperature: float = CHAT.temperature  # chat temperature a new conversation starts with (--temperature)
+    clips: int = 8  # the chat plays back the last 8 spoken turns (older ones show their label; 0: labels only)
+    clip_s: float = 30.0  # a turn's clip keeps its last 30 s (960 KB of 16-bit 16 kHz audio)
 
 
 @dataclass
@@ -95,7 +101,8 @@ class Pending:
     reply: Reply
     settings: Settings
     speech_end: float  # perf_counter time the last speech arrived
-    label: str  # the user's turn as the chat shows it
+    label: str  # the user's turn as text: what they typed, or "🎙️ 2.8 s of speech"
+    audio: np.ndarray | None = None  # a spoken turn's 16 kHz samples, for its clip in the chat
     turn_end: float = 0.0
     first_token: float | None = None
     history_at: int = 0  # chat length before this turn was shown (where a retraction cuts)
@@ -104,10 +111,23 @@ class Pending:
     def status(self) -> dict:
         stats = self.reply.stats
         first = None if self.first_token is None else round((self.first_token - self.speech_end) * 1000)
-        return {"mode": self.settings.mode, "pause_ms": round((self.turn_end - self.speech_end) * 1000),
+        return {"mode": self.settings.mode, "language": self.settings.language,
+                "pause_ms": round((self.turn_end - self.speech_end) * 1000),
                 "first_token_ms": first, "tokens": stats["tokens"],
                 "tokens_per_s": round(stats["tokens_per_s"], 1), "prefill_tokens": stats["prefill_tokens"],
                 "cached_tokens": stats["cached_tokens"], "ended_by": self.ended_by}
+
+
+def reply_kind(mode: str, language: str = "") -> str:
+    """What a reply is, as the chat labels it."""
+    if mode == "transcribe":
+        return "📝 Transcript" + (f" ({language})" if language else "")
+    return "💬 Reply"
+
+
+def reply_title(status: dict) -> str:
+    """A finished reply's title in the chat: what kind of reply it is, then how fast it came."""
+    return f"{reply_kind(status['mode'], status.get('language', ''))} · {latency_line(status)}"
 
 
 def latency_line(status: dict) -> str:
@@ -141,6 +161,8 @@ class Conversation:
         self.shown: Pending | None = None  # the last shown turn: taken back if speech resumes
         self.deferred: collections.deque = collections.deque()  # messages that arrived while a reply streamed
         self.closing = False
+        self.clip_dir: str | None = None  # this conversation's clips of spoken turns (removed when it closes)
+        self.clip_files: collections.deque = collections.deque()  # oldest first
 
     # -- any thread -----------------------------------------------------------------------------
 
@@ -178,6 +200,8 @@ class Conversation:
             logger.exception("%s: conversation failed", self.name)
         finally:
             self.drop_speculation()
+            if self.clip_dir is not None:
+                shutil.rmtree(self.clip_dir, ignore_errors=True)
             self.chat.close()  # waits for its reply to leave the decode thread (cancelled: one step)
             metrics.closed(self)
             self.closed.set()
@@ -244,7 +268,7 @@ class Conversation:
                 metrics.ERRORS.labels("audio" if isinstance(error, AudioError) else "turn").inc()
                 self.outbox.put(self.output({"error": str(error)}, final=True))
             return None
-        return Pending(reply, settings, speech_end, label)
+        return Pending(reply, settings, speech_end, label, audio=audio)
 
     def begin_text(self, text: str) -> Pending | None:
         text = text.strip() if isinstance(text, str) else ""
@@ -288,7 +312,7 @@ class Conversation:
         pending.history_at = len(self.history)
         self.shown = pending
         message = {"role": "assistant", "content": ""}  # its metadata (mode, latency) marks it finished
-        self.history += [{"role": "user", "content": pending.label}, message]
+        self.history += [{"role": "user", "content": self.clip(pending)}, message]
         speak = pending.settings.spoken and self.speaker is not None
         splitter = SentenceSplitter() if speak else None
         last_update, retract, error = 0.0, False, None
@@ -331,12 +355,31 @@ class Conversation:
             status["error"] = str(error)
         elif not reply.text and not reply.cancelled:
             message["content"] = "…"  # nothing generated (an immediate end of sequence)
-        message["metadata"] = {"title": f"{pending.settings.mode} · {latency_line(status)}"}
+        message["metadata"] = {"title": reply_title(status)}
         logger.info("turn: mode=%s %s pause=%sms first_token=%sms prefill=%d cached=%d tokens=%d %.1f tok/s%s",
                     pending.settings.mode, pending.label, status["pause_ms"], status["first_token_ms"],
                     status["prefill_tokens"], status["cached_tokens"], status["tokens"], status["tokens_per_s"],
                     " (interrupted)" if status.get("interrupted") else "")
         self.outbox.put(self.output(status, final=True))
+
+    def clip(self, pending: Pending) -> str | dict:
+        """The user's turn as the chat shows it: a spoken turn is a playable clip (a gradio file message,
+        its label as alt_text), a typed one its text. Only the last `clips` spoken turns keep their clip."""
+        if pending.audio is None or self.options.clips <= 0:
+            return pending.label
+        if self.clip_dir is None:
+            self.clip_dir = tempfile.mkdtemp(prefix=f"voxtral-{self.name}-")
+        fd, path = tempfile.mkstemp(suffix=".wav", dir=self.clip_dir)
+        with os.fdopen(fd, "wb") as out:
+            soundfile.write(out, pending.audio[-int(self.options.clip_s * SAMPLE_RATE):], SAMPLE_RATE,
+                            subtype="PCM_16", format="WAV")
+        self.clip_files.append(path)
+        while len(self.clip_files) > 2 * self.options.clips:  # outputs still on their way may name recent ones
+            os.remove(self.clip_files.popleft())
+        spoken = [m for m in self.history if m["role"] == "user" and isinstance(m["content"], dict)]
+        for message in spoken[:max(len(spoken) - self.options.clips + 1, 0)]:
+            message["content"] = message["content"]["alt_text"]
+        return {"path": path, "mime_type": "audio/wav", "alt_text": pending.label}
 
     def interrupts(self, reply: Reply) -> bool:
         """While `reply` streams: apply the messages that cannot wait; -> whether to take it back."""

@@ -46,6 +46,7 @@ class ServerOptions:
     # LAN), or a function fastrtc calls per connection for fresh credentials: voxtral_app/ice.py
     jitter_prefetch: int = 1  # audio packets (20 ms each) aiortc buffers before decoding; its default 4
     # adds 60 ms to every turn. Raise it for lossy links where audio sounds choppy.
+    debug: bool = False  # the page logs to the browser console (fastrtc's component is chatty)
     keep_alive_s: float = 15.0  # /outputs sends a comment this often when there is nothing else to say
     guard: GuardOptions = GuardOptions()  # body caps, access token, rate limits
     access: AccessOptions = AccessOptions()  # offer deadline
@@ -101,8 +102,8 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
     slots = engine.options.slots
     stream = Stream(handler, modality="audio", mode="send-receive", concurrency_limit=slots,
                     time_limit=options.session_time_limit_s, rtc_configuration=options.rtc_configuration)
-    ui = build_ui(engine, handler, slots, options.session_time_limit_s, options.rtc_configuration)
-    app = app or FastAPI(title="Voxtral realtime")
+    ui = build_ui(engine, handler, slots, options.session_time_limit_s, options.rtc_configuration, options.debug)
+    app = app or FastAPI(title="Voxtral realtime", docs_url=None, redoc_url=None)  # their pages load from a CDN
     app.add_middleware(Guard, options=options.guard)
     connections = Connections(options.access)
     app.state.stream = stream

@@ -1,5 +1,5 @@
-"""The Gradio page: microphone (FastRTC WebRTC), chat, mode/language/temperature/voice controls,
-clear, an upload path for people without a microphone, and the model's warm-up status."""
+"""The Gradio page: microphone (FastRTC WebRTC), chat, a text box, mode/language/temperature/voice
+controls, clear, an upload path for people without a microphone, and the model's warm-up status."""
 
 import logging
 import queue
@@ -10,13 +10,57 @@ import numpy as np
 from fastrtc import WebRTC
 
 from . import transport
-from .conversation import Conversation, Output, Settings
+from .conversation import Conversation, Output, Settings, reply_kind
 from .engine import EngineBusy, EngineFailed
 from .handler import VoxtralHandler
 
 logger = logging.getLogger(__name__)
 
 LANGUAGES = ["auto", "en", "fr", "de", "es", "it", "pt", "nl", "hi"]  # Voxtral's languages
+
+# The browser snippets below are written against fastrtc 0.0.34's component (its DOM and its logging);
+# transport.py refuses any other fastrtc version at import.
+# fastrtc's WebRTC component logs every data-channel message and connection state change: 3 lines per
+# chat update (83 lines in 30 s with one short reply from the tiny model; hundreds with real replies).
+# The page keeps warnings and errors; `python app.py --debug` keeps all.
+QUIET_CONSOLE = """<script>
+for (const level of ["log", "debug", "info"]) console[level] = () => {};
+</script>"""
+# The page works offline: fastrtc's microphone fetches a notification sound from huggingface.co on
+# every page load (for stop words, which this app does not use), so remote sounds are not loaded.
+OFFLINE = """<script>
+const LocalAudio = window.Audio;
+window.Audio = function (src) { return new LocalAudio(/^https?:/.test(src || "") ? undefined : src); };
+window.Audio.prototype = LocalAudio.prototype;
+</script>"""
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"])  # not Google Fonts: offline
+
+# One click starts talking. fastrtc's microphone first shows a "Click to Access Microphone" button and,
+# once the browser grants the microphone, a record button: that first button is renamed "Start talking",
+# and the record button (fastrtc's button_labels: "Start talking" too) is pressed for the person as soon
+# as it appears after their click. The click is the user gesture the browser needs for the microphone.
+ONE_CLICK = """() => {
+  const microphone = document.getElementById("microphone");
+  if (!microphone) return;
+  let clicked = false;
+  const tidy = () => {
+    const ask = microphone.querySelector('[title="grant webcam access"] button');
+    if (ask && !ask.dataset.oneClick) {
+      ask.dataset.oneClick = "1";
+      const texts = document.createTreeWalker(ask, NodeFilter.SHOW_TEXT);
+      for (let node; (node = texts.nextNode());) if (node.data.trim()) node.data = "Start talking";
+      ask.addEventListener("click", () => { clicked = true; });
+    }
+    const record = microphone.querySelector('button[aria-label="start stream"]');
+    if (clicked && record) {
+      clicked = false;
+      record.click();
+    }
+  };
+  new MutationObserver(tidy).observe(microphone, {childList: true, subtree: true});
+  tidy();
+}"""
+BUTTON_LABELS = {"start": "Start talking", "stop": "Stop", "waiting": "Connecting…"}
 
 
 def engine_status(engine) -> str:
@@ -37,7 +81,8 @@ def show(history, status):
 def turn_line(status: dict) -> str:
     if status.get("first_token_ms") is None:
         return ""
-    return (f"Last turn: {status['first_token_ms']} ms from end of speech to first token "
+    return (f"{reply_kind(status['mode'], status.get('language', ''))}: {status['first_token_ms']} ms from end "
+            f"of speech to first token "
             f"(pause {status['pause_ms']} ms) · {status['tokens_per_s']} tok/s · "
             f"{status['prefill_tokens']} new / {status['cached_tokens']} cached prompt tokens")
 
@@ -88,17 +133,23 @@ class Uploads:
 
 
 def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit: float | None,
-             rtc_configuration=None) -> gr.Blocks:
-    with gr.Blocks(title="Voxtral realtime") as demo:
-        gr.Markdown("# Voxtral realtime\nClick the microphone, speak, and pause: Voxtral answers as soon as "
-                    "you stop. Speak over a reply to interrupt it.")
+             rtc_configuration=None, debug: bool = False) -> gr.Blocks:
+    """`debug`: keep the browser console's chatter (fastrtc logs every message)."""
+    head = OFFLINE + ("" if debug else QUIET_CONSOLE)
+    with gr.Blocks(title="Voxtral realtime", theme=THEME, head=head, js=ONE_CLICK,
+                   delete_cache=(900, 3600)) as demo:  # the chat's copies of clips and uploads: an hour
+        gr.Markdown("# Voxtral realtime\nClick **Start talking**, speak, and pause: Voxtral answers as soon as "
+                    "you stop. Speak over a reply to interrupt it, or type below the conversation.")
         status = gr.Markdown(engine_status(engine))
         with gr.Row():
             with gr.Column(scale=1):
                 microphone = WebRTC(modality="audio", mode="send-receive", label="Microphone", full_screen=False,
-                                    rtc_configuration=rtc_configuration)  # full screen: fixed over the page
-                mode = gr.Radio(["chat", "transcribe"], value="chat", label="Mode")
-                language = gr.Dropdown(LANGUAGES, value="auto", label="Transcription language")
+                                    rtc_configuration=rtc_configuration, button_labels=BUTTON_LABELS,
+                                    elem_id="microphone")  # full screen: fixed over the page
+                mode = gr.Radio(["chat", "transcribe"], value="chat", label="Mode", elem_id="mode",
+                                info="chat: Voxtral answers · transcribe: Voxtral writes down what you said")
+                language = gr.Dropdown(LANGUAGES, value="auto", label="Transcription language", visible=False,
+                                       elem_id="language")  # shown in transcribe mode
                 temperature = gr.Slider(0.0, 1.0, value=handler.options.temperature, step=0.05, label="Temperature")
                 spoken = gr.Checkbox(False, label="Speak replies")
                 clear = gr.Button("Clear conversation")
@@ -106,7 +157,9 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
                     upload = gr.Audio(sources=["upload"], type="numpy", label="Audio file")
                     send = gr.Button("Send")
             with gr.Column(scale=2):
-                chatbot = gr.Chatbot(type="messages", height=560, label="Conversation")
+                chatbot = gr.Chatbot(type="messages", height=560, label="Conversation", elem_id="conversation")
+                typed = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, max_lines=4,
+                                   max_length=handler.options.max_text_chars, elem_id="typed")
                 last_turn = gr.Markdown()
         uploads = Uploads(engine, handler)
 
@@ -115,10 +168,15 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
                           time_limit=time_limit)
         # queued, so one generator streams every update (queue=False runs one step per trigger and drops triggers)
         microphone.on_additional_outputs(show, outputs=[chatbot, last_turn], concurrency_limit=concurrency_limit)
+        mode.change(lambda mode: gr.update(visible=mode == "transcribe"), inputs=[mode], outputs=[language],
+                    queue=False, show_progress="hidden")
+
+        def live_conversation(value) -> Conversation | None:
+            conversation = getattr(transport.live_handler(microphone, webrtc_id(value) or ""), "conversation", None)
+            return None if conversation is None or conversation.closed.is_set() else conversation
 
         def clear_conversation(value, request: gr.Request):
-            live = transport.live_handler(microphone, webrtc_id(value) or "")
-            for conversation in (getattr(live, "conversation", None), uploads.get(request.session_hash)):
+            for conversation in (live_conversation(value), uploads.get(request.session_hash)):
                 if conversation is not None:
                     conversation.post("clear")
             return [], ""
@@ -126,20 +184,15 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
         clear.click(clear_conversation, inputs=[microphone], outputs=[chatbot, last_turn], queue=False)
         chatbot.clear(clear_conversation, inputs=[microphone], outputs=[chatbot, last_turn], queue=False)
 
-        def send_upload(audio, mode, language, temperature, request: gr.Request):  # uploads get text replies
-            if audio is None:
-                gr.Warning("Choose an audio file first.")
-                yield gr.skip(), gr.skip()
-                return
+        def upload_conversation(session: str) -> Conversation | None:
             try:
-                conversation = uploads.open(request.session_hash)
+                return uploads.open(session)
             except (EngineBusy, EngineFailed) as error:
                 gr.Warning(f"The server is busy ({error}). Please try again in a minute.")
-                yield gr.skip(), gr.skip()
-                return
-            rate, samples = audio
-            conversation.post("settings", Settings.from_values([mode, language, temperature, False]))
-            conversation.post("audio", (rate, np.asarray(samples)))
+                return None
+
+        def replies(conversation: Conversation):
+            """The conversation's outputs as chat updates, until its turn's last one."""
             while True:
                 try:
                     output = conversation.outbox.get(timeout=UPLOAD_TURN_TIMEOUT_S)
@@ -154,8 +207,51 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
                 if output.final:
                     return
 
+        def send_upload(audio, mode, language, temperature, request: gr.Request):  # uploads get text replies
+            if audio is None:
+                gr.Warning("Choose an audio file first.")
+                yield gr.skip(), gr.skip()
+                return
+            conversation = upload_conversation(request.session_hash)
+            if conversation is None:
+                yield gr.skip(), gr.skip()
+                return
+            rate, samples = audio
+            conversation.post("settings", Settings.from_values([mode, language, temperature, False]))
+            conversation.post("audio", (rate, np.asarray(samples)))
+            yield from replies(conversation)
+
         send.click(send_upload, inputs=[upload, mode, language, temperature], outputs=[chatbot, last_turn],
                    concurrency_limit=concurrency_limit)
+
+        def send_text(text, value, mode, language, temperature, request: gr.Request):
+            """A typed turn joins the microphone's conversation (same chat, same KV cache; the reply streams
+            through on_additional_outputs), or without a microphone connection the upload box's."""
+            if not isinstance(text, str) or not text.strip():
+                yield gr.skip(), gr.skip(), gr.skip()
+                return
+            if len(text) > handler.options.max_text_chars:  # the box stops typing there; a script may not
+                gr.Warning(f"A message can have at most {handler.options.max_text_chars} characters.")
+                yield gr.skip(), gr.skip(), gr.skip()
+                return
+            conversation = live_conversation(value)
+            if conversation is not None:
+                conversation.post("text", text)
+                yield gr.skip(), gr.skip(), ""
+                return
+            conversation = upload_conversation(request.session_hash)
+            if conversation is None:
+                yield gr.skip(), gr.skip(), gr.skip()
+                return
+            conversation.post("settings", Settings.from_values([mode, language, temperature, False]))
+            conversation.post("text", text)
+            yield gr.skip(), gr.skip(), ""
+            for history, line in replies(conversation):
+                yield history, line, gr.skip()
+
+        typed.submit(send_text, inputs=[typed, microphone, mode, language, temperature],
+                     outputs=[chatbot, last_turn, typed], concurrency_limit=concurrency_limit)
+
         def page_closed(request: gr.Request):
             uploads.close(request.session_hash)
 

@@ -226,13 +226,16 @@ def test_one_click_transcribes_then_typed_turns_join_the_call(live_server, brows
     print(f"clicks to talk: {clicks}; {time.perf_counter() - started:.1f} s; screenshots: {shots}")
 
 
-def test_typing_without_a_microphone_and_the_api_page(live_server, browser):
+def test_typing_without_a_microphone_and_the_api_page(live_server, browser, monkeypatch):
     """Without a microphone connection the text box uses the page's own conversation; the API page
     loads nothing from outside, and FastAPI's CDN-backed /docs is off."""
     from playwright.sync_api import expect
 
+    monkeypatch.setenv("GRADIO_IS_E2E_TEST", "1")  # gradio's heartbeat every 0.25 s, not 15 s: a closed tab's
+    # unload runs at once
     sessions_before = active_sessions(live_server)
     app = Page(browser, live_server)
+    closed_tab_freed = None
     try:
         expect(app.page.get_by_text(re.compile(r"Ready: .+ on cpu"))).to_be_visible()
         app.type("Hello there.")
@@ -243,15 +246,17 @@ def test_typing_without_a_microphone_and_the_api_page(live_server, browser):
     finally:
         app.screenshot("browser-typed.png")
         app.page.close()
-        # the page's unload should free its conversation's slot; from a closed Chromium tab it did not within
-        # 45 s here (reported), so the slot is given back directly: later tests share this engine
-        uploads = live_server.app.state.ui.uploads
+        closed_tab_freed = wait_for_sessions(live_server, sessions_before, timeout_s=20) <= sessions_before
+        uploads = live_server.app.state.ui.uploads  # later tests share this engine: never leave a slot behind
         for session in list(uploads.conversations):
             uploads.close(session)
         wait_for_sessions(live_server, sessions_before)
+    assert closed_tab_freed, "closing the tab did not give its conversation's slot back (the page's unload)"
+    monkeypatch.delenv("GRADIO_IS_E2E_TEST")  # the API page must go network-idle
     api = Page(browser, live_server, "/?view=api")
     expect(api.page.get_by_text(re.compile(r"API", re.I)).first).to_be_visible()
-    api.page.wait_for_load_state("networkidle")
+    api.page.wait_for_load_state("load")  # not "networkidle": the heartbeat stream stays open
+    api.page.wait_for_timeout(2000)
     api.screenshot("browser-api.png")
     assert set(app.elsewhere + api.elsewhere) <= {IFRAME_RESIZER}, app.elsewhere + api.elsewhere
     assert httpx.get(f"{live_server.url}/docs").status_code == 404

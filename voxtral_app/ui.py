@@ -256,6 +256,9 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
             uploads.close(request.session_hash)
 
         demo.unload(page_closed)
+        # gradio 5.50 decides whether the page keeps a heartbeat (without which unload never runs) from
+        # its State components, and only unreliably from unload events: a State makes sure it does.
+        gr.State(None)
         demo.uploads = uploads  # for tests
         gr.Timer(2.0).tick(lambda: engine_status(engine), outputs=status, queue=False, show_progress="hidden")
     return demo

@@ -27,6 +27,9 @@ class Reply(Protocol):
 
     def __iter__(self) -> Iterator[str]: ...
 
+    def want(self) -> None:
+        """It is shown now: someone waits for it (a speculative reply is served after waited-for ones)."""
+
     def cancel(self) -> None: ...
 
     @property
@@ -45,11 +48,13 @@ class Chat(Protocol):
 
     messages: list[dict]
 
-    def start(self, audio: np.ndarray | None = None, text: str = "", sampling: Sampling = ...) -> Reply:
+    def start(self, audio: np.ndarray | None = None, text: str = "", sampling: Sampling = ...,
+              speculative: bool = False) -> Reply:
         """Add a user turn (16 kHz float32 audio and/or text) and start the reply. Does not wait for
-        the first token; ValueError for a turn that cannot be sent."""
+        the first token; ValueError for a turn that cannot be sent. `speculative`: begun at a short
+        pause, nobody waits for it yet."""
 
-    def transcribe(self, audio: np.ndarray, language: str | None = None) -> Reply: ...
+    def transcribe(self, audio: np.ndarray, language: str | None = None, speculative: bool = False) -> Reply: ...
 
     def discard(self, reply: Reply) -> None:
         """Drop a reply (speculative, or taken back) and the user turn it answered."""

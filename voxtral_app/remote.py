@@ -175,6 +175,9 @@ class RemoteReply:
 
     # -- any thread -----------------------------------------------------------------------------
 
+    def want(self) -> None:
+        """Someone waits for this reply now (the local engine reorders its prefills; a server schedules its own)."""
+
     def cancel(self) -> None:
         """Close the stream (the server sees the client go and stops generating)."""
         if not self.cancel_event.is_set():
@@ -215,7 +218,9 @@ class RemoteChat:
         self.current: RemoteReply | None = None
         self.closed = False
 
-    def start(self, audio: np.ndarray | None = None, text: str = "", sampling: Sampling = CHAT) -> RemoteReply:
+    def start(self, audio: np.ndarray | None = None, text: str = "", sampling: Sampling = CHAT,
+              speculative: bool = False) -> RemoteReply:
+        """`speculative` changes nothing here: the server schedules its own requests."""
         self.settle()
         self.messages.append(user_message(audio, text))
         self.trim()
@@ -223,7 +228,7 @@ class RemoteChat:
         self.current = self.backend.submit(reply, self.backend.stream_chat(reply, list(self.messages), sampling, self.id))
         return reply
 
-    def transcribe(self, audio: np.ndarray, language: str | None = None) -> RemoteReply:
+    def transcribe(self, audio: np.ndarray, language: str | None = None, speculative: bool = False) -> RemoteReply:
         self.settle()
         reply = RemoteReply(self.backend, record=False)
         self.current = self.backend.submit(reply, self.backend.transcribe(reply, audio, language, self.id))

@@ -9,6 +9,7 @@ prompt with another's reply. A turn is atomic: it joins `messages` with its repl
 
 import hashlib
 import logging
+import queue
 import time
 from collections.abc import Iterator
 
@@ -240,13 +241,19 @@ class Chat:
             reply.cancel()
             self.cached, self.cached_clips = [], []
             return
+        while True:  # whatever the reader has not taken yet: the reply is what was generated
+            try:
+                if reply.next_piece(timeout=0) is None:
+                    break
+            except (queue.Empty, RuntimeError):
+                break
         if reply.generation.error is not None:
             self.cached, self.cached_clips = [], []
         else:
             self.cached = reply.prompt_ids + reply.generation.fed
             self.cached_clips = reply.prompt_clips
         if reply.record:
-            text = reply.text.strip()  # what its reader saw
+            text = reply.text.strip()
             if text and reply.generation.error is None:
                 self.messages.append(prompts.assistant_message(text))  # as mistral-common keeps it
             else:

@@ -100,6 +100,7 @@ class TurnTaker:
         self.windows: list[np.ndarray] = []  # the turn being spoken (or just ended), 32 ms windows
         self.pending = np.zeros(0, dtype=np.float32)
         self.state = "idle"  # idle -> speaking -> ended -> idle | speaking (resume)
+        self.ended_at = 0.0  # perf_counter time the last turn ended
         self.speech_run = 0  # consecutive speech windows while idle/ended
         self.silence = 0  # consecutive silent windows while speaking / since the turn ended
         self.last_speech = 0.0
@@ -166,7 +167,8 @@ class TurnTaker:
         keep = self.preroll_windows + min(self.heard, self.windows_of(1.0))  # an onset the room's level hid
         if self.state == "ended":
             self.silence += 1
-            if self.silence * WINDOW_S > o.resume_s and self.speech_run == 0:
+            # over: resume_s of silence heard, or of wall time (a client that sends nothing between turns)
+            if (self.silence * WINDOW_S > o.resume_s and self.speech_run == 0) or now - self.ended_at > o.resume_s:
                 self.state = "idle"
                 self.windows = self.windows[-keep:]
         else:
@@ -214,6 +216,7 @@ class TurnTaker:
             logger.info("turn reached %.0f s of speech; replying to it now", self.options.max_turn_s)
             self.windows = []
         self.state = "ended" if reason != "max_turn" else "idle"
+        self.ended_at = time.perf_counter()
         self.silence = 0
         self.speech_run = 0
         self.drop_check()

@@ -50,8 +50,9 @@ def parse_args(argv=None, environ=None) -> argparse.Namespace:
         env=("ENABLE_NOISE_REDUCTION",), help="WebRTC noise suppression before the VAD and Voxtral")
     add("--auto-gain", action=argparse.BooleanOptionalAction, default=False, env_type=switch,
         env=("ENABLE_AUTO_GAIN",), help="WebRTC automatic gain control before the VAD and Voxtral")
-    add("--end-of-turn", action=argparse.BooleanOptionalAction, default=True, env_type=switch,
-        env=("ENABLE_END_OF_TURN",), help="Smart Turn decides at each pause whether the person has finished")
+    add("--end-of-turn", action=argparse.BooleanOptionalAction, default=False, env_type=switch,
+        env=("ENABLE_END_OF_TURN",), help="Smart Turn decides at each pause whether the person has finished "
+        "(off by default: it costs ~0.1 s of CPU per pause, see the README's turn-taking tables)")
     add("--voice", default="auto", choices=["auto", "kokoro", "espeak"], env=("VOXTRAL_VOICE",),
         help="text-to-speech for spoken replies")
     add("--auth-token", env=("VOXTRAL_AUTH_TOKEN",),
@@ -94,8 +95,21 @@ def configure_logging(level: str) -> None:
             logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
+def steady_memory() -> None:
+    """glibc raises its mmap threshold each time a big buffer is freed; after that, every turn's few MB
+    of audio and log-mel buffers come from the heap and fragment it: the server's RSS grew ~4 MB per
+    turn without end (bench/soak.py). A fixed threshold keeps big buffers in mmap, returned when freed."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD = 128 kB, and no adjusting it
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    steady_memory()
     configure_logging(args.log_level)
     if problem := missing_credentials(args.ice):
         logging.getLogger("app").warning(problem)

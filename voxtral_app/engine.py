@@ -109,7 +109,6 @@ class Engine:
         self.beat = time.monotonic()  # the decode thread's last sign of life (a float: written by it alone)
         self.ready = threading.Event()  # set once warm-up (and compilation) succeeded
         self.closed = False  # set by close(): the decode thread ends
-        self.warm_up_decoder = options.warmup  # the compiled step is warmed on the decode thread itself
         self.thread = threading.Thread(target=self.run, name="voxtral-decode", daemon=True)
         self.thread.start()
 
@@ -182,7 +181,7 @@ class Engine:
         try:
             if self.decoder.compiled:
                 self.decoder.allow_variants()
-                if self.warm_up_decoder:  # here, not in the caller's thread: CUDA graphs are recorded per thread
+                if self.options.warmup:  # here, not in the caller's thread: CUDA graphs are recorded per thread
                     self.decoder.warm_up()
             self.serve()
         except BaseException as error:  # noqa: BLE001 - the watchdog: anything that kills the thread

@@ -53,7 +53,6 @@ def resample_each_frame(handler, frame: av.AudioFrame):
 def tell_twilio_to_clear(handler) -> None:
     """Twilio keeps playing what it has buffered until told to clear (phone barge-in)."""
     context = get_current_context()
-    logger.debug("twilio clear: context %s", context)
     if context.websocket is not None:
         asyncio.run_coroutine_threadsafe(
             context.websocket.send_json({"event": "clear", "streamSid": context.webrtc_id}), handler.loop)

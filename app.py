@@ -13,7 +13,8 @@ import os
 import signal
 import sys
 
-from voxtral_app.config import EnvParser, backend_url, log_level, port, seconds, sessions, switch, temperature
+from voxtral_app.config import (EnvParser, backend_url, log_level, port, reply_tokens, seconds, sessions, switch,
+                                 temperature)
 from voxtral_app.ice import PROVIDERS, IceOptions, missing_credentials, rtc_configuration
 
 # torch, transformers, gradio and fastrtc are imported in main(), after the arguments: --help answers at once
@@ -43,6 +44,8 @@ def parse_args(argv=None, environ=None) -> argparse.Namespace:
     add("--pause-ms", type=seconds, env=("VOXTRAL_PAUSE_MS",), help="silence that ends a turn (default: 128)")
     add("--temperature", type=temperature, env=("VOXTRAL_TEMPERATURE", "TEMPERATURE"),
         help="chat temperature a conversation starts with (default: 0.2)")
+    add("--reply-tokens", type=reply_tokens, env=("VOXTRAL_REPLY_TOKENS", "MAX_NEW_TOKENS"),
+        help="longest chat reply, in tokens (default: 512)")
     # turn-taking: VAD, noise suppression / gain before it, Smart Turn at the pause
     add("--vad", default="silero", choices=("silero", "webrtc", "energy"), env=("VAD",),
         help="voice activity detector (VAD_AGGRESSIVENESS=0-3 for webrtc)")
@@ -107,9 +110,17 @@ def steady_memory() -> None:
         pass
 
 
+def fair_gil() -> None:
+    """Hand the GIL over every 0.5 ms instead of every 5 ms. The decode thread lets go of it in every
+    torch op and must then wait for it; behind the event loop's Python (aiortc, 8 connections) each
+    wait lasted up to 5 ms, and a 15 ms decode step took 150 ms (`python bench/gil.py`)."""
+    sys.setswitchinterval(0.0005)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     steady_memory()
+    fair_gil()
     configure_logging(args.log_level)
     if problem := missing_credentials(args.ice):
         logging.getLogger("app").warning(problem)
@@ -137,7 +148,7 @@ def main(argv=None) -> None:
             sys.exit(f"error: {error}")
     turns = turn_options(args, given(pause_s=None if args.pause_ms is None else args.pause_ms / 1000))
     chat_options = ConversationOptions(turns=turns, max_audio_s=engine.options.max_audio_s,
-                               **given(temperature=args.temperature))
+                                       **given(temperature=args.temperature, reply_tokens=args.reply_tokens))
     guard = GuardOptions(auth_token=args.auth_token or None, opens_per_minute=max(0, args.opens_per_minute))
     server_options = ServerOptions(guard=guard, session_time_limit_s=args.session_time_limit or None,
                                    twilio_auth_token=args.twilio_auth_token, rtc_configuration=args.rtc_configuration,

@@ -4,15 +4,18 @@
     python bench/soak.py --clients 2 --minutes 1       # a quick look
 
 The app runs in its own process (tiny random Voxtral unless --model); the clients are aiortc
-clients in this one, each speaking a real sentence every --every-s seconds. Prints the server's
+clients in this one, each speaking an espeak-ng sentence every --every-s seconds. Prints the server's
 RSS, threads and open file descriptors every 30 s, then one table: turns sent and answered, end of
-speech -> first reply text at the client (p50/p90/p99), and growth after warm-up.
+speech -> first reply text at the client (p50/p90/p99), and growth after warm-up. "Cut short": the
+reply came before the sentence ended (the server took a pause inside it for the end of the turn).
+--app-args passes flags to app.py, e.g. --app-args="--log-level INFO" to log each turn's timings.
 """
 
 import argparse
 import asyncio
 import contextlib
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -23,18 +26,17 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from voxtral_app.audio import SAMPLE_RATE, prepare, read_wav  # noqa: E402
+import turn_latency  # noqa: E402  (bench/, next to this script)
+from voxtral_app.audio import SAMPLE_RATE  # noqa: E402
 from voxtral_app.client import Client  # noqa: E402
 
+URLS: dict[int, str] = {}  # app process id -> its URL
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def speech_clips() -> list[np.ndarray]:
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(importlib.util.find_spec("fastrtc").origin), "speech_to_text", "test_file.wav")
-    speech = prepare(*read_wav(path), max_seconds=300)
-    return [speech[i * SAMPLE_RATE: (i + 2) * SAMPLE_RATE] for i in range(0, 8, 2)]  # 2 s sentences
+    """espeak-ng sentences (2-3 s, no pause inside, trimmed to where speech ends): what a turn says."""
+    return [turn_latency.espeak(text) for text in turn_latency.SENTENCES]
 
 
 @contextlib.contextmanager
@@ -55,6 +57,7 @@ def app_process(model: str, sessions: int, extra: list[str] = ()):
             if process.poll() is not None:
                 raise RuntimeError(f"the app exited; see {log.name}")
             time.sleep(0.1)
+        URLS[process.pid] = url
         yield url, process.pid
     finally:
         process.terminate()
@@ -63,35 +66,79 @@ def app_process(model: str, sessions: int, extra: list[str] = ()):
 
 
 def usage(pid: int) -> dict:
-    """The server's resident memory (MB), threads and open file descriptors, from /proc."""
+    """The server's resident memory (MB), threads, open file descriptors and CPU seconds, from /proc."""
     status = open(f"/proc/{pid}/status").read().split("\n")
     fields = dict(line.split(":", 1) for line in status if ":" in line)
+    ticks = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[11:13]  # utime, stime
     return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024, "threads": int(fields["Threads"]),
-            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+            "fds": len(os.listdir(f"/proc/{pid}/fd")), "cpu_s": sum(map(int, ticks)) / os.sysconf("SC_CLK_TCK"),
+            "clients_cpu_s": sum(os.times()[:2]), **engine_time(pid)}
+
+
+def engine_time(pid: int) -> dict:
+    """The decode thread's prefill and decode-step counts and seconds so far, from the app's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    text = httpx.get(f"{URLS[pid]}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "engine_generations_in_flight":
+            out["in_flight"] = family.samples[0].value
+        if family.name == "model_inference_duration_seconds":
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")):
+                    out[f"{sample.labels['phase']}{sample.name[len(family.name):]}"] = sample.value
+    return out
+
+
+def window(a: dict, b: dict) -> str:
+    """What the server did between two samples: its CPU, and the decode thread's work."""
+    seconds = max(1e-9, b["t"] - a["t"])
+    steps = b.get("decode_count", 0) - a.get("decode_count", 0)
+    prefills = b.get("prefill_count", 0) - a.get("prefill_count", 0)
+    step_ms = 1000 * (b.get("decode_sum", 0) - a.get("decode_sum", 0)) / max(1, steps)
+    prefill_ms = 1000 * (b.get("prefill_sum", 0) - a.get("prefill_sum", 0)) / max(1, prefills)
+    return (f"server cpu={100 * (b['cpu_s'] - a['cpu_s']) / seconds:.0f}% clients cpu="
+            f"{100 * (b['clients_cpu_s'] - a['clients_cpu_s']) / seconds:.0f}% decode {steps / seconds:.0f} "
+            f"steps/s x {step_ms:.1f} ms, {prefills:.0f} prefills x {prefill_ms:.0f} ms, in flight {b.get('in_flight', 0):.0f}")
+
+
+def users(history: list[dict]) -> int:
+    return sum(m["role"] == "user" for m in history)
 
 
 async def talk(url: str, clips: list[np.ndarray], every_s: float, until: float, name: str, results: dict) -> None:
-    """One client: a turn every `every_s` until `until`; records (sent, first-text latency or None)."""
+    """One client: a turn every `every_s` until `until`. Records, per turn, end of speech -> the first
+    text of its reply (s), None if none came within `every_s` + 10 s, "cut" if a reply came before the
+    speech ended (the server split the sentence), or "lost" (and stops) if the connection went dead."""
     client = await Client.connect(url)
     silence = np.zeros(int(1.0 * SAMPLE_RATE), np.float32)
+    seen = 0  # user turns in the last history this client saw
     try:
         turn = 0
         while time.monotonic() < until:
             started = time.monotonic()
             clip = clips[turn % len(clips)]
-            sent = await client.say(np.concatenate([clip, silence]), len(clip) / SAMPLE_RATE)
-            latency = None
+            before = seen
+            try:  # the end of speech goes out in real time, unless the server has dropped the connection
+                sent = await asyncio.wait_for(client.say(np.concatenate([clip, silence]), len(clip) / SAMPLE_RATE),
+                                              len(clip) / SAMPLE_RATE + 10)
+            except (TimeoutError, asyncio.TimeoutError):
+                results.setdefault(name, []).append("lost")
+                return
+            outcome = None
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                while latency is None:
+                while outcome is None:
                     at, event = await client.next_event(max(0.1, started + every_s + 10 - time.monotonic()))
                     history = event["history"]
-                    users = sum(m["role"] == "user" for m in history)
-                    if users > turn and history[-1]["role"] == "assistant" and history[-1]["content"]:
-                        latency = at - sent
-            results.setdefault(name, []).append(latency)
+                    seen = users(history)
+                    if seen > before and history[-1]["role"] == "assistant" and history[-1]["content"]:
+                        outcome = at - sent if at >= sent else "cut"
+            results.setdefault(name, []).append(outcome)
             turn += 1
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                await client.reply(timeout=max(0.1, started + every_s - time.monotonic()), quiet_s=0.3)
+                history = await client.reply(timeout=max(0.1, started + every_s - time.monotonic()), quiet_s=0.3)
+                seen = users(history)
             await asyncio.sleep(max(0.0, started + every_s - time.monotonic()))
     finally:
         await client.close()
@@ -111,9 +158,9 @@ async def soak(url: str, pid: int, clients: int, minutes: float, every_s: float)
     async def monitor():
         while time.monotonic() < until + 5:
             await asyncio.sleep(30)
-            samples.append({"t": round(time.monotonic() - started), **usage(pid)})
+            samples.append({"t": round(time.monotonic() - started), **(await asyncio.to_thread(usage, pid))})
             print(f"  t={samples[-1]['t']:>4}s rss={samples[-1]['rss_mb']:.0f} MB threads={samples[-1]['threads']} "
-                  f"fds={samples[-1]['fds']}", flush=True)
+                  f"fds={samples[-1]['fds']} {window(samples[-2], samples[-1])}", flush=True)
 
     watcher = asyncio.create_task(monitor())
     await asyncio.gather(*[talk(url, clips, every_s, until, f"client{i}", results) for i in range(clients)])
@@ -128,18 +175,26 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--every-s", type=float, default=6.0, help="each client speaks this often")
     parser.add_argument("--model", default="tiny-random")
+    parser.add_argument("--nice", type=int, default=0, help="run the clients at this niceness (the app keeps 0)")
+    parser.add_argument("--app-args", default="", help="more flags for app.py, in one string")
     args = parser.parse_args()
     os.makedirs(os.path.join(ROOT, "test-output"), exist_ok=True)
-    with app_process(args.model, args.clients) as (url, pid):
+    with app_process(args.model, args.clients, shlex.split(args.app_args)) as (url, pid):
+        if args.nice:
+            os.nice(args.nice)  # the clients yield the CPU to the server (started first, it keeps its priority)
         results, samples = asyncio.run(soak(url, pid, args.clients, args.minutes, args.every_s))
-    latencies = [x for values in results.values() for x in values if x is not None]
-    sent = sum(len(values) for values in results.values())
+    outcomes = [x for values in results.values() for x in values]
+    latencies = [x for x in outcomes if isinstance(x, float)]
+    cuts = sum(x == "cut" for x in outcomes)
+    lost = sum(x == "lost" for x in outcomes)
+    sent = len(outcomes)
     warm = samples[min(1, len(samples) - 1)]
-    print(f"\n{args.clients} clients, a turn every {args.every_s:g} s each, {args.minutes:g} min, {args.model}\n")
-    print("| turns sent | answered | first text p50 / p90 / p99 (ms) | RSS start -> 30 s -> end (MB) "
+    print(f"\n{args.clients} clients, a turn every {args.every_s:g} s each, {args.minutes:g} min, {args.model}"
+          f"{f', {lost} connections lost' if lost else ''}\n")
+    print("| turns sent | answered | cut short | first text p50 / p90 / p99 (ms) | RSS start -> 30 s -> end (MB) "
           "| threads 30 s -> end | fds 30 s -> end |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {sent} | {len(latencies)} | {percentile(latencies, 50)} / {percentile(latencies, 90)} / "
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {sent} | {len(latencies) + cuts} | {cuts} | {percentile(latencies, 50)} / {percentile(latencies, 90)} / "
           f"{percentile(latencies, 99)} | {samples[0]['rss_mb']:.0f} -> {warm['rss_mb']:.0f} -> "
           f"{samples[-1]['rss_mb']:.0f} | {warm['threads']} -> {samples[-1]['threads']} | "
           f"{warm['fds']} -> {samples[-1]['fds']} |")

@@ -62,7 +62,8 @@ def test_turn_settings_from_the_environment():
 
 @pytest.mark.parametrize("name, value, says", [
     ("PORT", "abc", "PORT='abc': expected a port number"),
-    ("MAX_BATCH_SIZE", "0", "MAX_BATCH_SIZE='0': expected at least 1 session"),
+    ("MAX_BATCH_SIZE", "0", "MAX_BATCH_SIZE='0': expected a number of sessions from 1 to 1024"),
+    ("VOXTRAL_REPLY_TOKENS", "0", "VOXTRAL_REPLY_TOKENS='0': expected a number of tokens from 1 to 4096"),
     ("ENABLE_TORCH_COMPILE", "maybe", "ENABLE_TORCH_COMPILE='maybe': expected true, false or auto"),
     ("TEMPERATURE", "hot", "TEMPERATURE='hot'"),
     ("LOG_LEVEL", "loud", "LOG_LEVEL='loud'"),

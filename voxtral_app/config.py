@@ -56,25 +56,24 @@ class EnvParser(argparse.ArgumentParser):
         return default
 
 
-def sessions(text: str) -> int:
-    """Conversations at once: a whole number from 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of sessions, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1 session, got {value}")
-    return value
+def whole_number(what: str, low: int, high: int) -> Callable[[str], int]:
+    """A converter for a whole number (`what`: "port number") from `low` to `high`."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {what}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected a {what} from {low} to {high}, got {value}")
+        return value
+
+    return convert
 
 
-def port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {value}")
-    return value
+sessions = whole_number("number of sessions", 1, 1024)  # conversations at once
+reply_tokens = whole_number("number of tokens", 1, 4096)  # longest chat reply
+port = whole_number("port number", 1, 65535)
 
 
 def seconds(text: str) -> float:

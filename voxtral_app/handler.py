@@ -5,6 +5,7 @@ chat updates (AdditionalOutputs(history, status)) and spoken sentences out. The 
 conversation state of its own, so a connection's messages and KV cache never reach another.
 """
 
+import contextlib
 import logging
 import queue
 import threading
@@ -28,14 +29,18 @@ OUTPUT_RATE = 24_000  # Hz of the audio track fastrtc sends back
 EMIT_WAIT_S = 0.02  # emit() blocks this long for an output (fastrtc calls it in a loop)
 PHONE_RATE = 8_000  # Hz, Twilio's mu-law; phone audio is resampled on our threads, never on the event loop
 PEER_SILENT_S = 5.0  # a live microphone sends frames even in silence: none for this long means the peer is gone
+HEARD_FRAMES_MAX = 250  # WebRTC frames (5 s) waiting for the hearing thread; more are dropped, not queued
+HEARING_IDLE_S = 10.0  # the hearing thread ends after this long without a frame (it restarts on the next)
 
 
 class VoxtralHandler(StreamHandler):
     """A connection's turn-taking in front of its Conversation.
 
-    Threads: `receive()` runs on fastrtc's receive worker and alone owns `turns`; `emit()` runs on
-    its emit worker and alone reads the outbox; start_up/set_args/shutdown only post messages.
-    `settings` and `conversation` are guarded by `lock` (set_args may come before start_up).
+    Threads: `receive()` alone owns `turns`: it runs on the connection's hearing thread for WebRTC
+    (`resample()`, on the event loop, only queues frames for it) and on fastrtc's receive worker for
+    WebSocket and phone. `emit()` runs on fastrtc's emit worker and alone reads the outbox;
+    start_up/set_args/shutdown only post messages. `hearing` belongs to the event loop. `settings`,
+    `conversation` and `last_frame` are guarded by `lock` (set_args may come before start_up).
     """
 
     def __init__(self, engine, options: ConversationOptions = ConversationOptions(), speaker=None,
@@ -52,12 +57,50 @@ class VoxtralHandler(StreamHandler):
         self.conversation: Conversation | None = None
         self.refused: str | None = None  # why start_up refused the connection, until emit closes it
         self.last_frame: float | None = None  # monotonic time the last audio frame arrived
+        self.heard: queue.Queue = queue.Queue(HEARD_FRAMES_MAX)  # WebRTC frames for the hearing thread, then None
+        self.hearing: threading.Thread | None = None
+        self.dropped = 0  # WebRTC frames dropped because the hearing thread was HEARD_FRAMES_MAX behind
+        self.hung_up = threading.Event()  # set by shutdown(): the hearing thread ends, frames are ignored
 
     def copy(self) -> "VoxtralHandler":
         return VoxtralHandler(self.engine, self.options, self.speaker, self.transport_name, self.on_open)
 
-    def resample(self, frame):
-        yield from transport.resample_each_frame(self, frame)
+    def resample(self, frame) -> tuple:
+        """A WebRTC frame, on fastrtc's event loop: queued for this connection's hearing thread, which
+        resamples it and runs turn-taking. Left to fastrtc, every 20 ms frame waits for a worker thread
+        and then for the loop again; with the loop busy (8 connections on 2 cores) the audio fell
+        behind real time without end (25 s late after 90 s). Yields nothing to fastrtc."""
+        if self.hung_up.is_set():
+            return ()
+        with self.lock:
+            self.last_frame = time.monotonic()
+        try:
+            self.heard.put_nowait(frame)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1:
+                logger.warning("%s: turn-taking is %d frames behind; dropping audio", self.transport_name,
+                               HEARD_FRAMES_MAX)
+        if self.hearing is None or not self.hearing.is_alive():
+            self.hearing = threading.Thread(target=self.hear, name=f"voxtral-hearing-{self.transport_name}",
+                                            daemon=True)
+            self.hearing.start()
+        return ()
+
+    def hear(self) -> None:
+        """The hearing thread: queued WebRTC frames -> 16 kHz pieces as they arrive -> `receive()`."""
+        while True:
+            try:
+                frame = self.heard.get(timeout=HEARING_IDLE_S)
+            except queue.Empty:
+                return
+            if frame is None or self.hung_up.is_set():
+                return
+            try:
+                for piece in transport.resample_each_frame(self, frame):
+                    self.receive((piece.sample_rate, piece.to_ndarray()))
+            except Exception:  # noqa: BLE001 - one bad frame must not end the connection's hearing
+                logger.exception("%s: a frame could not be heard", self.transport_name)
 
     # -- connection lifetime ----------------------------------------------------------------------
 
@@ -90,6 +133,9 @@ class VoxtralHandler(StreamHandler):
 
     def shutdown(self) -> None:
         """fastrtc calls this on the event loop: it must not block (the conversation closes on its own thread)."""
+        self.hung_up.set()
+        with contextlib.suppress(queue.Full):
+            self.heard.put_nowait(None)  # wakes the hearing thread, which ends
         with self.lock:
             conversation = self.conversation
         if conversation is not None:

@@ -100,6 +100,9 @@ class EngineCollector:
         yield GaugeMetricFamily("engine_slots_in_use", "KV-cache slots taken by conversations",
                                 value=engine.active_chats)
         yield GaugeMetricFamily("engine_slots_total", "KV-cache slots (--max-sessions)", value=engine.options.slots)
+        yield GaugeMetricFamily("engine_generations_in_flight", "Replies handed to the decode thread and not yet "
+                                "finished (queued prefills included): a growing number means it cannot keep up",
+                                value=engine.in_flight)
         yield GaugeMetricFamily("engine_ready", "1 once warm-up succeeded and the decode thread is healthy",
                                 value=int(engine.ready.is_set() and engine.healthy))
         yield GaugeMetricFamily("engine_healthy", "0 when the decode thread died or is stuck",

@@ -1,0 +1,80 @@
+"""The WebRTC handler's audio intake: frames leave fastrtc's event loop at once, and are heard in order
+on the connection's own thread, at 16 kHz, with a bounded backlog."""
+
+import threading
+import time
+
+import av
+import numpy as np
+import soxr
+
+from voxtral_app import handler as handlers
+from voxtral_app.audio import SAMPLE_RATE
+from voxtral_app.handler import VoxtralHandler
+
+FRAME = 960  # samples per 20 ms at 48 kHz, as aiortc's Opus decoder hands them
+
+
+def webrtc_frames(speech: np.ndarray) -> list[av.AudioFrame]:
+    """16 kHz speech as a browser's WebRTC audio arrives: 48 kHz packed stereo s16, 20 ms frames."""
+    pcm = (np.clip(soxr.resample(speech, SAMPLE_RATE, 48_000), -1, 1) * 32767).astype(np.int16)
+    frames = []
+    for i in range(len(pcm) // FRAME):
+        chunk = np.repeat(pcm[i * FRAME: (i + 1) * FRAME], 2)  # left, right, left, right...
+        frame = av.AudioFrame.from_ndarray(chunk[None], format="s16", layout="stereo")
+        frame.sample_rate, frame.pts = 48_000, i * FRAME
+        frames.append(frame)
+    return frames
+
+
+def listening(handler: VoxtralHandler, gate: threading.Event | None = None) -> list:
+    """Replace the handler's turn-taking with a recorder of (thread name, rate, samples)."""
+    heard = []
+
+    def receive(frame):
+        if gate is not None:
+            gate.wait(30)
+        heard.append((threading.current_thread().name, *frame))
+
+    handler.receive = receive
+    return heard
+
+
+def test_frames_are_heard_in_order_at_16k_on_the_connections_own_thread(engine, speech):
+    handler = VoxtralHandler(engine).copy()
+    heard = listening(handler)
+    frames = webrtc_frames(speech[: 3 * SAMPLE_RATE])
+    started = time.perf_counter()
+    for frame in frames:
+        assert tuple(handler.resample(frame)) == ()  # fastrtc gets nothing to hop to a worker thread
+    queued_s = time.perf_counter() - started
+    deadline = time.monotonic() + 30
+    while sum(len(s.reshape(-1)) for _, _, s in heard) < len(frames) * 320 - 320 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    handler.shutdown()
+    handler.hearing.join(5)
+    assert not handler.hearing.is_alive()
+    assert queued_s < 0.5, f"queueing {len(frames)} frames took {queued_s:.2f} s on the event loop"
+    assert {name for name, _, _ in heard} == {"voxtral-hearing-webrtc"}
+    assert {rate for _, rate, _ in heard} == {SAMPLE_RATE}
+    got = np.concatenate([s.reshape(-1) for _, _, s in heard]).astype(np.float32) / 32768
+    sent = speech[: len(got)]
+    lag = max(range(0, 200), key=lambda k: float(np.dot(got[k:k + 8000], sent[:8000])))
+    n = min(len(got) - lag, len(sent)) - 400
+    assert np.corrcoef(got[lag:lag + n], sent[:n])[0, 1] > 0.95  # the same speech, mono, in order
+    assert handler.dropped == 0
+
+
+def test_a_stalled_hearing_thread_drops_frames_instead_of_queueing_without_end(engine, speech):
+    handler = VoxtralHandler(engine).copy()
+    gate = threading.Event()
+    heard = listening(handler, gate)
+    frames = webrtc_frames(speech[: 7 * SAMPLE_RATE])  # 350 frames, more than the 250 that may wait
+    for frame in frames:
+        handler.resample(frame)
+    assert handler.heard.qsize() <= handlers.HEARD_FRAMES_MAX
+    assert handler.dropped >= len(frames) - handlers.HEARD_FRAMES_MAX - 1
+    gate.set()
+    handler.shutdown()
+    handler.hearing.join(10)
+    assert not handler.hearing.is_alive() and heard

@@ -212,3 +212,32 @@ def test_each_turn_prompt_equals_the_reference_encoding(engine, speech, other_sp
         chat.cancel()
     finally:
         chat.close()
+
+
+def test_tidy_trims_between_turns_so_the_next_turn_prefills_only_itself(tiny_checkpoint, speech, other_speech):
+    """A conversation about to outgrow its cache is trimmed and re-prefilled in the background between
+    turns; the next turn then prefills only itself, and says what a fresh chat of the trimmed turns says."""
+    engine = load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=2, max_tokens=1024, warmup=False))
+    chat = engine.open_chat()
+    assert not chat.tidy(GREEDY)  # nothing said yet
+    clips = [speech[: 5 * 16_000], other_speech, speech[5 * 16_000: 10 * 16_000]]
+    run(chat.start(clips[0], sampling=GREEDY))
+    assert not chat.tidy(GREEDY)  # one ~400-token turn: room for another
+    run(chat.start(clips[1], sampling=GREEDY))
+    assert chat.tidy(GREEDY)  # two turns + another would pass 1000 tokens: the oldest goes now
+    kept = [dict(m) for m in chat.messages]
+    assert [m["role"] for m in kept] == ["user", "assistant"]  # the last turn stays
+    reply = chat.start(clips[2], sampling=GREEDY)
+    run(reply)
+    tokens = reply.tokens
+    assert reply.stats["cached_tokens"] > 300 and reply.stats["prefill_tokens"] < 450  # only the new turn
+
+    fresh = engine.open_chat()
+    fresh.messages = kept
+    again = fresh.start(clips[2], sampling=GREEDY)
+    run(again)
+    assert again.stats["cached_tokens"] <= 1  # the trimmed conversation from scratch
+    assert again.tokens == tokens and len(tokens) > 3
+    chat.close()
+    fresh.close()
+    engine.close()

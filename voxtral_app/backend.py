@@ -61,6 +61,10 @@ class Chat(Protocol):
 
     def cancel(self) -> None: ...
 
+    def tidy(self, sampling: Sampling = ...) -> bool:
+        """Between turns, once the last one is final: housekeeping that would otherwise hold up the
+        next turn (the local engine trims a full conversation and re-prefills it in the background)."""
+
     def reset(self) -> None: ...
 
     def close(self) -> None:

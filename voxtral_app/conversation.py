@@ -239,6 +239,8 @@ class Conversation:
         elif kind == "speech":  # a new turn begins: the last one can no longer be taken back
             self.outbox.put(HUSH)
             self.shown = None
+            if self.speculation is None:  # trim a full conversation now, while they speak, not at the turn's end
+                self.chat.tidy(replace(CHAT, max_new_tokens=self.options.reply_tokens))
         elif kind == "clear":
             self.drop_speculation()
             self.chat.reset()

@@ -47,17 +47,23 @@ def chat_prompt(processor, messages: list[dict]) -> Prompt:
     return Prompt(ids=list(encoded["input_ids"]), audio=list(encoded.get("audio") or []))
 
 
+def with_reply(processor, prompt: Prompt, reply: str) -> Prompt:
+    """A conversation's prompt followed by its reply and the end of sequence, as mistral-common
+    encodes an assistant turn (the engine stores replies stripped)."""
+    tokenizer = processor.tokenizer
+    reply_ids = tokenizer.tokenizer.instruct_tokenizer.tokenizer.encode(reply, bos=False, eos=False)
+    return Prompt(ids=prompt.ids + reply_ids + [tokenizer.eos_token_id], audio=prompt.audio)
+
+
 def extend_prompt(processor, prompt: Prompt, reply: str, user: dict) -> Prompt:
     """The prompt of a conversation -> the prompt after its reply and one more user turn.
 
     mistral-common encodes a conversation turn by turn, so this equals `chat_prompt` of the whole
     (tests prove it) for replies without surrounding whitespace (the engine stores them stripped).
     """
-    tokenizer = processor.tokenizer
-    reply_ids = tokenizer.tokenizer.instruct_tokenizer.tokenizer.encode(reply, bos=False, eos=False)
+    closed = with_reply(processor, prompt, reply)
     turn = chat_prompt(processor, [user])
-    return Prompt(ids=prompt.ids + reply_ids + [tokenizer.eos_token_id] + turn.ids[1:],  # turn's <s> dropped
-                  audio=prompt.audio + turn.audio)
+    return Prompt(ids=closed.ids + turn.ids[1:], audio=closed.audio + turn.audio)  # turn's <s> dropped
 
 
 def transcription_prompt(processor, audio: np.ndarray, language: str | None, model_id: str) -> Prompt:

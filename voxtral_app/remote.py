@@ -260,6 +260,10 @@ class RemoteChat:
         if self.messages and self.messages[-1]["role"] == "user":
             self.messages.pop()
 
+    def tidy(self, sampling: Sampling = CHAT) -> bool:
+        """Nothing to do early: the server re-reads the history each turn (its prefix cache, if any, is its own)."""
+        return False
+
     def trim(self) -> None:
         """Drop the oldest turns while the history holds more audio than the server should re-read."""
         while len(self.messages) > 1 and sum(map(audio_seconds, self.messages)) > self.backend.options.history_audio_s:

@@ -21,6 +21,8 @@ from .engine import CHAT, TRANSCRIBE, Engine, Generation, Sampling
 logger = logging.getLogger(__name__)
 
 SETTLE_TIMEOUT_S = 30.0  # a cancelled reply leaves the decode thread within one step; this is a backstop
+ROOM_FOR_A_TURN = 400  # prompt tokens a usual next turn adds: one 30 s audio chunk (375) and its markers
+HOUSEKEEPING = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=1)  # a prefill whose one token is dropped
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -164,6 +166,23 @@ class Chat:
         if self.current is not None:
             self.current.cancel()
 
+    def tidy(self, sampling: Sampling = CHAT) -> bool:
+        """Housekeeping between turns, once the last one is final (it can no longer be taken back): if
+        the next turn would have to drop the oldest turns (at ~ROOM_FOR_A_TURN more tokens), drop them
+        now and prefill what stays in the background. The next turn then prefills only itself instead
+        of the whole conversation while the person waits. -> whether it did."""
+        self.settle()
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            return False
+        limit = self.engine.options.max_tokens - sampling.max_new_tokens
+        prompt = self.closed_prompt()
+        if len(prompt.ids) + ROOM_FOR_A_TURN <= limit:
+            return False
+        while len(prompt.ids) > limit // 2 and self.drop_oldest_turn():
+            prompt = self.closed_prompt()
+        self.launch(prompt, HOUSEKEEPING, record=False, started=time.perf_counter(), speculative=True)
+        return True
+
     def reset(self) -> None:
         """Forget the conversation (the cache is overwritten by the next turn)."""
         self.settle(cancel=True)
@@ -184,20 +203,35 @@ class Chat:
             self.encoded = None
 
     def fit(self, sampling: Sampling) -> prompts.Prompt:
-        """Prompt for the conversation, dropping its oldest turns until prompt + reply fit the cache."""
+        """Prompt for the conversation, dropping its oldest turns until prompt + reply fit the cache.
+        Once over the limit it drops down to half of it: the whole cache is re-prefilled after a
+        drop, so that happens once every few turns, not every turn (and `tidy` does it early)."""
         limit = self.engine.options.max_tokens - sampling.max_new_tokens
-        target = limit  # once over the limit, drop down to half of it: the whole cache is
-        while True:  # re-prefilled after a drop, so let that happen once every few turns, not every turn
-            prompt = self.encode()
-            if len(prompt.ids) <= target or len(self.messages) <= 1:
-                break
-            logger.info("conversation over %d tokens; dropping its oldest turn", target)
-            target = limit // 2
-            self.messages = self.messages[2:] if self.messages[1]["role"] == "assistant" else self.messages[1:]
-            self.encoded = None
+        prompt = self.encode()
+        if len(prompt.ids) > limit:
+            while len(prompt.ids) > limit // 2 and self.drop_oldest_turn():
+                prompt = self.encode()
         if len(prompt.ids) > limit:
             raise ValueError(f"this turn needs {len(prompt.ids)} prompt tokens; the limit is {limit}")
         return prompt
+
+    def drop_oldest_turn(self) -> bool:
+        """Drop the oldest turn (a user message and its reply); the last turn always stays. -> whether
+        one was dropped."""
+        last_turn = 2 if self.messages[-1]["role"] == "assistant" else 1
+        if len(self.messages) <= last_turn:
+            return False
+        logger.info("conversation over its token budget; dropping its oldest turn")
+        self.messages = self.messages[2:] if self.messages[1]["role"] == "assistant" else self.messages[1:]
+        self.encoded = None
+        return True
+
+    def closed_prompt(self) -> prompts.Prompt:
+        """The prompt of the conversation up to its last reply, inclusive (it must end with one)."""
+        head = self.messages[:-1]
+        if self.encoded is None or self.encoded[0] != len(head):
+            self.encoded = (len(head), prompts.chat_prompt(self.engine.processor, head))
+        return prompts.with_reply(self.engine.processor, self.encoded[1], self.messages[-1]["content"])
 
     def encode(self) -> prompts.Prompt:
         """The conversation's prompt; when it only grew by a reply and a new user turn since the

@@ -32,6 +32,14 @@ def step_ms(decoder) -> float:
     return (time.perf_counter() - started) / STEPS * 1000
 
 
+def spin(stop: threading.Event) -> None:
+    """Python and nothing else until `stop`: what a busy event loop looks like to the GIL."""
+    total = 0
+    while not stop.is_set():
+        for i in range(1000):
+            total += i
+
+
 def main() -> None:
     engine = load_engine(EngineOptions(model="tiny-random", device="cpu", warmup=False))
     rows = [("alone", "5 ms (Python's default)", step_ms(engine.decoder))]
@@ -39,13 +47,7 @@ def main() -> None:
         sys.setswitchinterval(interval)
         stop = threading.Event()
 
-        def spin():
-            total = 0
-            while not stop.is_set():
-                for i in range(1000):
-                    total += i
-
-        spinner = threading.Thread(target=spin, daemon=True)
+        spinner = threading.Thread(target=spin, args=(stop,), daemon=True)
         spinner.start()
         rows.append(("next to a Python thread", f"{interval * 1000:g} ms", step_ms(engine.decoder)))
         stop.set()

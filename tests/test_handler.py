@@ -59,7 +59,7 @@ def test_frames_are_heard_in_order_at_16k_on_the_connections_own_thread(engine, 
     assert {rate for _, rate, _ in heard} == {SAMPLE_RATE}
     got = np.concatenate([s.reshape(-1) for _, _, s in heard]).astype(np.float32) / 32768
     sent = speech[: len(got)]
-    lag = max(range(0, 200), key=lambda k: float(np.dot(got[k:k + 8000], sent[:8000])))
+    lag = max(range(200), key=lambda k: float(np.dot(got[k:k + 8000], sent[:8000])))
     n = min(len(got) - lag, len(sent)) - 400
     assert np.corrcoef(got[lag:lag + n], sent[:n])[0, 1] > 0.95  # the same speech, mono, in order
     assert handler.dropped == 0

@@ -241,3 +241,32 @@ def test_tidy_trims_between_turns_so_the_next_turn_prefills_only_itself(tiny_che
     chat.close()
     fresh.close()
     engine.close()
+
+
+def test_long_prompts_are_prefilled_in_pieces_between_decode_steps(tiny_checkpoint, engine, speech, other_speech):
+    """A prompt prefilled 32 tokens at a time (audio split across pieces) gives the same tokens as in
+    one go, and the replies in flight keep getting a decode step between its pieces."""
+    chunked = load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=2, max_tokens=2048,
+                                        prefill_chunk=32, warmup=False))
+    replies = []
+    for eng in (chunked, engine):
+        chat = eng.open_chat()
+        replies.append([])
+        for clip in (speech, other_speech):
+            replies[-1].append(chat.start(clip, sampling=GREEDY))
+            run(replies[-1][-1])
+        chat.close()
+    assert replies[0][1].stats["cached_tokens"] > 0 and len(replies[0][1].tokens) > 3
+    assert [r.tokens for r in replies[0]] == [r.tokens for r in replies[1]]
+
+    talking, listening = chunked.open_chat(), chunked.open_chat()
+    reply = talking.start(text="Tell me a long story.", sampling=Sampling(temperature=0.0, top_p=1.0,
+                                                                          max_new_tokens=400))
+    assert reply.next_piece(timeout=30) is not None  # it is decoding
+    before = reply.generation.count
+    other = listening.start(speech, sampling=GREEDY)  # ~390 tokens: 13 pieces of 32
+    assert other.next_piece(timeout=60) is not None
+    assert reply.generation.count - before >= 10, (before, reply.generation.count, reply.done)
+    talking.close()
+    listening.close()
+    chunked.close()

@@ -1,7 +1,8 @@
 """The Voxtral engine: one decode thread serves every conversation on one model.
 
 `Engine` owns the model's slot cache and a background thread that prefills new turns and runs
-batched decode steps for all replies in flight. Conversations reach it only through messages: a
+batched decode steps for all replies in flight. A long prompt is prefilled a piece at a time
+(`prefill_chunk` tokens), with a decode step for the replies in flight between pieces. Conversations reach it only through messages: a
 `Generation` handed to `submit()`, whose tokens come back on its own queue, and a `cancelled`
 event. A watchdog view (`failure`, `stuck`) lets /health and the app notice a dead or hung thread.
 Loading and warm-up live in loading.py; a conversation's KV-slot bookkeeping in session.py.
@@ -34,6 +35,8 @@ class EngineOptions:
     max_audio_s: float = 300.0  # per-turn audio cap, 5 min; longer speech keeps its last 5 min
     warmup: bool = True  # run (and compile) the hot path once at load so no user waits on it
     stuck_after_s: float = 30.0  # the decode thread has work but has not stepped for this long: stuck
+    prefill_chunk: int = 512  # prompt tokens prefilled between two decode steps: a long prompt (a 5 min
+    # upload, a trimmed conversation's re-prefill) never holds up the replies in flight for long
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,9 @@ class Generation:
     first_token: float | None = None
     finished: float | None = None
     # decode-thread state
+    filled: int = 0  # prompt tokens (of `ids`) prefilled so far
+    audio: torch.Tensor | None = None  # `features` encoded, while the prompt is prefilled a piece at a time
+    audio_used: int = 0  # audio embeddings written so far
     next_token: int = -1
     position: int = 0
     count: int = 0
@@ -85,7 +91,7 @@ class Engine:
     """The model, its slot cache and the decode thread that serves every conversation.
 
     Ownership: `pending`, `free_slots`, `failure` and `in_flight` are guarded by `self.wake` (a
-    Condition); `active`, `taken` and the decoder's cache belong to the decode thread alone.
+    Condition); `active`, `filling` and the decoder's cache belong to the decode thread alone.
     """
 
     def __init__(self, model, processor, options: EngineOptions, on_failure: Callable[[BaseException], None] | None = None):
@@ -102,7 +108,7 @@ class Engine:
         self.free_slots = list(range(options.slots))
         self.pending: list[Generation] = []
         self.active: list[Generation] = []
-        self.taken: list[Generation] = []  # taken from `pending`, being prefilled (decode thread)
+        self.filling: list[Generation] = []  # taken from `pending`, being prefilled (decode thread)
         self.in_flight = 0  # generations submitted and not yet finished
         self.failure: BaseException | None = None  # why the decode thread died
         self.wake = threading.Condition()
@@ -203,30 +209,35 @@ class Engine:
     def strand(self) -> None:
         """On the decode thread, as it ends: finish every reply it still holds."""
         with self.wake:
-            stranded, self.pending = self.pending + self.taken + self.active, []
-        self.active, self.taken = [], []
+            stranded, self.pending = self.pending + self.filling + self.active, []
+        self.active, self.filling = [], []
         for generation in stranded:
             if self.failure is not None:
                 generation.error = EngineFailed(f"the model server failed ({self.failure})")
             self.finish(generation)
 
     def serve(self) -> None:
+        """Each round: one piece (`prefill_chunk` tokens at most) of one prompt, then one decode step
+        for every reply in flight. Prompts someone waits for are prefilled first; a speculative one
+        (a turn that may go on) joins at most one per round, so it never holds up a finished turn."""
         while True:
             with self.wake:
-                while not self.pending and not self.active and not self.closed and self.failure is None:
+                while (not self.pending and not self.filling and not self.active and not self.closed
+                       and self.failure is None):
                     self.beat = time.monotonic()
                     self.wake.wait(1.0)
                 if self.closed or self.failure is not None:
                     return
-                # every prefill someone waits for goes first; a speculative one (a turn that may go
-                # on) at most one per step, so it never holds up a finished turn or the replies in flight
                 wanted = [g for g in self.pending if g.wanted.is_set()]
                 unseen = [g for g in self.pending if not g.wanted.is_set()]
-                self.taken, self.pending = wanted + unseen[:1], unseen[1:]
+                self.filling += wanted + unseen[:1]
+                self.pending = unseen[1:]
             self.beat = time.monotonic()
-            for generation in self.taken:
-                self.prefill(generation)
-            self.taken = []
+            for generation in [g for g in self.filling if g.cancelled.is_set()]:
+                self.finish(generation)
+            self.filling = sorted((g for g in self.filling if not g.done.is_set()), key=lambda g: not g.wanted.is_set())
+            if self.filling and self.prefill(self.filling[0]):
+                self.filling.pop(0)
             for generation in self.active:
                 if generation.cancelled.is_set():
                     self.finish(generation)
@@ -235,12 +246,25 @@ class Engine:
                 self.decode(self.active)
                 self.active = [g for g in self.active if not g.done.is_set()]
 
-    def prefill(self, generation: Generation) -> None:
-        if generation.cancelled.is_set():
-            return self.finish(generation)
+    def prefill(self, generation: Generation) -> bool:
+        """Prefill the next piece of a prompt; at its end, sample the first token. -> whether the
+        prompt is done with (all prefilled, or failed)."""
         started = time.perf_counter()
+        piece = generation.ids[generation.filled: generation.filled + self.options.prefill_chunk]
+        last = generation.filled + len(piece) == len(generation.ids)
         try:
-            logits = self.decoder.prefill(generation.slot, generation.ids, generation.start, generation.features)
+            if generation.features is not None and generation.audio is None:
+                generation.audio = self.decoder.encode_audio(generation.features)
+            audio = None
+            if generation.audio is not None:
+                count = sum(token == self.decoder.audio_token_id for token in piece)
+                audio = generation.audio[generation.audio_used: generation.audio_used + count]
+                generation.audio_used += count
+            logits = self.decoder.prefill(generation.slot, piece, generation.start + generation.filled, None, audio)
+            generation.filled += len(piece)
+            if not last:
+                metrics.INFERENCE.labels("prefill").observe(time.perf_counter() - started)
+                return False
             s = generation.sampling
             token = int(logits.argmax()) if s.temperature <= 0 else int(sample(
                 logits[None], torch.tensor([s.temperature], device=self.device),
@@ -248,12 +272,15 @@ class Engine:
         except Exception as error:  # OOM, bad input: fail this turn, keep serving
             logger.exception("prefill failed")
             generation.error = error
-            return self.finish(generation)
+            self.finish(generation)
+            return True
+        generation.audio = None
         generation.position = generation.start + len(generation.ids)
         generation.first_token = time.perf_counter()
         metrics.INFERENCE.labels("prefill").observe(generation.first_token - started)  # int() synced the device
         if self.emit(generation, token):
             self.active.append(generation)
+        return True
 
     def decode(self, batch: list[Generation]) -> None:
         started = time.perf_counter()

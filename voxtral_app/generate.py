@@ -178,8 +178,16 @@ class Decoder:
         return self.model.lm_head(hidden[0].index_select(0, last)[0])
 
     @torch.no_grad()
-    def prefill(self, slot: int, ids: list[int], start: int, features: torch.Tensor | None) -> torch.Tensor:
+    def encode_audio(self, features: torch.Tensor) -> torch.Tensor:
+        """[chunks, mels, 3000] log-mel features -> [chunks * 375, hidden] audio embeddings."""
+        return self._encode(features.to(self.device, self.model.dtype))
+
+    @torch.no_grad()
+    def prefill(self, slot: int, ids: list[int], start: int, features: torch.Tensor | None,
+                audio: torch.Tensor | None = None) -> torch.Tensor:
         """Write `ids` (and the audio they hold) into `slot` from position `start`; -> [V] next-token logits.
+        The audio comes as log-mel `features`, or already encoded (`audio`: the embeddings of exactly
+        the audio tokens in `ids`, when a long prompt is prefilled a piece at a time).
 
         Compiled, the prompt is padded to a bucket length; the padding's keys and values go to the
         scratch row, so the slot holds exactly what an unpadded prefill writes."""
@@ -188,11 +196,12 @@ class Decoder:
         ids_tensor = torch.tensor([ids + [0] * (size - n)], dtype=torch.long, device=self.device)
         embeds = self.embed(ids_tensor)
         if features is not None:
-            audio = self._encode(features.to(self.device, self.model.dtype)).to(embeds.dtype)
+            audio = self.encode_audio(features)
+        if audio is not None and len(audio):
             is_audio = ids_tensor == self.audio_token_id
             if int(is_audio.sum()) != audio.shape[0]:
                 raise ValueError(f"{int(is_audio.sum())} audio tokens but {audio.shape[0]} audio embeddings")
-            embeds = embeds.masked_scatter(is_audio[..., None], audio)
+            embeds = embeds.masked_scatter(is_audio[..., None], audio.to(embeds.dtype))
         offsets = torch.arange(size, device=self.device)
         positions = (start + offsets).clamp(max=self.max_tokens - 1)[None]
         rows = torch.where(offsets < n, slot, self.cache.scratch_row)[None]  # [1, size]

@@ -6,6 +6,7 @@ such as vLLM). app.py picks one with `--backend local|openai`; nothing else know
 These Protocols only write the contract down (typing, docs); nothing checks them at run time.
 """
 
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Protocol
@@ -13,6 +14,8 @@ from typing import Protocol
 import numpy as np
 
 from .engine import Sampling
+
+logger = logging.getLogger(__name__)
 
 
 class Reply(Protocol):
@@ -69,6 +72,69 @@ class Chat(Protocol):
 
     def close(self) -> None:
         """End the reply in progress and free the conversation's place."""
+
+
+class Turns:
+    """What every Chat shares: its messages, the reply in progress, and the turn lifecycle around
+    them (discard, cancel, reset, close; dropping the newest or the oldest turn). A subclass says how
+    a reply settles (`settle`), what frees its place (`release`) and what it derived from the
+    messages that must go when they change other than by a new turn (`forget`).
+    Owned by the thread that drives it (a Conversation's worker)."""
+
+    def __init__(self):
+        self.messages: list[dict] = []
+        self.current = None  # the last reply started, until settled
+        self.closed = False
+
+    def settle(self, cancel: bool = False) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def forget(self) -> None:
+        """The messages changed other than by a new turn."""
+
+    def discard(self, reply) -> None:
+        """Drop a reply (begun speculatively, or taken back) and the user turn it answered."""
+        reply.cancel()
+        recorded, reply.record = reply.record, False
+        if self.current is reply:
+            self.settle()
+            if recorded:
+                self.drop_last_turn()
+
+    def cancel(self) -> None:
+        if self.current is not None:
+            self.current.cancel()
+
+    def reset(self) -> None:
+        """Forget the conversation."""
+        self.settle(cancel=True)
+        self.messages = []
+        self.forget()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.settle(cancel=True)
+            self.release()
+
+    def drop_last_turn(self) -> None:
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages.pop()
+            self.forget()
+
+    def drop_oldest_turn(self) -> bool:
+        """Drop the oldest turn (a user message and its reply); the last turn always stays. -> whether
+        one was dropped."""
+        last_turn = 2 if self.messages and self.messages[-1]["role"] == "assistant" else 1
+        if len(self.messages) <= last_turn:
+            return False
+        logger.info("conversation too long; dropping its oldest turn")
+        self.messages = self.messages[2:] if self.messages[1]["role"] == "assistant" else self.messages[1:]
+        self.forget()
+        return True
 
 
 class Options(Protocol):

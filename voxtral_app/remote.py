@@ -35,6 +35,7 @@ import soundfile as sf
 
 from . import config
 from .audio import SAMPLE_RATE
+from .backend import Turns
 from .engine import CHAT, EngineBusy, EngineFailed, Sampling
 
 logger = logging.getLogger(__name__)
@@ -207,16 +208,14 @@ class RemoteReply:
         self.ended.set()
 
 
-class RemoteChat:
+class RemoteChat(Turns):
     """One conversation: its messages in OpenAI's format, and the reply in progress.
     Owned by the thread that drives it (a Conversation's worker)."""
 
     def __init__(self, backend: "OpenAIBackend"):
+        super().__init__()
         self.backend = backend
         self.id = uuid.uuid4().hex  # sent as X-Voxtral-Conversation: a load balancer can pin it to a replica
-        self.messages: list[dict] = []
-        self.current: RemoteReply | None = None
-        self.closed = False
 
     def start(self, audio: np.ndarray | None = None, text: str = "", sampling: Sampling = CHAT,
               speculative: bool = False) -> RemoteReply:
@@ -234,31 +233,8 @@ class RemoteChat:
         self.current = self.backend.submit(reply, self.backend.transcribe(reply, audio, language, self.id))
         return reply
 
-    def discard(self, reply: RemoteReply) -> None:
-        reply.cancel()
-        recorded, reply.record = reply.record, False
-        if self.current is reply:
-            self.settle()
-            if recorded:
-                self.drop_last_turn()
-
-    def cancel(self) -> None:
-        if self.current is not None:
-            self.current.cancel()
-
-    def reset(self) -> None:
-        self.settle(cancel=True)
-        self.messages = []
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.settle(cancel=True)
-            self.backend.release()
-
-    def drop_last_turn(self) -> None:
-        if self.messages and self.messages[-1]["role"] == "user":
-            self.messages.pop()
+    def release(self) -> None:
+        self.backend.release()
 
     def tidy(self, sampling: Sampling = CHAT) -> bool:
         """Nothing to do early: the server re-reads the history each turn (its prefix cache, if any, is its own)."""
@@ -266,8 +242,8 @@ class RemoteChat:
 
     def trim(self) -> None:
         """Drop the oldest turns while the history holds more audio than the server should re-read."""
-        while len(self.messages) > 1 and sum(map(audio_seconds, self.messages)) > self.backend.options.history_audio_s:
-            self.messages = self.messages[2:] if self.messages[1]["role"] == "assistant" else self.messages[1:]
+        while sum(map(audio_seconds, self.messages)) > self.backend.options.history_audio_s and self.drop_oldest_turn():
+            pass
 
     def settle(self, cancel: bool = False) -> None:
         """Wait for the last reply's stream to close, and keep its text in the conversation (what

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from . import prompt as prompts
+from .backend import Turns
 from .engine import CHAT, TRANSCRIBE, Engine, Generation, Sampling
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class Reply:
                 "tokens": g.count, "tokens_per_s": rate}
 
 
-class Chat:
+class Chat(Turns):
     """One conversation on one KV-cache slot.
 
     Not thread-safe: it belongs to the thread that drives it (a Conversation's worker thread in the
@@ -118,14 +119,12 @@ class Chat:
     """
 
     def __init__(self, engine: Engine, slot: int):
+        super().__init__()
         self.engine = engine
         self.slot = slot
-        self.messages: list[dict] = []
         self.encoded: tuple[int, prompts.Prompt] | None = None  # (messages encoded, their prompt)
         self.cached: list[int] = []  # token ids whose keys/values are in the slot, in order
         self.cached_clips: list[tuple[int, str]] = []  # (block start, clip hash) for audio in the slot
-        self.current: Reply | None = None  # the last reply started, until settled
-        self.closed = False
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -153,19 +152,6 @@ class Chat:
         prompt = prompts.transcription_prompt(self.engine.processor, audio, language, self.engine.options.model)
         return self.launch(prompt, TRANSCRIBE, record=False, started=started, speculative=speculative)
 
-    def discard(self, reply: Reply) -> None:
-        """Drop a reply (begun speculatively, or taken back) and the user turn it answered."""
-        reply.cancel()
-        recorded, reply.record = reply.record, False
-        if self.current is reply:
-            self.settle()
-            if recorded:
-                self.drop_last_turn()
-
-    def cancel(self) -> None:
-        if self.current is not None:
-            self.current.cancel()
-
     def tidy(self, sampling: Sampling = CHAT) -> bool:
         """Housekeeping between turns, once the last one is final (it can no longer be taken back): if
         the next turn would have to drop the oldest turns (at ~ROOM_FOR_A_TURN more tokens), drop them
@@ -183,24 +169,13 @@ class Chat:
         self.launch(prompt, HOUSEKEEPING, record=False, started=time.perf_counter(), speculative=True)
         return True
 
-    def reset(self) -> None:
-        """Forget the conversation (the cache is overwritten by the next turn)."""
-        self.settle(cancel=True)
-        self.messages = []
-        self.encoded = None
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.settle(cancel=True)
-            self.engine.release(self.slot)
-
     # -- internals ------------------------------------------------------------------------------
 
-    def drop_last_turn(self) -> None:
-        if self.messages and self.messages[-1]["role"] == "user":
-            self.messages.pop()
-            self.encoded = None
+    def release(self) -> None:
+        self.engine.release(self.slot)
+
+    def forget(self) -> None:
+        self.encoded = None  # the cache itself is overwritten by the next turn
 
     def fit(self, sampling: Sampling) -> prompts.Prompt:
         """Prompt for the conversation, dropping its oldest turns until prompt + reply fit the cache.
@@ -214,17 +189,6 @@ class Chat:
         if len(prompt.ids) > limit:
             raise ValueError(f"this turn needs {len(prompt.ids)} prompt tokens; the limit is {limit}")
         return prompt
-
-    def drop_oldest_turn(self) -> bool:
-        """Drop the oldest turn (a user message and its reply); the last turn always stays. -> whether
-        one was dropped."""
-        last_turn = 2 if self.messages[-1]["role"] == "assistant" else 1
-        if len(self.messages) <= last_turn:
-            return False
-        logger.info("conversation over its token budget; dropping its oldest turn")
-        self.messages = self.messages[2:] if self.messages[1]["role"] == "assistant" else self.messages[1:]
-        self.encoded = None
-        return True
 
     def closed_prompt(self) -> prompts.Prompt:
         """The prompt of the conversation up to its last reply, inclusive (it must end with one)."""

@@ -30,7 +30,6 @@ import turn_latency  # noqa: E402  (bench/, next to this script)
 from voxtral_app.audio import SAMPLE_RATE  # noqa: E402
 from voxtral_app.client import Client  # noqa: E402
 
-URLS: dict[int, str] = {}  # app process id -> its URL
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
@@ -57,7 +56,6 @@ def app_process(model: str, sessions: int, extra: list[str] = ()):
             if process.poll() is not None:
                 raise RuntimeError(f"the app exited; see {log.name}")
             time.sleep(0.1)
-        URLS[process.pid] = url
         yield url, process.pid
     finally:
         process.terminate()
@@ -65,22 +63,22 @@ def app_process(model: str, sessions: int, extra: list[str] = ()):
         log.close()
 
 
-def usage(pid: int) -> dict:
+def usage(pid: int, url: str) -> dict:
     """The server's resident memory (MB), threads, open file descriptors and CPU seconds, from /proc."""
     status = open(f"/proc/{pid}/status").read().split("\n")
     fields = dict(line.split(":", 1) for line in status if ":" in line)
     ticks = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[11:13]  # utime, stime
     return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024, "threads": int(fields["Threads"]),
             "fds": len(os.listdir(f"/proc/{pid}/fd")), "cpu_s": sum(map(int, ticks)) / os.sysconf("SC_CLK_TCK"),
-            "clients_cpu_s": sum(os.times()[:2]), **engine_time(pid)}
+            "clients_cpu_s": sum(os.times()[:2]), **engine_time(url)}
 
 
-def engine_time(pid: int) -> dict:
+def engine_time(url: str) -> dict:
     """The decode thread's prefill and decode-step counts and seconds so far, from the app's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out = {}
-    text = httpx.get(f"{URLS[pid]}/metrics", timeout=10).text
+    text = httpx.get(f"{url}/metrics", timeout=10).text
     for family in text_string_to_metric_families(text):
         if family.name == "engine_generations_in_flight":
             out["in_flight"] = family.samples[0].value
@@ -152,20 +150,20 @@ async def soak(url: str, pid: int, clients: int, minutes: float, every_s: float)
     clips = speech_clips()
     until = time.monotonic() + minutes * 60
     results: dict = {}
-    samples = [{"t": 0, **usage(pid)}]
+    samples = [{"t": 0, **usage(pid, url)}]
     started = time.monotonic()
 
     async def monitor():
         while time.monotonic() < until + 5:
             await asyncio.sleep(30)
-            samples.append({"t": round(time.monotonic() - started), **(await asyncio.to_thread(usage, pid))})
+            samples.append({"t": round(time.monotonic() - started), **(await asyncio.to_thread(usage, pid, url))})
             print(f"  t={samples[-1]['t']:>4}s rss={samples[-1]['rss_mb']:.0f} MB threads={samples[-1]['threads']} "
                   f"fds={samples[-1]['fds']} {window(samples[-2], samples[-1])}", flush=True)
 
     watcher = asyncio.create_task(monitor())
     await asyncio.gather(*[talk(url, clips, every_s, until, f"client{i}", results) for i in range(clients)])
     watcher.cancel()
-    samples.append({"t": round(time.monotonic() - started), **usage(pid)})
+    samples.append({"t": round(time.monotonic() - started), **usage(pid, url)})
     return results, samples
 
 

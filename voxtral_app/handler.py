@@ -56,7 +56,7 @@ class VoxtralHandler(StreamHandler):
         self.settings = Settings(temperature=options.temperature)
         self.conversation: Conversation | None = None
         self.refused: str | None = None  # why start_up refused the connection, until emit closes it
-        self.last_frame: float | None = None  # monotonic time the last audio frame arrived
+        self.last_frame: float | None = None  # monotonic time the last WebRTC frame arrived (resample())
         self.heard: queue.Queue = queue.Queue(HEARD_FRAMES_MAX)  # WebRTC frames for the hearing thread, then None
         self.hearing: threading.Thread | None = None
         self.dropped = 0  # WebRTC frames dropped because the hearing thread was HEARD_FRAMES_MAX behind
@@ -157,7 +157,6 @@ class VoxtralHandler(StreamHandler):
     def receive(self, frame) -> None:
         with self.lock:
             conversation = self.conversation
-            self.last_frame = time.monotonic()
         if conversation is None:
             return
         rate, samples = frame

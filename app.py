@@ -37,6 +37,9 @@ def parse_args(argv=None, environ=None) -> argparse.Namespace:
     add("--device", default="auto", env=("VOXTRAL_DEVICE", "DEVICE"), help="auto, cuda, cuda:1 or cpu")
     add("--compile", action=argparse.BooleanOptionalAction, env=("VOXTRAL_COMPILE", "ENABLE_TORCH_COMPILE"),
         env_type=switch, help="torch.compile the hot path (default: on with CUDA, off on CPU)")
+    add("--model-process", action=argparse.BooleanOptionalAction, default=True, env=("VOXTRAL_MODEL_PROCESS",),
+        env_type=switch, help="run the model in a process of its own, so decoding does not wait for the audio "
+        "threads' GIL (default: on)")
     add("--max-sessions", type=sessions, default=8, env=("VOXTRAL_MAX_SESSIONS", "MAX_BATCH_SIZE"),
         help="conversations at once (browser, WebSocket and phone together)")
     add("--session-time-limit", type=seconds, default=900, env=("VOXTRAL_SESSION_TIME_LIMIT",),
@@ -142,7 +145,8 @@ def main(argv=None) -> None:
     else:
         try:
             engine = load_engine(EngineOptions(**given(model=args.model), device=args.device, compile=args.compile,
-                                               slots=args.max_sessions), background_warmup=True,
+                                               slots=args.max_sessions, model_process=args.model_process),
+                                 background_warmup=True,
                                  on_failure=stop_serving)
         except ModelLoadError as error:
             sys.exit(f"error: {error}")
@@ -159,8 +163,8 @@ def main(argv=None) -> None:
         app.state.ui.launch(share=True, prevent_thread_lock=True, server_port=args.port + 1)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), ws_max_size=WS_MAX_BYTES,
-                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-                    access_log=args.log_level == "DEBUG")
+                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=args.log_level == "DEBUG",
+                    loop="auto")  # uvloop (requirements.txt): WebRTC needs it, see transport.event_loop_kind
     finally:
         engine.close()
     if engine.failure is not None:

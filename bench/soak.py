@@ -5,9 +5,10 @@
 
 The app runs in its own process (tiny random Voxtral unless --model); the clients are aiortc
 clients in this one, each speaking an espeak-ng sentence every --every-s seconds. Prints the server's
-RSS, threads and open file descriptors every 30 s, then one table: turns sent and answered, end of
-speech -> first reply text at the client (p50/p90/p99), and growth after warm-up. "Cut short": the
-reply came before the sentence ended (the server took a pause inside it for the end of the turn).
+RSS, threads and open file descriptors (its model process included) every 30 s, then one table: turns sent and answered, end of
+speech -> first reply text at the client (p50/p90/p99), and growth after warm-up. "Early": a reply came
+before the sentence ended: the server took a pause inside it for the end of the turn, or (when it
+falls behind) the reply to the turn before came that late; either way it counts as answered.
 --app-args passes flags to app.py, e.g. --app-args="--log-level INFO" to log each turn's timings.
 """
 
@@ -23,6 +24,7 @@ import time
 
 import httpx
 import numpy as np
+import uvloop
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -64,13 +66,27 @@ def app_process(model: str, sessions: int, extra: list[str] = ()):
 
 
 def usage(pid: int, url: str) -> dict:
-    """The server's resident memory (MB), threads, open file descriptors and CPU seconds, from /proc."""
-    status = open(f"/proc/{pid}/status").read().split("\n")
-    fields = dict(line.split(":", 1) for line in status if ":" in line)
-    ticks = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[11:13]  # utime, stime
-    return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024, "threads": int(fields["Threads"]),
-            "fds": len(os.listdir(f"/proc/{pid}/fd")), "cpu_s": sum(map(int, ticks)) / os.sysconf("SC_CLK_TCK"),
-            "clients_cpu_s": sum(os.times()[:2]), **engine_time(url)}
+    """The server's resident memory (MB), threads, open file descriptors and CPU seconds, from /proc:
+    the app's process and its model process (app.py's --model-process) together."""
+    out = {"rss_mb": 0.0, "threads": 0, "fds": 0, "cpu_s": 0.0}
+    for process in [pid] + children(pid):
+        status = open(f"/proc/{process}/status").read().split("\n")
+        fields = dict(line.split(":", 1) for line in status if ":" in line)
+        ticks = open(f"/proc/{process}/stat").read().rsplit(")", 1)[1].split()[11:13]  # utime, stime
+        out["rss_mb"] += int(fields["VmRSS"].split()[0]) / 1024
+        out["threads"] += int(fields["Threads"])
+        out["fds"] += len(os.listdir(f"/proc/{process}/fd"))
+        out["cpu_s"] += sum(map(int, ticks)) / os.sysconf("SC_CLK_TCK")
+    return {**out, "clients_cpu_s": sum(os.times()[:2]), **engine_time(url)}
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if entry.isdigit() and int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
 
 
 def engine_time(url: str) -> dict:
@@ -108,7 +124,8 @@ def users(history: list[dict]) -> int:
 async def talk(url: str, clips: list[np.ndarray], every_s: float, until: float, name: str, results: dict) -> None:
     """One client: a turn every `every_s` until `until`. Records, per turn, end of speech -> the first
     text of its reply (s), None if none came within `every_s` + 10 s, "cut" if a reply came before the
-    speech ended (the server split the sentence), or "lost" (and stops) if the connection went dead."""
+    speech ended (a split sentence, or a late reply to the turn before), or "lost" (and stops) if the
+    connection went dead."""
     client = await Client.connect(url)
     silence = np.zeros(int(1.0 * SAMPLE_RATE), np.float32)
     seen = 0  # user turns in the last history this client saw
@@ -180,20 +197,22 @@ def main() -> None:
     with app_process(args.model, args.clients, shlex.split(args.app_args)) as (url, pid):
         if args.nice:
             os.nice(args.nice)  # the clients yield the CPU to the server (started first, it keeps its priority)
-        results, samples = asyncio.run(soak(url, pid, args.clients, args.minutes, args.every_s))
+        # the clients' loop too: 8 aiortc peers in one process on asyncio's loop queue their packets the same way
+        results, samples = uvloop.run(soak(url, pid, args.clients, args.minutes, args.every_s))
     outcomes = [x for values in results.values() for x in values]
     latencies = [x for x in outcomes if isinstance(x, float)]
     cuts = sum(x == "cut" for x in outcomes)
     lost = sum(x == "lost" for x in outcomes)
     sent = len(outcomes)
     warm = samples[min(1, len(samples) - 1)]
+    settled = samples[min(4, len(samples) - 1)]  # 2 min: every conversation has a history by then
     print(f"\n{args.clients} clients, a turn every {args.every_s:g} s each, {args.minutes:g} min, {args.model}"
           f"{f', {lost} connections lost' if lost else ''}\n")
-    print("| turns sent | answered | cut short | first text p50 / p90 / p99 (ms) | RSS start -> 30 s -> end (MB) "
+    print("| turns sent | answered | early | first text p50 / p90 / p99 (ms) | RSS start -> 30 s -> 2 min -> end (MB) "
           "| threads 30 s -> end | fds 30 s -> end |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {sent} | {len(latencies) + cuts} | {cuts} | {percentile(latencies, 50)} / {percentile(latencies, 90)} / "
-          f"{percentile(latencies, 99)} | {samples[0]['rss_mb']:.0f} -> {warm['rss_mb']:.0f} -> "
+          f"{percentile(latencies, 99)} | {samples[0]['rss_mb']:.0f} -> {warm['rss_mb']:.0f} -> {settled['rss_mb']:.0f} -> "
           f"{samples[-1]['rss_mb']:.0f} | {warm['threads']} -> {samples[-1]['threads']} | "
           f"{warm['fds']} -> {samples[-1]['fds']} |")
 

@@ -140,6 +140,12 @@ def test_gradio_server_name_binds_all_interfaces(tmp_path):
                 time.sleep(0.5)
         assert process.poll() is None, (tmp_path / "app.log").read_text()
         assert listening_addresses(port) == {"0.0.0.0"}
+        # the loop that serves WebRTC: on asyncio's own, connections drop under load (bench/soak.py)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["event_loop"] == "uvloop"
+        # the model runs in a child process of its own (--model-process, on by default)
+        children = [line for line in subprocess.run(["ps", "-o", "args=", "--ppid", str(process.pid)],
+                                                    capture_output=True, text=True).stdout.splitlines()]
+        assert any("-m voxtral_app.model_process" in line for line in children), children
     finally:
         process.terminate()
         process.wait(30)

@@ -146,3 +146,28 @@ def test_the_app_serves_text_replies_without_espeak(tmp_path, speech):
     text = (tmp_path / "app.log").read_text()
     assert [m["role"] for m in history] == ["user", "assistant"] and history[1]["content"]
     assert text.count("spoken replies are off") == 1  # one warning, at start
+
+
+def test_hanging_up_during_a_reply_logs_no_error(app_engine, speech, caplog):
+    """The reply goes on streaming after the page has gone: nothing is sent on its closed data channel
+    (fastrtc logged aiortc's InvalidStateError with a traceback for every update, issue 9's "Stop")."""
+    served = BackgroundServer(create_app(app_engine, ConversationOptions(reply_tokens=2000)))
+
+    async def run():
+        client = await Client.connect(served.url, temperature=1.0)
+        try:
+            client.say(np.concatenate([speech[: 2 * SAMPLE_RATE], np.zeros(SAMPLE_RATE, np.float32)]))
+            while True:  # the reply is streaming
+                _, event = await client.next_event(60)
+                if event["history"] and event["history"][-1]["role"] == "assistant" and event["history"][-1]["content"]:
+                    break
+        finally:
+            await client.close()
+        await asyncio.sleep(2)  # the reply's next updates
+
+    caplog.set_level("ERROR", logger="fastrtc")
+    try:
+        asyncio.run(run())
+    finally:
+        served.stop()
+    assert not [r for r in caplog.records if r.name.startswith("fastrtc")], caplog.text

@@ -238,3 +238,16 @@ def test_spoken_replies_in_the_browser_path(live_server, speech):
     assert before < 0.01  # nothing is said before a turn
     loud = np.abs(heard) > 0.05
     assert loud.sum() > 0.2 * 48_000 * 0.1  # espeak speech came back over WebRTC
+
+
+def test_event_loop_kind_tells_uvloop_from_asyncio():
+    """What /health's event_loop says (an app on asyncio's own loop also gets a warning at its first offer)."""
+    import uvloop
+
+    from voxtral_app import transport
+
+    async def kind():
+        return transport.event_loop_kind()
+
+    assert asyncio.run(kind()) == "asyncio"
+    assert uvloop.run(kind()) == "uvloop"

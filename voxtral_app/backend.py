@@ -148,8 +148,8 @@ class Backend(Protocol):
     conversations are open, engine.EngineFailed when the backend cannot serve any more."""
 
     options: Options
-    device: object  # str() names where generation runs; `.type` is "cuda", "cpu" or "remote"
-    decoder: object  # `.compiled`: whether the hot path is torch.compiled (False when remote)
+    model_device: object  # str() names where generation runs; `.type` is "cuda", "cpu" or "remote"
+    decoder: object  # `.compiled`: whether the hot path is torch.compiled (False when remote); `.memory_bytes()`
     ready: threading.Event  # set once the first turn can be served without a warm-up wait
     failure: BaseException | None
 

@@ -5,7 +5,9 @@ batched decode steps for all replies in flight. A long prompt is prefilled a pie
 (`prefill_chunk` tokens), with a decode step for the replies in flight between pieces. Conversations reach it only through messages: a
 `Generation` handed to `submit()`, whose tokens come back on its own queue, and a `cancelled`
 event. A watchdog view (`failure`, `stuck`) lets /health and the app notice a dead or hung thread.
-Loading and warm-up live in loading.py; a conversation's KV-slot bookkeeping in session.py.
+Loading and warm-up live in loading.py; a conversation's KV-slot bookkeeping in session.py. The
+model itself (generate.Decoder) runs in this process, or in a child process of its own
+(`model_process`, model_process.py), called only from the decode thread either way.
 """
 
 import logging
@@ -37,6 +39,7 @@ class EngineOptions:
     stuck_after_s: float = 30.0  # the decode thread has work but has not stepped for this long: stuck
     prefill_chunk: int = 512  # prompt tokens prefilled between two decode steps: a long prompt (a 5 min
     # upload, a trimmed conversation's re-prefill) never holds up the replies in flight for long
+    model_process: bool = False  # the model in a child process with its own GIL (model_process.py); app.py's default
 
 
 @dataclass(frozen=True)
@@ -94,13 +97,18 @@ class Engine:
     Condition); `active`, `filling` and the decoder's cache belong to the decode thread alone.
     """
 
-    def __init__(self, model, processor, options: EngineOptions, on_failure: Callable[[BaseException], None] | None = None):
+    def __init__(self, model, processor, options: EngineOptions, on_failure: Callable[[BaseException], None] | None = None,
+                 decoder=None):
+        """`decoder`: a model_process.ModelProcess (then `model` is None), or by default a Decoder on `model`."""
         self.model = model
         self.processor = processor
         self.options = options
-        self.device = model.device
-        compile = options.compile if options.compile is not None else self.device.type == "cuda"
-        self.decoder = Decoder(model, options.slots, options.max_tokens, compile)
+        if decoder is None:
+            compile = options.compile if options.compile is not None else model.device.type == "cuda"
+            decoder = Decoder(model, options.slots, options.max_tokens, compile)
+        self.decoder = decoder
+        self.model_device = decoder.device  # where the model runs
+        self.device = decoder.inputs_device  # where turns' features are built and first tokens sampled
         tokenizer = processor.tokenizer
         self.eos_id = tokenizer.eos_token_id
         self.begin_audio_id = tokenizer.convert_tokens_to_ids("[BEGIN_AUDIO]")
@@ -117,6 +125,7 @@ class Engine:
         self.closed = False  # set by close(): the decode thread ends
         self.thread = threading.Thread(target=self.run, name="voxtral-decode", daemon=True)
         self.thread.start()
+        decoder.watch(self.fail)  # a model process that exits is the engine's failure
 
     # -- conversations --------------------------------------------------------------------------
 
@@ -180,6 +189,7 @@ class Engine:
             self.closed = True
             self.wake.notify()
         self.thread.join(timeout_s)
+        self.decoder.close()
 
     def run(self) -> None:
         """The decode thread. If anything escapes the per-step error handling, it dies *loudly*:

@@ -152,6 +152,19 @@ class Decoder:
             self._step = torch.compile(self.step_eager, mode="reduce-overhead" if cuda else None,
                                        fullgraph=True, dynamic=True)
 
+    @property
+    def inputs_device(self) -> torch.device:
+        return self.device
+
+    def memory_bytes(self) -> int:
+        return int(torch.cuda.memory_allocated(self.device)) if self.device.type == "cuda" else 0
+
+    def watch(self, on_exit) -> None:
+        """Nothing to watch: this decoder lives and dies with the process (model_process.py's can exit)."""
+
+    def close(self) -> None:
+        """Nothing to stop (a model_process.ModelProcess stops its child here)."""
+
     def allow_variants(self) -> None:
         """Let dynamo keep one graph per (batch bucket, window, rows contiguous or not).
         Its config is thread-local: call this on every thread that runs the compiled step."""

@@ -203,6 +203,8 @@ class VoxtralHandler(StreamHandler):
         return last is not None and time.monotonic() - last > PEER_SILENT_S
 
     def to_fastrtc(self, output: Output):
+        if self.transport_name == "webrtc" and self.channel is not None and self.channel.readyState != "open":
+            return None  # the page has gone: fastrtc would tell it on the closed data channel (InvalidStateError)
         outputs = AdditionalOutputs(output.history, output.status)
         if output.final:
             self.send_message_sync(create_message("log", "response_starting"))

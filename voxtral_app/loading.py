@@ -54,21 +54,27 @@ def load_engine(options: EngineOptions, background_warmup: bool = False,
     With `background_warmup` the warm-up (and compilation) runs while the caller goes on to
     serve; `engine.ready` is set when it succeeded. `on_failure` is called if the decode thread dies.
     """
-    from transformers import AutoProcessor, VoxtralForConditionalGeneration
+    from transformers import AutoProcessor
 
-    device = resolve_device(options.device)
     path = checkpoint_path(options.model)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
     try:
         processor = AutoProcessor.from_pretrained(path)
-        model = VoxtralForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=device)
+        if options.model_process:
+            from .model_process import ModelProcess, ModelProcessError
+
+            try:
+                decoder = ModelProcess(path, options.device, options.slots, options.max_tokens, options.compile)
+            except ModelProcessError as error:
+                raise ModelLoadError(f"{error}. {download_hint(options.model)}") from error
+            engine = Engine(None, processor, options, on_failure=on_failure, decoder=decoder)
+        else:
+            engine = Engine(load_model(path, resolve_device(options.device)), processor, options, on_failure=on_failure)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"'{path}' is not a loadable Voxtral checkpoint ({error}). "
                              f"{download_hint(options.model)}") from error
-    model.eval()
-    logger.info("loaded %s on %s (%s) in %.1f s", options.model, device, dtype, time.perf_counter() - started)
-    engine = Engine(model, processor, options, on_failure=on_failure)
+    logger.info("loaded %s on %s%s in %.1f s", options.model, engine.model_device,
+                " (in its own process)" if options.model_process else "", time.perf_counter() - started)
     if not options.warmup:
         engine.ready.set()
     elif background_warmup:
@@ -76,6 +82,15 @@ def load_engine(options: EngineOptions, background_warmup: bool = False,
     else:
         warm_up(engine)
     return engine
+
+
+def load_model(path: str, device: torch.device):
+    """The Voxtral model from a checkpoint directory, on `device` (bfloat16 on CUDA), in eval mode."""
+    from transformers import VoxtralForConditionalGeneration
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = VoxtralForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=device)
+    return model.eval()
 
 
 def warm_up(engine: Engine) -> None:

@@ -74,11 +74,7 @@ def turn_shown(transport: str, mode: str, stats: dict) -> None:
 
 
 def gpu_memory_bytes(engine) -> int:
-    if engine.device.type != "cuda":
-        return 0
-    import torch
-
-    return int(torch.cuda.memory_allocated(engine.device))
+    return engine.decoder.memory_bytes()
 
 
 class EngineCollector:

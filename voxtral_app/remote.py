@@ -281,8 +281,8 @@ class OpenAIBackend:
     def __init__(self, options: RemoteOptions):
         self.url = base_url(options.url)
         self.options = options
-        self.device = Remote(self.url)
-        self.decoder = types.SimpleNamespace(compiled=False)  # what /health and the page show
+        self.model_device = Remote(self.url)
+        self.decoder = types.SimpleNamespace(compiled=False, memory_bytes=lambda: 0)  # what /health and the page show
         self.failure: BaseException | None = None  # never set: a remote failure fails turns, not the process
         self.ready = threading.Event()  # set once the server has answered
         self.lock = threading.Lock()

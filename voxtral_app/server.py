@@ -118,6 +118,10 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
             sweeper.append(asyncio.create_task(sweep_forever()))
 
     async def sweep_forever() -> None:
+        if transport.event_loop_kind() != "uvloop":
+            logger.warning("WebRTC is served by asyncio's own event loop, which reads one UDP packet per socket "
+                           "per iteration: under load, connections drop after ~30 s. Install uvloop "
+                           "(requirements.txt) and let uvicorn pick it (its default, loop='auto').")
         mixins = [stream] + transport.page_components(ui)
         while not closing.is_set():
             try:
@@ -147,9 +151,9 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
     async def health():
         """healthy | warming_up | degraded (503: the decode thread died or is stuck)."""
         status = "degraded" if not engine.healthy else "healthy" if engine.ready.is_set() else "warming_up"
-        body = {"status": status, "model": engine.options.model, "device": str(engine.device),
+        body = {"status": status, "model": engine.options.model, "device": str(engine.model_device),
                 "compiled": engine.decoder.compiled, "active_sessions": engine.active_chats, "max_sessions": slots,
-                "backend": describe(engine)}
+                "backend": describe(engine), "event_loop": transport.event_loop_kind()}
         if engine.failure is not None:
             body["error"] = f"the decode thread died: {engine.failure}"
         elif engine.stuck:

@@ -41,6 +41,18 @@ def buffer_less_audio(packets: int) -> None:
     rtcrtpreceiver.JitterBuffer = AudioJitterBuffer
 
 
+def event_loop_kind() -> str:
+    """"uvloop" or "asyncio": which event loop serves the WebRTC connections.
+
+    asyncio's own loop reads one datagram per UDP socket per loop iteration. Under load (8 connections
+    on 2 cores) an iteration took longer than the 20 ms between audio packets, so each peer's socket
+    queued packets, and the ICE consent answers behind them arrived 0.5-2 s late. aioice 0.13 waits
+    0.5 s for each answer and closes the connection after six misses in a row: 7 of 8 connections died
+    ~35 s after connecting (bench/soak.py, with aioice's debug log). uvloop (libuv) reads every
+    queued datagram, up to 32, per wake-up; on it none died. uvicorn picks uvloop when it is installed."""
+    return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+
+
 def resample_each_frame(handler, frame: av.AudioFrame):
     """fastrtc keeps the input frame's sample count (960 at 48 kHz) when resampling: at 16 kHz that
     is 60 ms lumps. This resampler passes each 20 ms frame on as soon as it arrives."""

@@ -64,7 +64,7 @@ BUTTON_LABELS = {"start": "Start talking", "stop": "Stop", "waiting": "Connectin
 
 
 def engine_status(engine) -> str:
-    where = f"`{engine.options.model}` on {engine.device.type}" + (" (compiled)" if engine.decoder.compiled else "")
+    where = f"`{engine.options.model}` on {engine.model_device.type}" + (" (compiled)" if engine.decoder.compiled else "")
     busy = f"{engine.active_chats}/{engine.options.slots} conversations"
     if not engine.ready.is_set():
         return f"⏳ Warming up {where}… replies start once it is ready."

@@ -118,10 +118,15 @@ def espeak(text: str) -> np.ndarray:
     return trim(prepare(rate, samples, max_seconds=60))
 
 
+def recording() -> np.ndarray:
+    """fastrtc's test recording (~21 s, one speaker), float32 16 kHz."""
+    path = os.path.join(os.path.dirname(importlib.util.find_spec("fastrtc").origin), "speech_to_text", "test_file.wav")
+    return prepare(*read_wav(path), max_seconds=300)
+
+
 def recording_cuts() -> list[np.ndarray]:
     """fastrtc's test recording (~21 s, one speaker) cut at its silences into 1-6 s utterances."""
-    path = os.path.join(os.path.dirname(importlib.util.find_spec("fastrtc").origin), "speech_to_text", "test_file.wav")
-    audio = prepare(*read_wav(path), max_seconds=300)
+    audio = recording()
     hop = SAMPLE_RATE // 100  # 10 ms frames
     loud = np.abs(audio[: len(audio) // hop * hop].reshape(-1, hop)).max(axis=1) > 10 ** (END_DBFS / 20)
     cuts, start, quiet = [], None, 0

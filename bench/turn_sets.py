@@ -10,6 +10,9 @@ noise going on), and waits for the reply. Sets, all made here from espeak-ng voi
 - clean: espeak-ng sentences and cuts of fastrtc's test recording (turn_latency's latency turns);
 - thinking: one sentence with a 300, 600 or 900 ms pause inside, spoken as one sentence (SSML break),
   so the words before the pause carry the sentence's own prosody;
+- thinking-real: the first sentence of fastrtc's test recording (a real speaker) with one of its two
+  short mid-sentence silences made 300, 600 or 900 ms long: espeak-ng's prosody misleads Smart Turn,
+  a person's does not;
 - white20, white10: steady white noise at 20 / 10 dB SNR from 0.5 s before the speech to its tail's end;
 - babble: four other espeak-ng voices saying other sentences, mixed, at 10 dB below the speaker;
 - quiet: the speaker at -35 dBFS (RMS while speaking);
@@ -60,7 +63,7 @@ from voxtral_app.loading import load_engine  # noqa: E402
 from voxtral_app.server import create_app  # noqa: E402
 from servers import BackgroundServer  # noqa: E402  (tests/servers.py, on the path via turn_latency)
 
-SETS = ("clean", "thinking", "white20", "white10", "babble", "quiet", "phone")
+SETS = ("clean", "thinking", "thinking-real", "white20", "white10", "babble", "quiet", "phone")
 THINKING_MS = (300, 600, 900)
 LEAD_S = 0.5  # noise before the speech in the noisy sets
 QUIET_DBFS = -35.0
@@ -72,6 +75,12 @@ THINKING = [  # (before the pause, after it), one sentence
     ("My plan for the weekend", "is to clean out the garage"),
     ("I am looking for", "a recipe with chicken and rice"),
 ]
+
+
+# fastrtc's test recording: its first sentence ends at 4.64 s; at 1.70 s and 3.29 s it has short silences
+# between words, inside that sentence (tests/test_endpoint.py: Smart Turn scores them 0.01-0.05)
+RECORDING_SENTENCE_END_S = 4.64
+RECORDING_GAPS_S = (1.70, 3.29)
 
 
 def espeak(text: str, voice: str = "en-us", ssml: bool = False) -> np.ndarray:
@@ -125,6 +134,17 @@ def make_set(name: str, turns: int) -> list[tl.Utterance]:
                 before, after = THINKING[(i * len(THINKING_MS) + j) % len(THINKING)]
                 audio = espeak(f"{before} <break time='{gap_ms}ms'/> {after}.", ssml=True)
                 out.append(tl.Utterance("gap", f"{before} … {after}", audio, gap_ms, set=name))
+        return out
+    if name == "thinking-real":  # a real speaker's mid-sentence prosody, the pause made longer
+        sentence = tl.recording()[: int(RECORDING_SENTENCE_END_S * SAMPLE_RATE)]
+        out = []
+        for i in range(turns):
+            for j, gap_ms in enumerate(THINKING_MS):
+                cut = int(RECORDING_GAPS_S[(i * len(THINKING_MS) + j) % len(RECORDING_GAPS_S)] * SAMPLE_RATE)
+                audio = np.concatenate([sentence[:cut], np.zeros(gap_ms * SAMPLE_RATE // 1000, np.float32),
+                                        sentence[cut:]])
+                out.append(tl.Utterance("gap", f"test_file.wav 0-4.64 s, {gap_ms} ms at {cut / SAMPLE_RATE:.2f} s",
+                                        tl.trim(audio), gap_ms, set=name))
         return out
     out = []
     for i in range(turns):
@@ -199,7 +219,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--turns", type=int, default=10, help="utterances per set (x3 for thinking: one per pause)")
+    parser.add_argument("--turns", type=int, default=10, help="utterances per set (x3 for the thinking sets: one per pause)")
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     parser.add_argument("--configs", nargs="+", default=None, help="configurations (default: all five)")
     parser.add_argument("--reply-tokens", type=int, default=tl.REPLY_TOKENS, help="longest reply, tokens")

@@ -104,8 +104,7 @@ class Engine:
         self.processor = processor
         self.options = options
         if decoder is None:
-            compile = options.compile if options.compile is not None else model.device.type == "cuda"
-            decoder = Decoder(model, options.slots, options.max_tokens, compile)
+            decoder = Decoder(model, options.slots, options.max_tokens, options.compile)
         self.decoder = decoder
         self.model_device = decoder.device  # where the model runs
         self.device = decoder.inputs_device  # where turns' features are built and first tokens sampled

@@ -123,10 +123,12 @@ class Decoder:
 
     Owned by the engine's decode thread (CUDA graphs are recorded per thread)."""
 
-    def __init__(self, model, slots: int, max_tokens: int, compile: bool,
+    def __init__(self, model, slots: int, max_tokens: int, compile: bool | None,
                  warmup_budget_s: float = WARMUP_BUDGET_S):
+        """`compile`: torch.compile the hot path; None: on with CUDA, off on the CPU."""
         self.model = model
         self.device = model.device
+        compile = compile if compile is not None else self.device.type == "cuda"
         self.text = model.model.language_model  # the Llama decoder
         self.cache_argument = cache_argument(self.text)
         self.embed = self.text.get_input_embeddings()

@@ -174,8 +174,7 @@ def serve(pipe: Connection, path: str, device: str, slots: int, max_tokens: int,
         if model_device.type == "cpu":
             torch.set_num_threads(cpu_threads())
         model = load_model(path, model_device)
-        use_compile = compile if compile is not None else model.device.type == "cuda"
-        decoder = Decoder(model, slots, max_tokens, use_compile)
+        decoder = Decoder(model, slots, max_tokens, compile)
     except BaseException as error:  # noqa: BLE001 - told to the parent, which reports it
         pipe.send(("error", f"{type(error).__name__}: {error}", 0))
         return
@@ -213,7 +212,7 @@ class Calls:
         self.keys = itertools.count()
 
     def memory_bytes(self) -> int:
-        return int(torch.cuda.memory_allocated(self.decoder.device)) if self.decoder.device.type == "cuda" else 0
+        return self.decoder.memory_bytes()
 
     def allow_variants(self) -> None:
         self.decoder.allow_variants()

@@ -2,12 +2,12 @@
 
     python bench/turn_latency.py                        # tiny random Voxtral on CPU, both turn-takers, ~5 min
     python bench/turn_latency.py --profile              # ... and where the time goes, step by step
-    python bench/turn_latency.py --turns 30 --gap-turns 20 --pause-s 0.16 0.128
+    python bench/turn_latency.py --turns 30 --gap-turns 20 --pause-s 0.128 0.096
 
 Starts the real app (create_app + uvicorn on 127.0.0.1) once per configuration, one after the other,
 on one engine: fastrtc's ReplyOnPause at its default settings (VAD over 0.6 s chunks), then ours
-(VoxtralHandler: streaming 32 ms VAD; the reply is prepared unseen at a 0.096 s pause and shown when
-the turn ends at 0.16 s; a turn that resumes is taken back). An aiortc client in its own process (as
+(VoxtralHandler as app.py runs it: streaming 32 ms VAD, no end-of-turn model; the reply is prepared
+unseen at a 0.064 s pause and shown when the turn ends at 0.128 s; a turn that resumes is taken back). An aiortc client in its own process (as
 a browser would be) speaks into each in real time: espeak-ng sentences and cuts of fastrtc's test
 recording, each trimmed to its last sample above -40 dBFS so the end of speech is known to a
 sample, then 2 s of silence. Latencies run from the moment the frame with that last sample left the
@@ -56,6 +56,7 @@ from voxtral_app import checkpoint  # noqa: E402
 from voxtral_app.audio import SAMPLE_RATE, prepare, read_wav  # noqa: E402
 from voxtral_app.conversation import HUSH, Conversation, ConversationOptions, Output  # noqa: E402
 from voxtral_app.client import Client  # noqa: E402
+from voxtral_app.endpoint import EndOfTurnOptions  # noqa: E402
 from voxtral_app.engine import EngineOptions  # noqa: E402
 from voxtral_app.loading import load_engine  # noqa: E402
 from voxtral_app.server import create_app  # noqa: E402
@@ -222,9 +223,31 @@ class DefaultTurns(ReplyOnPause):
             self.conversation.close()
 
 
+def app_engine(workdir: str, in_process: bool = False):
+    """The tiny random engine (2 slots), set up as `python app.py` sets up its own: the model in a
+    process of its own (unless `in_process`), the GIL handed over every 0.5 ms, glibc's mmap threshold
+    fixed, torch on one thread here when the model has its own process."""
+    import app
+
+    app.steady_memory()
+    app.fair_gil()
+    app.light_torch(not in_process)
+    return load_engine(EngineOptions(model=checkpoint.build_tiny(os.path.join(workdir, "tiny")), device="cpu",
+                                     slots=2, model_process=not in_process))
+
+
+def setup_line(in_process: bool) -> str:
+    import torch
+
+    where = "in the server's process (--in-process)" if in_process else "in its own process, as app.py runs it"
+    return f"model {where}; torch threads in the server's process: {torch.get_num_threads()}\n"
+
+
 def configurations(engine, reply_tokens: int, pauses_s: list[float]) -> list[tuple[str, Callable]]:
-    """(name, app factory): fastrtc's default first, then ours at each pause length."""
+    """(name, app factory): fastrtc's default first, then ours at each pause length, as `python app.py`
+    runs it by default: without the end-of-turn model (bench/turn_sets.py compares it)."""
     options = ConversationOptions(max_audio_s=engine.options.max_audio_s, reply_tokens=reply_tokens)
+    options = replace(options, turns=replace(options.turns, end_of_turn=EndOfTurnOptions(enabled=False)))
     configs = [("fastrtc default (ReplyOnPause, 0.6 s chunks)",
                 lambda: create_app(engine, options, handler=DefaultTurns(engine, options)))]
     for pause_s in pauses_s:
@@ -415,7 +438,7 @@ class Profiler:
         """Stamp each step from the last speech frame to the first /outputs event leaving the server."""
         from fastrtc import Stream
 
-        from voxtral_app import conversation, engine, generate, prompt
+        from voxtral_app import conversation, engine, generate, model_process, prompt
         from voxtral_app.handler import VoxtralHandler
 
         profiler = self
@@ -459,7 +482,9 @@ class Profiler:
         self.wrap(prompt, "chat_prompt", "prompt built (apply_chat_template)")
         self.wrap(prompt, "audio_features", "log-mel features")
         self.wrap(engine.Engine, "submit", "submitted to the decode thread")
-        self.wrap(generate.Decoder, "prefill", "prefill done (audio encoder + prompt)", start="prefill started")
+        for decoder in (generate.Decoder, model_process.ModelProcess):  # in the server's process, or a call to the model's
+            self.wrap(decoder, "encode_audio", "audio encoded", start="audio encoder started")
+            self.wrap(decoder, "prefill", "prompt prefilled", start="prefill started")
         self.wrap(engine.Engine, "emit", "first token sampled")
         self.wrap(Conversation, "output", "first output made by show()")
         set_outputs = Stream.set_additional_outputs
@@ -547,6 +572,8 @@ def main(argv=None) -> None:
                         help="our turn-end pause(s), seconds: one 'ours' row each (default: the app's)")
     parser.add_argument("--reply-tokens", type=int, default=REPLY_TOKENS, help="longest reply, tokens")
     parser.add_argument("--profile", action="store_true", help="stamp the server's steps and print where the time goes")
+    parser.add_argument("--in-process", action="store_true",
+                        help="the model in the server's process (the library's default), not in app.py's model process")
     parser.add_argument("-v", "--verbose", action="store_true", help="one line per utterance, and the app's turn lines")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -566,8 +593,8 @@ def main(argv=None) -> None:
     rows, results, events = [], {}, count_turn_events()
     with tempfile.TemporaryDirectory() as workdir, \
             ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
-        engine = load_engine(EngineOptions(model=checkpoint.build_tiny(os.path.join(workdir, "tiny")), device="cpu",
-                                           slots=2))
+        engine = app_engine(workdir, in_process=args.in_process)
+        print(setup_line(args.in_process), flush=True)
         try:
             for name, build in configurations(engine, args.reply_tokens, args.pause_s):
                 with contextlib.redirect_stdout(io.StringIO()):  # gradio prints "new /" when mounted

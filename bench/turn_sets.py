@@ -53,13 +53,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import turn_latency as tl  # noqa: E402 (sets the offline environment first)
 from fastrtc import AlgoOptions, SileroVadOptions  # noqa: E402
 
-from voxtral_app import checkpoint  # noqa: E402
 from voxtral_app.audio import SAMPLE_RATE, prepare  # noqa: E402
 from voxtral_app.conversation import ConversationOptions  # noqa: E402
 from voxtral_app.denoise import CleanOptions  # noqa: E402
 from voxtral_app.endpoint import EndOfTurnOptions  # noqa: E402
-from voxtral_app.engine import EngineOptions  # noqa: E402
-from voxtral_app.loading import load_engine  # noqa: E402
 from voxtral_app.server import create_app  # noqa: E402
 from servers import BackgroundServer  # noqa: E402  (tests/servers.py, on the path via turn_latency)
 
@@ -224,6 +221,8 @@ def main(argv=None) -> None:
     parser.add_argument("--configs", nargs="+", default=None, help="configurations (default: all five)")
     parser.add_argument("--reply-tokens", type=int, default=tl.REPLY_TOKENS, help="longest reply, tokens")
     parser.add_argument("-v", "--verbose", action="store_true", help="one line per utterance")
+    parser.add_argument("--in-process", action="store_true",
+                        help="the model in the server's process (the library's default), not in app.py's model process")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -238,8 +237,8 @@ def main(argv=None) -> None:
     tl.count_turn_events()
     with tempfile.TemporaryDirectory() as workdir, \
             ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
-        engine = load_engine(EngineOptions(model=checkpoint.build_tiny(os.path.join(workdir, "tiny")), device="cpu",
-                                           slots=2))
+        engine = tl.app_engine(workdir, in_process=args.in_process)
+        print(tl.setup_line(args.in_process), flush=True)
         try:
             configs = configurations(engine, args.reply_tokens)
             for config in args.configs or list(configs):

@@ -9,7 +9,7 @@ import torch
 from voxtral_app import prompt
 from voxtral_app.audio import wav_bytes
 from voxtral_app.engine import EngineOptions, Sampling
-from voxtral_app.generate import Decoder, bucket
+from voxtral_app.generate import Decoder, bucket, window_for
 from voxtral_app.loading import ModelLoadError, load_engine
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=24)
@@ -172,6 +172,14 @@ def test_padded_prefill_writes_only_the_prompt_into_its_slot(engine, speech):
             assert torch.allclose(ours[1, :, :end], theirs[1, :, :end], atol=1e-5)
             assert not ours[1, :, end:].any() and not ours[0].any()  # nothing past the prompt, no other slot
             assert ours[padded.cache.scratch_row].any()  # the padding went to the scratch row
+
+
+def test_eager_attention_reads_only_the_positions_in_use(engine):
+    """Eager (the CPU default), attention reads exactly the tokens so far; compiled code reads a power
+    of two (one graph each), and test_compiled_path_matches_eager shows both give the same replies."""
+    assert not engine.decoder.compiled
+    assert engine.decoder.window(1380) == 1380
+    assert window_for(1380, engine.options.max_tokens) == 2048
 
 
 def test_warm_up_stops_at_its_budget(engine):

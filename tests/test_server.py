@@ -170,17 +170,22 @@ def test_websocket_turn_and_bad_messages(live_server, speech):
                     for payload in mulaw_frames(clip, SAMPLE_RATE):
                         await ws.send(json.dumps({"event": "media", "media": {"payload": payload}}))
                         await asyncio.sleep(0.02)
+                    history, starts = [], []
                     async for line in events.aiter_lines():
                         if line.startswith("data: "):
-                            history = json.loads(line[6:])["history"]
+                            event = json.loads(line[6:])
+                            history = history[:event["start"]] + event["messages"]
+                            starts.append(event["start"])
                             if history and history[-1].get("metadata"):
                                 break
             await ws.send(json.dumps({"event": "stop"}))
-            return errors, history
+            return errors, history, starts
 
-    errors, history = asyncio.run(run())
+    errors, history, starts = asyncio.run(run())
     assert all(e["event"] == "error" for e in errors) and len(errors) == 4
     assert [m["role"] for m in history] == ["user", "assistant"]
+    # the first event has the whole chat; the reply's updates carry its message alone, not the user's turn again
+    assert starts[0] == 0 and len(starts) >= 2 and all(start >= 1 for start in starts[1:])
     assert httpx.get(f"{live_server.url}/health").json()["status"] == "healthy"
 
 
@@ -251,3 +256,27 @@ def test_event_loop_kind_tells_uvloop_from_asyncio():
 
     assert asyncio.run(kind()) == "asyncio"
     assert uvloop.run(kind()) == "uvloop"
+
+
+def test_a_connection_keeps_at_most_the_newest_chat_updates(live_server):
+    """fastrtc queues every chat update until /outputs reads it; a client that never reads must not
+    pile them up (each carries the whole chat): the app's setter keeps the newest OUTPUTS_KEPT."""
+    from fastrtc import AdditionalOutputs
+
+    from voxtral_app import transport
+
+    stream = live_server.app.state.stream
+
+    async def flood():
+        put = transport.bounded_outputs(stream, "never-read-0001")
+        for i in range(3 * transport.OUTPUTS_KEPT):
+            put(AdditionalOutputs([{"role": "assistant", "content": str(i)}], {}))
+        pending = transport.output_queue(stream, "never-read-0001").queue
+        return pending.qsize(), pending.get_nowait().args[0][0]["content"]
+
+    try:
+        size, oldest = asyncio.run(flood())
+    finally:
+        stream.additional_outputs.pop("never-read-0001", None)
+    assert size == transport.OUTPUTS_KEPT
+    assert oldest == str(2 * transport.OUTPUTS_KEPT)  # the oldest kept is the first of the newest OUTPUTS_KEPT

@@ -132,9 +132,13 @@ class Client:
         return True
 
     async def read(self, response) -> None:
+        """/outputs events -> (arrival time, {"history": the whole chat, "status"}) on `events`."""
+        history: list[dict] = []
         async for line in response.aiter_lines():
             if line.startswith("data: "):
-                self.events.put_nowait((time.perf_counter(), json.loads(line[6:])))
+                event = json.loads(line[6:])
+                history = history[:event["start"]] + event["messages"]  # the server sends what changed
+                self.events.put_nowait((time.perf_counter(), {"history": history, "status": event["status"]}))
 
     def say(self, audio: np.ndarray, speech_end_s: float | None = None) -> asyncio.Future:
         """Speak float32 16 kHz audio; -> future: perf_counter time the end of speech was sent."""

@@ -167,6 +167,12 @@ class Decoder:
     def close(self) -> None:
         """Nothing to stop (a model_process.ModelProcess stops its child here)."""
 
+    def window(self, length: int) -> int:
+        """Positions attention reads for a forward whose longest row has `length` tokens. Compiled: a
+        power of two (one graph each); eager: exactly `length`, since a padded window only adds masked
+        work (a 380-token prompt at position 4000 read 8192 positions; `python bench/prefill_depth.py`)."""
+        return window_for(length, self.max_tokens) if self.compiled else min(length, self.max_tokens)
+
     def allow_variants(self) -> None:
         """Let dynamo keep one graph per (batch bucket, window, rows contiguous or not).
         Its config is thread-local: call this on every thread that runs the compiled step."""
@@ -221,7 +227,7 @@ class Decoder:
         positions = (start + offsets).clamp(max=self.max_tokens - 1)[None]
         rows = torch.where(offsets < n, slot, self.cache.scratch_row)[None]  # [1, size]
         last = torch.tensor([n - 1], device=self.device)  # a tensor: an int would be specialised per length
-        return self._forward(embeds, rows, positions, window_for(start + n, self.max_tokens), slot + ROW_OFFSET, last)
+        return self._forward(embeds, rows, positions, self.window(start + n), slot + ROW_OFFSET, last)
 
     @torch.no_grad()
     def step_eager(self, rows, tokens, positions, window: int, temperature, top_p,
@@ -249,7 +255,7 @@ class Decoder:
         def tensor(values, fill, dtype):
             return torch.tensor([values[j] for j in order] + [fill] * pad, dtype=dtype, device=self.device)
 
-        window = window_for(max(positions) + 1, self.max_tokens)
+        window = self.window(max(positions) + 1)
         out = self._step(tensor(rows, self.cache.scratch_row, torch.long), tensor(tokens, 0, torch.long),
                          tensor(positions, 0, torch.long), window,
                          tensor(temperature, 0.0, torch.float32), tensor(top_p, 1.0, torch.float32), first_row)

@@ -66,6 +66,17 @@ def failed(status: int, error: str, message: str, **meta) -> JSONResponse:
                                                      "message": message})
 
 
+def shared_start(before: list[dict], after: list[dict]) -> int:
+    """How many leading messages `after` has unchanged from `before` (messages are copied per update,
+    but their unchanged contents are the same objects, so this compares little)."""
+    count = 0
+    for old, new in zip(before, after):
+        if old != new:
+            break
+        count += 1
+    return count
+
+
 def check_offer(raw: bytes) -> Offer:
     """A request body -> a checked offer (JSON, fields, SDP with an audio track), or ValueError."""
     offer = Offer.model_validate(json.loads(raw))
@@ -183,7 +194,7 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
         except KeyError as error:
             return failed(409, "connection_exists", f"{error.args[0]}; make a new random id")
         try:
-            outputs = stream.set_additional_outputs(offer.webrtc_id)
+            outputs = transport.bounded_outputs(stream, offer.webrtc_id)
             answer = await stream.handle_offer(offer.model_dump(), set_outputs=outputs)
         except Exception as error:  # aiortc rejects what parsed but cannot be negotiated
             logger.info("offer failed: %s", error)
@@ -197,7 +208,10 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
 
     @app.get("/outputs")
     async def outputs(request: Request, webrtc_id: str):
-        """Server-sent events with the chat history and turn status: one reader per connection, with its token."""
+        """Server-sent events with the chat and the turn's status: one reader per connection, with its token.
+        Each event is `{"start", "messages", "status"}`: the chat is the first `start` messages the reader
+        has, then `messages` (the first event has them all). While a reply streams only its message is
+        sent, so an update costs the reply's length, not the whole conversation's."""
         if not connections.check(webrtc_id, token_of(request)):
             return failed(403, "forbidden", "This connection's token is missing or wrong.")
         claim = connections.claims[webrtc_id]
@@ -209,6 +223,7 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
         claim.readers += 1
 
         async def events():
+            sent: list[dict] = []  # the chat as this reader has it
             try:
                 while not closing.is_set():
                     output = await transport.next_output(queue, options.keep_alive_s)
@@ -216,7 +231,10 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
                         yield ": keep-alive\n\n"  # a comment line: proxies and clients keep the stream open
                         continue
                     history, status = output.args
-                    yield f"data: {json.dumps({'history': history, 'status': status})}\n\n"
+                    start = shared_start(sent, history)
+                    sent = history
+                    event = {"start": start, "messages": history[start:], "status": status}
+                    yield f"data: {json.dumps(event)}\n\n"  # ASCII: no U+2028 or U+0085 for a line splitter to cut at
             except EOFError:
                 return
             finally:

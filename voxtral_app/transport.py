@@ -101,6 +101,25 @@ def is_known(stream: Stream, connection_id: str) -> bool:
     return connection_id in stream.pcs or connection_id in stream.connections or connection_id in stream.handlers
 
 
+OUTPUTS_KEPT = 64  # chat updates a connection's reader may lag behind; older ones are dropped
+
+
+def bounded_outputs(stream: Stream, connection_id: str):
+    """fastrtc's setter for a connection's AdditionalOutputs, with its queue bounded. fastrtc queues
+    every update until someone reads it; a client that never opens /outputs (or a page that stopped
+    reading) would pile up a copy of the chat per streamed token. Each update carries the whole chat,
+    so the newest `OUTPUTS_KEPT` say all there is. Called on the event loop, as fastrtc's setter is."""
+    put = stream.set_additional_outputs(connection_id)
+
+    def bounded(outputs) -> None:
+        pending = stream.additional_outputs[connection_id].queue
+        while pending.qsize() >= OUTPUTS_KEPT:
+            pending.get_nowait()
+        put(outputs)
+
+    return bounded
+
+
 def output_queue(stream: Stream, connection_id: str):
     """fastrtc's queue of a connection's AdditionalOutputs (made on first use, as fastrtc does)."""
     return stream.additional_outputs[connection_id]
@@ -130,6 +149,6 @@ async def serve_websocket(stream: Stream, handler, websocket) -> None:
     async def register(stream_id: str, socket_handler: WebSocketHandler):
         stream.connections[stream_id] = [socket_handler]
 
-    socket = WebSocketHandler(handler, register, stream.clean_up, stream.set_additional_outputs)
+    socket = WebSocketHandler(handler, register, stream.clean_up, lambda socket_id: bounded_outputs(stream, socket_id))
     await socket.handle_websocket(websocket)
 

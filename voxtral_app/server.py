@@ -28,6 +28,7 @@ from .api import SessionOptions, add_session_routes
 from .backend import describe
 from .conversation import ConversationOptions
 from .guard import Guard, GuardOptions
+from .session import common_prefix
 from .sockets import CheckedWebSocket, SocketClosed, call_token
 from .engine import Engine
 from .handler import PHONE_RATE, VoxtralHandler
@@ -64,17 +65,6 @@ def failed(status: int, error: str, message: str, **meta) -> JSONResponse:
     """fastrtc's failure body (clients read status/meta.error), with a human message."""
     return JSONResponse(status_code=status, content={"status": "failed", "meta": {"error": error, **meta},
                                                      "message": message})
-
-
-def shared_start(before: list[dict], after: list[dict]) -> int:
-    """How many leading messages `after` has unchanged from `before` (messages are copied per update,
-    but their unchanged contents are the same objects, so this compares little)."""
-    count = 0
-    for old, new in zip(before, after):
-        if old != new:
-            break
-        count += 1
-    return count
 
 
 def check_offer(raw: bytes) -> Offer:
@@ -231,7 +221,7 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
                         yield ": keep-alive\n\n"  # a comment line: proxies and clients keep the stream open
                         continue
                     history, status = output.args
-                    start = shared_start(sent, history)
+                    start = common_prefix(sent, history)  # unchanged messages share their contents: cheap to compare
                     sent = history
                     event = {"start": start, "messages": history[start:], "status": status}
                     yield f"data: {json.dumps(event)}\n\n"  # ASCII: no U+2028 or U+0085 for a line splitter to cut at

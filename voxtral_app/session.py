@@ -26,7 +26,8 @@ ROOM_FOR_A_TURN = 400  # prompt tokens a usual next turn adds: one 30 s audio ch
 HOUSEKEEPING = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=1)  # a prefill whose one token is dropped
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list, b: list) -> int:
+    """How many leading items `a` and `b` share (token ids here; chat messages in server.py)."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

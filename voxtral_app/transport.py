@@ -112,7 +112,7 @@ def bounded_outputs(stream: Stream, connection_id: str):
     put = stream.set_additional_outputs(connection_id)
 
     def bounded(outputs) -> None:
-        pending = stream.additional_outputs[connection_id].queue
+        pending = output_queue(stream, connection_id).queue
         while pending.qsize() >= OUTPUTS_KEPT:
             pending.get_nowait()
         put(outputs)

@@ -121,10 +121,9 @@ def fair_gil() -> None:
 
 
 def light_torch(model_process: bool) -> None:
-    """With the model in its own process, this one runs only small torch ops per turn (log-mel
-    features, sampling a first token): one thread. With two, on a 2-core machine with the other core
-    busy, each op waited at OpenMP's barrier for it: log-mel of a 3 s turn took a median of 7 ms and
-    up to 132 ms, against 3-4 ms with one thread."""
+    """With the model in its own process (log-mel features included), this one runs only small torch
+    ops per turn (sampling a first token): one thread, so no op waits at OpenMP's barrier for a core
+    the audio threads hold."""
     import torch
 
     if model_process:

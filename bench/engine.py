@@ -257,7 +257,7 @@ def measure(config: str, device: torch.device, compile: bool | None, tokens: int
     progress("built: %.2fB parameters, %s", sum(p.numel() for p in model.parameters()) / 1e9, model.dtype)
     short, long = speech_clips()
     clips = {"5 s": short, "30 s": long}
-    features = {name: prompt.audio_features(processor, [audio], device).to(model.dtype)
+    features = {name: prompt.audio_features(processor.feature_extractor, [audio], device).to(model.dtype)
                 for name, audio in clips.items()}  # [1, 128, 3000] each: one 30 s chunk
     ours = {}
     bandwidth = copy_bandwidth(device)

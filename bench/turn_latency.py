@@ -480,10 +480,9 @@ class Profiler:
         self.wrap(conversation, "prepare", "audio prepared")
         self.wrap(prompt, "user_message", "user message built (wav + base64)")
         self.wrap(prompt, "chat_prompt", "prompt built (apply_chat_template)")
-        self.wrap(prompt, "audio_features", "log-mel features")
         self.wrap(engine.Engine, "submit", "submitted to the decode thread")
         for decoder in (generate.Decoder, model_process.ModelProcess):  # in the server's process, or a call to the model's
-            self.wrap(decoder, "encode_audio", "audio encoded", start="audio encoder started")
+            self.wrap(decoder, "encode_clips", "audio encoded", start="log-mel + audio encoder started")
             self.wrap(decoder, "prefill", "prompt prefilled", start="prefill started")
         self.wrap(engine.Engine, "emit", "first token sampled")
         self.wrap(Conversation, "output", "first output made by show()")

@@ -160,7 +160,7 @@ def prefill_both_ways(model, ids, start_ids, features):
 
 def test_padded_prefill_writes_only_the_prompt_into_its_slot(engine, speech):
     prompt_ = prompt.chat_prompt(engine.processor, [prompt.user_message(speech)])
-    features = prompt.audio_features(engine.processor, prompt_.audio, engine.device)
+    features = prompt.audio_features(engine.processor.feature_extractor, prompt_.audio, engine.device)
     start_ids = prompt_.ids[:2]  # <s>[INST], before the audio block
     (plain, padded), (expected, got) = prefill_both_ways(engine.model, prompt_.ids[2:], start_ids, features)
     end = len(prompt_.ids)

@@ -13,7 +13,7 @@ import torch
 from voxtral_app.audio import SAMPLE_RATE
 from voxtral_app.engine import EngineFailed, EngineOptions, Sampling
 from voxtral_app.loading import load_engine
-from voxtral_app.model_process import cpu_threads
+from voxtral_app.model_process import Calls, cpu_threads, sound
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=24)
 
@@ -52,6 +52,18 @@ def test_the_model_process_gives_the_replies_of_the_apps_own(engine, process_eng
     there = conversation(process_engine, speech, other_speech)
     assert there == here
     assert there[1][2] > 0  # the second turn reused the first one's cache, in the child
+
+
+def test_a_clip_crosses_as_its_sound_and_is_padded_again_in_the_child(engine, speech):
+    clip = np.zeros(480_000, np.float32)  # a turn as Voxtral's prompt holds it: padded to 30 s
+    clip[: 2 * SAMPLE_RATE] = speech[: 2 * SAMPLE_RATE]
+    clip[SAMPLE_RATE: SAMPLE_RATE + 100] = 0.0  # silence inside the sound stays
+    sent = sound(clip)
+    assert len(sent) == np.flatnonzero(clip)[-1] + 1 <= 2 * SAMPLE_RATE
+    assert np.array_equal(sent, clip[: len(sent)]) and len(sound(np.zeros(9, np.float32))) == 0
+    calls = Calls(engine.decoder, audio_kept=2)  # the child's side, here on the app's own decoder
+    key, length = calls.encode_clips([(sent, len(clip))])
+    assert length == 375 and torch.equal(calls.audio[key], engine.decoder.encode_clips([clip]))
 
 
 def test_a_model_process_that_dies_fails_turns_at_once(tiny_checkpoint, speech):

@@ -58,7 +58,7 @@ def test_transcription_request_matches_mistral_common(tiny_checkpoint, speech):
 def test_audio_features_one_chunk_per_30_seconds(tiny_checkpoint, speech):
     processor = AutoProcessor.from_pretrained(tiny_checkpoint)
     long_clip = prompt.chat_prompt(processor, [prompt.user_message(speech.repeat(2))]).audio[0]  # 41.5 s
-    features = prompt.audio_features(processor, [long_clip], "cpu")
+    features = prompt.audio_features(processor.feature_extractor, [long_clip], "cpu")
     assert tuple(features.shape) == (2, 128, prompt.CHUNK_FRAMES)
 
 
@@ -69,7 +69,7 @@ def test_fast_log_mel_equals_the_feature_extractor(tiny_checkpoint, speech):
         reference = processor.feature_extractor(padded, sampling_rate=16000, return_tensors="pt", padding=True,
                                                 truncation=False, pad_to_multiple_of=prompt.CHUNK_SAMPLES)
         expected = reference["input_features"].reshape(128, -1, prompt.CHUNK_FRAMES).transpose(0, 1)
-        assert torch.allclose(prompt.audio_features(processor, [padded], "cpu"), expected, atol=1e-5)
+        assert torch.allclose(prompt.audio_features(processor.feature_extractor, [padded], "cpu"), expected, atol=1e-5)
 
 
 def test_extending_a_prompt_equals_encoding_the_whole_conversation(tiny_checkpoint, speech, other_speech):
@@ -81,3 +81,4 @@ def test_extending_a_prompt_equals_encoding_the_whole_conversation(tiny_checkpoi
         extended = prompt.extend_prompt(processor, prompt.chat_prompt(processor, first), reply, user)
         assert extended.ids == whole.ids
         assert all(np.array_equal(a, b) for a, b in zip(extended.audio, whole.audio, strict=True))
+        assert extended.keys == whole.keys and len(set(whole.keys)) == 2  # each clip hashed when its turn was encoded

@@ -50,6 +50,18 @@ def test_turn_ends_shortly_after_speech(phrase):
     assert events[1][2].reason == "pause"
 
 
+def test_a_window_without_sound_is_silence_whatever_the_vad_says(phrase):
+    """Silero keeps saying "speech" for a window or two of digital silence after a phrase; those count
+    as silence, so the turn ends pause_s after the sound stops, a window (or two) sooner."""
+    audio = np.concatenate([silence(0.5), phrase, silence(1.0)])
+    gated = run(TurnTaker(PAUSE_ONLY), audio)
+    ungated = run(TurnTaker(replace(PAUSE_ONLY, silence_dbfs=float("-inf"))), audio)
+    assert [kind for kind, _, _ in gated] == [kind for kind, _, _ in ungated] == ["speech", "end"]
+    sound_end = 0.5 + np.flatnonzero(np.abs(phrase) > 10 ** (TurnOptions.silence_dbfs / 20))[-1] / SAMPLE_RATE
+    assert gated[1][1] - sound_end <= TurnOptions.pause_s + 0.064 + 0.02  # window phase + one 20 ms frame
+    assert ungated[1][1] - gated[1][1] >= 0.032
+
+
 def test_turn_with_the_model_ends_by_its_decision_or_the_hold(phrase):
     events = run(TurnTaker(MODEL), np.concatenate([silence(0.5), phrase, silence(TAIL_S)]))
     assert [kind for kind, _, _ in events] == ["speech", "end"]
@@ -63,8 +75,9 @@ def test_turn_with_the_model_ends_by_its_decision_or_the_hold(phrase):
         assert end.finished < EndOfTurnOptions.threshold and hold <= waited <= hold + 0.25
 
 
-@pytest.mark.parametrize("gap_s", [0.3, 0.5])
+@pytest.mark.parametrize("gap_s", [0.3, 0.5, 0.9])
 def test_speech_back_within_the_resume_window_continues_the_turn(phrase, gap_s):
+    """resume_s (1.0 s) counts from where the speech stopped: a 900 ms thinking pause stays one turn."""
     first, second = espeak("I was thinking about"), espeak("going to the beach tomorrow")
     events = run(TurnTaker(PAUSE_ONLY), np.concatenate([first, silence(gap_s), second, silence(1.0)]))
     kinds = [kind for kind, _, _ in events]
@@ -95,7 +108,7 @@ def test_endless_speech_is_cut_into_turns(speech):
 def test_short_pause_prepares_a_reply_and_speech_drops_it():
     first, second = espeak("I was thinking about"), espeak("going to the beach tomorrow")
     options = PAUSE_ONLY
-    gap = silence((options.speculate_s + options.pause_s) / 2 + 0.03)  # long enough to prepare, too short to end
+    gap = silence((options.speculate_s + options.pause_s) / 2)  # long enough to prepare, too short to end
     events = run(TurnTaker(options), np.concatenate([first, gap, second, silence(1.0)]),
                  kinds=("speech", "pause", "continue", "end"))
     kinds = [kind for kind, _, _ in events]

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from . import metrics
@@ -69,7 +70,7 @@ class Generation:
     slot: int
     ids: list[int]  # prompt tokens to prefill, from position `start`
     start: int
-    features: torch.Tensor | None
+    clips: list[np.ndarray]  # the prompt's new audio: padded 16 kHz clips, one per [BEGIN_AUDIO] block in `ids`
     sampling: Sampling
     tokens: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # sampled ids, then None
     cancelled: threading.Event = field(default_factory=threading.Event)  # set by anyone: stop soon
@@ -83,7 +84,7 @@ class Generation:
     finished: float | None = None
     # decode-thread state
     filled: int = 0  # prompt tokens (of `ids`) prefilled so far
-    audio: torch.Tensor | None = None  # `features` encoded, while the prompt is prefilled a piece at a time
+    audio: torch.Tensor | None = None  # `clips` encoded, while the prompt is prefilled a piece at a time
     audio_used: int = 0  # audio embeddings written so far
     next_token: int = -1
     position: int = 0
@@ -104,10 +105,11 @@ class Engine:
         self.processor = processor
         self.options = options
         if decoder is None:
-            decoder = Decoder(model, options.slots, options.max_tokens, options.compile)
+            decoder = Decoder(model, options.slots, options.max_tokens, options.compile,
+                              extractor=processor.feature_extractor)
         self.decoder = decoder
         self.model_device = decoder.device  # where the model runs
-        self.device = decoder.inputs_device  # where turns' features are built and first tokens sampled
+        self.device = decoder.inputs_device  # where first tokens are sampled
         tokenizer = processor.tokenizer
         self.eos_id = tokenizer.eos_token_id
         self.begin_audio_id = tokenizer.convert_tokens_to_ids("[BEGIN_AUDIO]")
@@ -262,8 +264,8 @@ class Engine:
         piece = generation.ids[generation.filled: generation.filled + self.options.prefill_chunk]
         last = generation.filled + len(piece) == len(generation.ids)
         try:
-            if generation.features is not None and generation.audio is None:
-                generation.audio = self.decoder.encode_audio(generation.features)
+            if generation.clips and generation.audio is None:
+                generation.audio = self.decoder.encode_clips(generation.clips)
             audio = None
             if generation.audio is not None:
                 count = sum(token == self.decoder.audio_token_id for token in piece)

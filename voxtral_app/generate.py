@@ -16,7 +16,10 @@ import inspect
 import logging
 import time
 
+import numpy as np
 import torch
+
+from . import prompt as prompts
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +127,11 @@ class Decoder:
     Owned by the engine's decode thread (CUDA graphs are recorded per thread)."""
 
     def __init__(self, model, slots: int, max_tokens: int, compile: bool | None,
-                 warmup_budget_s: float = WARMUP_BUDGET_S):
-        """`compile`: torch.compile the hot path; None: on with CUDA, off on the CPU."""
+                 warmup_budget_s: float = WARMUP_BUDGET_S, extractor=None):
+        """`compile`: torch.compile the hot path; None: on with CUDA, off on the CPU. `extractor`: the
+        processor's WhisperFeatureExtractor, for `encode_clips` (log-mel features made where the model is)."""
         self.model = model
+        self.extractor = extractor
         self.device = model.device
         compile = compile if compile is not None else self.device.type == "cuda"
         self.text = model.model.language_model  # the Llama decoder
@@ -202,6 +207,13 @@ class Decoder:
     def encode_audio(self, features: torch.Tensor) -> torch.Tensor:
         """[chunks, mels, 3000] log-mel features -> [chunks * 375, hidden] audio embeddings."""
         return self._encode(features.to(self.device, self.model.dtype))
+
+    def encode_clips(self, clips: list[np.ndarray]) -> torch.Tensor:
+        """Padded 16 kHz clips (a prompt's audio) -> [chunks * 375, hidden] audio embeddings: log-mel
+        features, then the encoder. Both run here, next to the model: in app.py's model process the
+        features cost one uncontended STFT, where the app's process paid a GIL hand-over per torch op
+        behind its audio threads (`python bench/gil.py`, its second table)."""
+        return self.encode_audio(prompts.audio_features(self.extractor, clips, self.device))
 
     @torch.no_grad()
     def prefill(self, slot: int, ids: list[int], start: int, features: torch.Tensor | None,

@@ -11,7 +11,8 @@ cache, a few calls per decode step instead of hundreds of GIL hand-overs.
 Ownership: the pipe belongs to the engine's decode thread (every call comes from its serve loop or
 warm-up, so the child's CUDA graphs are recorded on one thread too). A watcher thread only waits for
 the child to exit and reports it (`watch`). Tensors cross as numpy arrays (plain pickles, no shared
-file descriptors); encoded audio stays in the child (`AudioRef`).
+file descriptors). A turn's audio crosses as its sound (the clip without its padding to 30 s); its
+log-mel features and embeddings are made in the child, and the embeddings stay there (`AudioRef`).
 """
 
 import itertools
@@ -41,7 +42,7 @@ class ModelProcessError(RuntimeError):
 
 
 class AudioRef:
-    """Audio embeddings that stay in the model process (what `encode_audio` returns). Sliced like the
+    """Audio embeddings that stay in the model process (what `encode_clips` returns). Sliced like the
     [N, hidden] tensor it stands for: the engine takes each prefill piece's share of it."""
 
     def __init__(self, key: int, start: int, stop: int):
@@ -80,7 +81,7 @@ class ModelProcess:
             self.close()
             raise ModelProcessError(f"the model process could not load the model: {error}") from error
         self.device = torch.device(info["device"])  # where the model runs
-        self.inputs_device = torch.device("cpu")  # where the engine builds features and samples first tokens
+        self.inputs_device = torch.device("cpu")  # where the engine samples first tokens
         self.compiled = info["compiled"]
         self.audio_token_id = info["audio_token_id"]
 
@@ -92,8 +93,9 @@ class ModelProcess:
     def warm_up(self) -> tuple[int, int]:
         return self.call("warm_up")
 
-    def encode_audio(self, features: torch.Tensor) -> AudioRef:
-        key, length = self.call("encode_audio", features.cpu().numpy())
+    def encode_clips(self, clips: list[np.ndarray]) -> AudioRef:
+        """Log-mel and encoder both run in the child; each padded clip crosses as its sound only."""
+        key, length = self.call("encode_clips", [(sound(clip), len(clip)) for clip in clips])
         return AudioRef(key, 0, length)
 
     def prefill(self, slot: int, ids: list[int], start: int, features: torch.Tensor | None,
@@ -152,6 +154,12 @@ class ModelProcess:
         self.pipe.close()
 
 
+def sound(clip: np.ndarray) -> np.ndarray:
+    """A clip without its trailing zeros (Voxtral's padding to 30 s): what crosses the pipe."""
+    nonzero = np.flatnonzero(clip)
+    return clip[: nonzero[-1] + 1 if len(nonzero) else 0]
+
+
 # -- the child ---------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -166,6 +174,8 @@ def main() -> None:
 def serve(pipe: Connection, path: str, device: str, slots: int, max_tokens: int, compile: bool | None) -> None:
     """The model process: load, say what it is, then run the parent's calls one at a time until told
     to close or the parent is gone."""
+    from transformers import AutoFeatureExtractor
+
     from .generate import Decoder
     from .loading import load_model, resolve_device
 
@@ -174,7 +184,7 @@ def serve(pipe: Connection, path: str, device: str, slots: int, max_tokens: int,
         if model_device.type == "cpu":
             torch.set_num_threads(cpu_threads())
         model = load_model(path, model_device)
-        decoder = Decoder(model, slots, max_tokens, compile)
+        decoder = Decoder(model, slots, max_tokens, compile, extractor=AutoFeatureExtractor.from_pretrained(path))
     except BaseException as error:  # noqa: BLE001 - told to the parent, which reports it
         pipe.send(("error", f"{type(error).__name__}: {error}", 0))
         return
@@ -220,9 +230,18 @@ class Calls:
     def warm_up(self) -> tuple[int, int]:
         return self.decoder.warm_up()
 
-    def encode_audio(self, features: np.ndarray) -> tuple[int, int]:
+    def encode_clips(self, sounds: list[tuple[np.ndarray, int]]) -> tuple[int, int]:
+        clips = []
+        for samples, length in sounds:
+            clip = np.zeros(length, np.float32)
+            clip[: len(samples)] = samples
+            clips.append(clip)
+        return self.keep(self.decoder.encode_clips(clips))
+
+    def keep(self, audio: torch.Tensor) -> tuple[int, int]:
+        """Hold a prompt's encoded audio for its prefill pieces -> (key, embeddings)."""
         key = next(self.keys)
-        self.audio[key] = self.decoder.encode_audio(torch.from_numpy(features))
+        self.audio[key] = audio
         while len(self.audio) > self.audio_kept:  # a prompt cancelled halfway never takes its last piece
             self.audio.popitem(last=False)
         return key, len(self.audio[key])

@@ -7,6 +7,7 @@ processor's feature extractor, one [mels, 3000] chunk per 30 s.
 """
 
 import base64
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,16 @@ CHUNK_FRAMES = 3_000  # mel frames per 30 s chunk (the encoder's fixed input len
 class Prompt:
     ids: list[int]
     audio: list[np.ndarray]  # one padded 16 kHz clip per [BEGIN_AUDIO] block, in order
+    keys: list[str]  # clip_key of each clip: hashed once, when its turn was encoded
+
+
+def clip_key(clip: np.ndarray) -> str:
+    """What a clip sounds like, as a short hash: equal keys, equal audio (and equal encoder output)."""
+    return hashlib.blake2b(clip.tobytes(), digest_size=16).hexdigest()
+
+
+def with_keys(ids: list[int], audio: list[np.ndarray]) -> Prompt:
+    return Prompt(ids, audio, [clip_key(clip) for clip in audio])
 
 
 def user_message(audio: np.ndarray | None = None, text: str = "") -> dict:
@@ -44,7 +55,7 @@ def assistant_message(text: str) -> dict:
 def chat_prompt(processor, messages: list[dict]) -> Prompt:
     """Whole conversation (ending with a user turn) -> ids ready for the assistant's reply."""
     encoded = processor.tokenizer.apply_chat_template(messages, return_dict=True)
-    return Prompt(ids=list(encoded["input_ids"]), audio=list(encoded.get("audio") or []))
+    return with_keys(list(encoded["input_ids"]), list(encoded.get("audio") or []))
 
 
 def with_reply(processor, prompt: Prompt, reply: str) -> Prompt:
@@ -52,7 +63,7 @@ def with_reply(processor, prompt: Prompt, reply: str) -> Prompt:
     encodes an assistant turn (the engine stores replies stripped)."""
     tokenizer = processor.tokenizer
     reply_ids = tokenizer.tokenizer.instruct_tokenizer.tokenizer.encode(reply, bos=False, eos=False)
-    return Prompt(ids=prompt.ids + reply_ids + [tokenizer.eos_token_id], audio=prompt.audio)
+    return Prompt(prompt.ids + reply_ids + [tokenizer.eos_token_id], prompt.audio, prompt.keys)
 
 
 def extend_prompt(processor, prompt: Prompt, reply: str, user: dict) -> Prompt:
@@ -63,7 +74,7 @@ def extend_prompt(processor, prompt: Prompt, reply: str, user: dict) -> Prompt:
     """
     closed = with_reply(processor, prompt, reply)
     turn = chat_prompt(processor, [user])
-    return Prompt(ids=closed.ids + turn.ids[1:], audio=closed.audio + turn.audio)  # turn's <s> dropped
+    return Prompt(closed.ids + turn.ids[1:], closed.audio + turn.audio, closed.keys + turn.keys)  # turn's <s> dropped
 
 
 def transcription_prompt(processor, audio: np.ndarray, language: str | None, model_id: str) -> Prompt:
@@ -71,14 +82,15 @@ def transcription_prompt(processor, audio: np.ndarray, language: str | None, mod
     request = TranscriptionRequest(model=model_id, audio=base64.b64encode(wav_bytes(audio)).decode(),
                                    language=language or None)
     encoded = processor.tokenizer.tokenizer.encode_transcription(request)
-    return Prompt(ids=list(encoded.tokens), audio=[clip.audio_array for clip in encoded.audios])
+    return with_keys(list(encoded.tokens), [clip.audio_array for clip in encoded.audios])
 
 
-def audio_features(processor, clips: list[np.ndarray], device: torch.device) -> torch.Tensor | None:
-    """Padded clips -> [chunks, mels, 3000] log-mel features, equal to VoxtralProcessor's."""
+def audio_features(extractor, clips: list[np.ndarray], device: torch.device) -> torch.Tensor | None:
+    """Padded clips -> [chunks, mels, 3000] log-mel features, equal to VoxtralProcessor's
+    (`extractor`: its feature_extractor)."""
     if not clips:
         return None
-    return torch.cat([log_mel(processor.feature_extractor, clip) for clip in clips]).to(device)
+    return torch.cat([log_mel(extractor, clip) for clip in clips]).to(device)
 
 
 def log_mel(extractor, clip: np.ndarray) -> torch.Tensor:

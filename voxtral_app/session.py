@@ -7,7 +7,6 @@ reply's own prompt plus the tokens it fed: interleaved or abandoned turns cannot
 prompt with another's reply. A turn is atomic: it joins `messages` with its reply, or not at all.
 """
 
-import hashlib
 import logging
 import queue
 import time
@@ -34,10 +33,6 @@ def common_prefix(a: list, b: list) -> int:
             break
         n += 1
     return n
-
-
-def clip_key(clip: np.ndarray) -> str:
-    return hashlib.blake2b(clip.tobytes(), digest_size=16).hexdigest()
 
 
 class Reply:
@@ -213,14 +208,13 @@ class Chat(Turns):
     def launch(self, prompt: prompts.Prompt, sampling: Sampling, record: bool, started: float,
                speculative: bool = False) -> Reply:
         starts = prompts.audio_block_starts(prompt.ids, self.engine.begin_audio_id)
-        clips = list(zip(starts, map(clip_key, prompt.audio)))
+        clips = list(zip(starts, prompt.keys))
         keep = min(common_prefix(self.cached, prompt.ids), len(prompt.ids) - 1)
         for (start, key), cached in zip(clips, self.cached_clips + [None] * len(clips)):
             if start < keep and cached != (start, key):  # same tokens, different sound: re-encode
                 keep = start
         new_clips = [clip for clip, (start, _) in zip(prompt.audio, clips) if start >= keep]
-        features = prompts.audio_features(self.engine.processor, new_clips, self.engine.device)
-        generation = Generation(self.slot, prompt.ids[keep:], keep, features, sampling, submitted=started)
+        generation = Generation(self.slot, prompt.ids[keep:], keep, new_clips, sampling, submitted=started)
         if not speculative:
             generation.wanted.set()
         self.current = Reply(self.engine, self.engine.submit(generation), record, prompt.ids, clips)

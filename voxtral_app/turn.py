@@ -9,7 +9,8 @@ energy) runs over 32 ms windows, after optional noise suppression and gain (deno
   open until the model changes its mind on a recheck or `hold_s` of silence passes ("long_pause").
   Speech before the end is a "continue": the unseen reply is dropped, nothing flickers;
 - without the model every `pause_s` of silence ends the turn ("pause"), as before the model;
-- an ended turn stays open for `resume_s`: speech back within it retracts the reply ("resume");
+- an ended turn stays open until `resume_s` after the speaker stopped: speech back within it retracts
+  the reply ("resume");
   speech after that, while a reply plays, is a barge-in ("speech");
 - never waiting forever: speech with no new energy for `stale_s` (steady noise or a hum the VAD takes
   for speech) counts as silence and ends the turn ("no_new_speech"); `background_s` of "speech" far
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .audio import SAMPLE_RATE
 from .denoise import Cleaner, CleanOptions
 from .endpoint import EndOfTurnOptions, shared_model
 from .vad import WINDOW, WINDOW_S, EnergyDetector, VadOptions, detector
@@ -38,10 +40,13 @@ REASONS = ("complete", "long_pause", "pause", "no_new_speech", "background", "ma
 class TurnOptions:
     threshold: float = 0.5  # speech probability that counts as speech
     release: float = 0.35  # speech probability below which speech has stopped (hysteresis)
+    silence_dbfs: float = -60.0  # a window quieter than this is silence whatever the VAD says: Silero's state
+    # says "speech" for a window or two after the sound stops (32-64 ms more before every pause; tests/test_turn.py)
     start_s: float = 0.064  # speech needed to start a turn (2 windows): a click is not a turn
     speculate_s: float = 0.064  # silence after which the reply is prepared (encoder, prefill), unseen
     pause_s: float = 0.128  # silence that ends a turn the end-of-turn model calls finished (or any, without it)
-    resume_s: float = 0.8  # speech back within this long after a turn ended continues that turn
+    resume_s: float = 1.0  # speech back within this long after the speaker stopped continues the turn (counted
+    # from the speech, not the turn's end, so that it does not shrink when turns end sooner)
     preroll_s: float = 0.2  # audio kept from before speech was detected (soft onsets)
     max_turn_s: float = 60.0  # endless speech is cut into turns of at most this long
     stale_s: float = 1.0  # "speech" without a rise of energy this long is noise: it counts as silence
@@ -100,10 +105,11 @@ class TurnTaker:
         self.windows: list[np.ndarray] = []  # the turn being spoken (or just ended), 32 ms windows
         self.pending = np.zeros(0, dtype=np.float32)
         self.state = "idle"  # idle -> speaking -> ended -> idle | speaking (resume)
-        self.ended_at = 0.0  # perf_counter time the last turn ended
         self.speech_run = 0  # consecutive speech windows while idle/ended
-        self.silence = 0  # consecutive silent windows while speaking / since the turn ended
+        self.silence = 0  # consecutive silent windows while speaking
         self.last_speech = 0.0
+        self.since_speech = 0  # windows since the VAD last heard speech in the turn (audio time, as tests feed it fast)
+        self.speech_at = 0.0  # ... and the perf_counter time of that window (wall time: a client may stop sending)
         self.quiet = 0  # consecutive windows without new speech energy
         self.background = 0  # windows of the room's speech since the speaker was last heard
         self.foreground = 0  # consecutive windows of the speaker's speech
@@ -125,6 +131,8 @@ class TurnTaker:
         joined = np.concatenate(windows)
         probs, energy, above = (self.vad.probabilities(joined), self.energy.probabilities(joined),
                                 self.room.probabilities(joined))
+        power = np.square(joined, dtype=np.float64).reshape(count, WINDOW).mean(axis=1)
+        probs = np.where(power < 10 ** (self.options.silence_dbfs / 10), 0.0, probs)  # no sound, no speech
         now = time.perf_counter()
         events = []
         for window, prob, rise, loud in zip(windows, probs, energy, above):
@@ -143,12 +151,14 @@ class TurnTaker:
         self.foreground = self.foreground + 1 if speaker else 0
         self.background = 0 if self.foreground >= 2 else self.background + 1 if background or speaker else 0
         self.windows.append(window)
+        self.since_speech += 1
         if self.state == "speaking":
             if self.background * WINDOW_S >= o.background_s > 0:
                 return self.end("background")
             if prob >= o.release and not stale:
                 paused = self.silence * WINDOW_S >= o.speculate_s
-                self.silence = 0
+                self.silence = self.since_speech = 0
+                self.speech_at = now
                 self.last_speech = self.last_speech if background else now  # the speaker's speech, not the room's
                 self.drop_check()
                 if paused:
@@ -166,9 +176,8 @@ class TurnTaker:
         self.heard = self.heard + 1 if prob >= o.threshold else 0  # what the VAD heard, the room's included
         keep = self.preroll_windows + min(self.heard, self.windows_of(1.0))  # an onset the room's level hid
         if self.state == "ended":
-            self.silence += 1
-            # over: resume_s of silence heard, or of wall time (a client that sends nothing between turns)
-            if (self.silence * WINDOW_S > o.resume_s and self.speech_run == 0) or now - self.ended_at > o.resume_s:
+            # over: resume_s since the speech stopped, heard, or of wall time (a client that sends nothing between turns)
+            if (self.since_speech * WINDOW_S > o.resume_s and self.speech_run == 0) or now - self.speech_at > o.resume_s:
                 self.state = "idle"
                 self.windows = self.windows[-keep:]
         else:
@@ -177,7 +186,7 @@ class TurnTaker:
             resumed = self.state == "ended"
             self.state = "speaking"
             self.silence = 0
-            self.last_speech = now
+            self.last_speech, self.speech_at, self.since_speech = now, now, 0
             return TurnEvent("resume" if resumed else "speech")
         return None
 
@@ -216,7 +225,6 @@ class TurnTaker:
             logger.info("turn reached %.0f s of speech; replying to it now", self.options.max_turn_s)
             self.windows = []
         self.state = "ended" if reason != "max_turn" else "idle"
-        self.ended_at = time.perf_counter()
         self.silence = 0
         self.speech_run = 0
         self.drop_check()
@@ -225,7 +233,9 @@ class TurnTaker:
     def start_check(self) -> None:
         """Ask the end-of-turn model about the turn so far (its last 8 s), off this thread."""
         if self.model is not None and self.check is None:
-            self.check = self.model.check(np.concatenate(self.windows[-250:]))  # 250 windows = 8 s, all it reads
+            missing = self.options.end_of_turn.tail_s - self.silence * WINDOW_S  # silence still short of its tail
+            tail = [np.zeros(round(missing * SAMPLE_RATE), np.float32)] if missing > 0 else []
+            self.check = self.model.check(np.concatenate(self.windows[-250:] + tail))  # 250 windows = 8 s, all it reads
 
     def drop_check(self) -> None:
         if self.check is not None:

@@ -116,7 +116,8 @@ def test_spoken_and_typed_turns_at_16_and_48_khz(api_server, app_engine, speech)
             assert deltas and "".join(d["text"] for d in deltas) == response["text"]
             assert response["mode"] == "chat" and response["latency_ms"] >= 0 and response["status"]["tokens"] > 0
             assert abs(response["timestamp"] - time.time()) < 120
-        assert first[-1]["status"]["cached_tokens"] == 0
+        # a new conversation: at most <s>[INST] cached (an unseen reply begun at a short pause inside the clip)
+        assert first[-1]["status"]["cached_tokens"] <= 2
         assert typed[-1]["status"]["cached_tokens"] > 0  # the typed turn joined the same conversation
         assert third[-1]["status"]["cached_tokens"] > typed[-1]["status"]["cached_tokens"]  # and its cache
     wait_for_free_slots(app_engine)

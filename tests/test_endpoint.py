@@ -38,6 +38,18 @@ def test_complete_and_incomplete_espeak_sentences():
     assert ask(espeak("So I went to the store and then,")) < threshold
 
 
+def test_its_answer_swings_with_the_silence_after_the_speech():
+    """Why turn-taking gives it at least EndOfTurnOptions.tail_s of silence: a finished sentence
+    followed by 32 ms of silence reads as unfinished, with 0.2 s as finished."""
+    sentence = espeak("What is the weather going to be like this weekend")
+    model = shared_model()
+
+    def after(seconds):
+        return model.probability(np.concatenate([sentence, np.zeros(int(seconds * SAMPLE_RATE), np.float32)]))
+
+    assert after(0.032) < EndOfTurnOptions.threshold < after(EndOfTurnOptions.tail_s)
+
+
 def test_real_speech_mid_sentence_and_at_its_end(speech):
     """In the recording, 1.67 s and 3.26 s are short gaps between words; 4.64 s ends a sentence."""
     for mid in (1.67, 3.26):

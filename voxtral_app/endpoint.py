@@ -42,8 +42,7 @@ class EndOfTurnOptions:
     wait_s: float = 0.5  # longest feed() blocks at pause_s for a decision still running (then: hold)
     workers: int = 2  # threads running decisions, shared by all connections
     tail_s: float = 0.2  # silence the model's input ends with, zeros added if the pause is shorter so far: its answer
-    # swings with the tail (an espeak-ng sentence: 0.1 "unfinished" after 32 ms, 0.8 after 192 ms), and pipecat asks
-    # it after its VAD's 0.2 s stop
+    # swings with the tail (tests/test_endpoint.py), and pipecat asks it after its VAD's 0.2 s stop
 
 
 def model_path() -> str:

@@ -13,7 +13,8 @@ import torch
 from voxtral_app.audio import SAMPLE_RATE
 from voxtral_app.engine import EngineFailed, EngineOptions, Sampling
 from voxtral_app.loading import load_engine
-from voxtral_app.model_process import Calls, cpu_threads, sound
+from voxtral_app.model_process import Calls, cpu_threads
+from voxtral_app.prompt import sound
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=24)
 

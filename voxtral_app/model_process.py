@@ -31,6 +31,8 @@ from multiprocessing.connection import Connection
 import numpy as np
 import torch
 
+from . import prompt as prompts
+
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 1800.0  # loading the weights onto the device, 30 min (any download happened before, here)
@@ -95,7 +97,7 @@ class ModelProcess:
 
     def encode_clips(self, clips: list[np.ndarray]) -> AudioRef:
         """Log-mel and encoder both run in the child; each padded clip crosses as its sound only."""
-        key, length = self.call("encode_clips", [(sound(clip), len(clip)) for clip in clips])
+        key, length = self.call("encode_clips", [(prompts.sound(clip), len(clip)) for clip in clips])
         return AudioRef(key, 0, length)
 
     def prefill(self, slot: int, ids: list[int], start: int, features: torch.Tensor | None,
@@ -152,12 +154,6 @@ class ModelProcess:
             self.process.kill()
             self.process.wait(timeout_s)
         self.pipe.close()
-
-
-def sound(clip: np.ndarray) -> np.ndarray:
-    """A clip without its trailing zeros (Voxtral's padding to 30 s): what crosses the pipe."""
-    nonzero = np.flatnonzero(clip)
-    return clip[: nonzero[-1] + 1 if len(nonzero) else 0]
 
 
 # -- the child ---------------------------------------------------------------------------------------

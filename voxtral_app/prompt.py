@@ -101,8 +101,7 @@ def log_mel(extractor, clip: np.ndarray) -> torch.Tensor:
         features = extractor(clip, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding=True, truncation=False,
                              pad_to_multiple_of=CHUNK_SAMPLES)["input_features"]  # [1, mels, frames]
         return features.reshape(features.shape[1], -1, CHUNK_FRAMES).transpose(0, 1)
-    nonzero = np.flatnonzero(clip)
-    used = min(len(clip), (nonzero[-1] + 1 if len(nonzero) else 1) + extractor.n_fft)  # + one window of zeros
+    used = min(len(clip), max(len(sound(clip)), 1) + extractor.n_fft)  # + one window of zeros
     stft = torch.stft(torch.from_numpy(np.ascontiguousarray(clip[:used], dtype=np.float32)), extractor.n_fft,
                       extractor.hop_length, window=torch.hann_window(extractor.n_fft), return_complex=True)
     mel = torch.from_numpy(extractor.mel_filters).float().T @ (stft[..., :-1].abs() ** 2)  # [mels, frames used]
@@ -111,6 +110,12 @@ def log_mel(extractor, clip: np.ndarray) -> torch.Tensor:
     log[:, : min(frames, mel.shape[1])] = mel.clamp(min=1e-10).log10()[:, :frames]
     log = (torch.maximum(log, log.max() - 8.0) + 4.0) / 4.0
     return log.reshape(log.shape[0], -1, CHUNK_FRAMES).transpose(0, 1)
+
+
+def sound(clip: np.ndarray) -> np.ndarray:
+    """A padded clip without its trailing zeros (Voxtral's padding to 30 s)."""
+    nonzero = np.flatnonzero(clip)
+    return clip[: nonzero[-1] + 1 if len(nonzero) else 0]
 
 
 def audio_block_starts(ids: list[int], begin_audio_id: int) -> list[int]:

@@ -29,7 +29,7 @@ import numpy as np
 from .audio import SAMPLE_RATE
 from .denoise import Cleaner, CleanOptions
 from .endpoint import EndOfTurnOptions, shared_model
-from .vad import WINDOW, WINDOW_S, EnergyDetector, VadOptions, detector
+from .vad import WINDOW, WINDOW_S, EnergyDetector, VadOptions, detector, level_dbfs
 
 logger = logging.getLogger(__name__)
 
@@ -131,11 +131,11 @@ class TurnTaker:
         joined = np.concatenate(windows)
         probs, energy, above = (self.vad.probabilities(joined), self.energy.probabilities(joined),
                                 self.room.probabilities(joined))
-        power = np.square(joined, dtype=np.float64).reshape(count, WINDOW).mean(axis=1)
-        probs = np.where(power < 10 ** (self.options.silence_dbfs / 10), 0.0, probs)  # no sound, no speech
         now = time.perf_counter()
         events = []
         for window, prob, rise, loud in zip(windows, probs, energy, above):
+            if level_dbfs(window) < self.options.silence_dbfs:  # no sound, no speech
+                prob = 0.0
             self.quiet = 0 if rise >= 0.5 else self.quiet + 1
             background = self.options.foreground_db > 0 and prob >= self.options.release and loud < 0.5
             event = self.step(window, float(prob), background, now)

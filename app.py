@@ -56,9 +56,10 @@ def parse_args(argv=None, environ=None) -> argparse.Namespace:
         env=("ENABLE_NOISE_REDUCTION",), help="WebRTC noise suppression before the VAD and Voxtral")
     add("--auto-gain", action=argparse.BooleanOptionalAction, default=False, env_type=switch,
         env=("ENABLE_AUTO_GAIN",), help="WebRTC automatic gain control before the VAD and Voxtral")
-    add("--end-of-turn", action=argparse.BooleanOptionalAction, default=False, env_type=switch,
-        env=("ENABLE_END_OF_TURN",), help="Smart Turn decides at each pause whether the person has finished "
-        "(off by default: it costs ~0.1 s of CPU per pause, see the README's turn-taking tables)")
+    add("--end-of-turn", action=argparse.BooleanOptionalAction, env_type=switch, env=("ENABLE_END_OF_TURN",),
+        help="Smart Turn decides at each pause whether the person has finished (default: on when the model runs "
+        "on a GPU or a remote backend; off when it shares this machine's CPU, where Smart Turn's ~0.1 s of CPU "
+        "per pause slows every turn, see the README's turn-taking tables)")
     add("--voice", default="auto", choices=["auto", "kokoro", "espeak"], env=("VOXTRAL_VOICE",),
         help="text-to-speech for spoken replies")
     add("--auth-token", env=("VOXTRAL_AUTH_TOKEN",),
@@ -161,7 +162,8 @@ def main(argv=None) -> None:
                                  on_failure=stop_serving)
         except ModelLoadError as error:
             sys.exit(f"error: {error}")
-    turns = turn_options(args, given(pause_s=None if args.pause_ms is None else args.pause_ms / 1000))
+    turns = turn_options(args, given(pause_s=None if args.pause_ms is None else args.pause_ms / 1000),
+                         end_of_turn=smart_turn_on(args.end_of_turn, engine.model_device))
     chat_options = ConversationOptions(turns=turns, max_audio_s=engine.options.max_audio_s,
                                        **given(temperature=args.temperature, reply_tokens=args.reply_tokens))
     guard = GuardOptions(auth_token=args.auth_token or None, opens_per_minute=max(0, args.opens_per_minute))
@@ -182,7 +184,14 @@ def main(argv=None) -> None:
         sys.exit(f"error: the decode thread died ({engine.failure}); exiting so a supervisor restarts the app")
 
 
-def turn_options(args: argparse.Namespace, given: dict):
+def smart_turn_on(choice: bool | None, model_device) -> bool:
+    """--end-of-turn, or by default (None): on unless the model runs on this machine's CPU. On a GPU or a remote
+    backend the app's cores are free, and Smart Turn's decision (started at the first silent window) is done
+    within the pause; next to a CPU model it competes with the audio encoder and prefill for the same cores."""
+    return choice if choice is not None else model_device.type != "cpu"
+
+
+def turn_options(args: argparse.Namespace, given: dict, end_of_turn: bool):
     from dataclasses import replace
 
     from voxtral_app.denoise import CleanOptions
@@ -192,7 +201,7 @@ def turn_options(args: argparse.Namespace, given: dict):
 
     turns = TurnOptions(**given, vad=VadOptions(kind=args.vad, aggressiveness=int(os.environ.get("VAD_AGGRESSIVENESS", 2))),
                         cleaning=CleanOptions(noise_reduction=args.noise_reduction, auto_gain=args.auto_gain),
-                        end_of_turn=EndOfTurnOptions(enabled=args.end_of_turn))
+                        end_of_turn=EndOfTurnOptions(enabled=end_of_turn))
     if turns.end_of_turn.enabled:
         try:
             shared_model(turns.end_of_turn)  # load it now, not in the first turn

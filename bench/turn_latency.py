@@ -243,9 +243,10 @@ def setup_line(in_process: bool) -> str:
     return f"model {where}; torch threads in the server's process: {torch.get_num_threads()}\n"
 
 
-def configurations(engine, reply_tokens: int, pauses_s: list[float]) -> list[tuple[str, Callable]]:
+def configurations(engine, reply_tokens: int, pauses_s: list[float],
+                   end_of_turn: bool = False) -> list[tuple[str, Callable]]:
     """(name, app factory): fastrtc's default first, then ours at each pause length, as `python app.py`
-    runs it by default: without the end-of-turn model (bench/turn_sets.py compares it)."""
+    runs it by default: without the end-of-turn model; `end_of_turn`: a second row per pause with it."""
     options = ConversationOptions(max_audio_s=engine.options.max_audio_s, reply_tokens=reply_tokens)
     options = replace(options, turns=replace(options.turns, end_of_turn=EndOfTurnOptions(enabled=False)))
     configs = [("fastrtc default (ReplyOnPause, 0.6 s chunks)",
@@ -254,6 +255,9 @@ def configurations(engine, reply_tokens: int, pauses_s: list[float]) -> list[tup
         speculate_s = max(0.032, pause_s - (options.turns.pause_s - options.turns.speculate_s))  # same head start
         ours = replace(options, turns=replace(options.turns, pause_s=pause_s, speculate_s=speculate_s))
         configs.append((f"ours (VoxtralHandler, pause {pause_s:g} s)", lambda ours=ours: create_app(engine, ours)))
+        if end_of_turn:
+            smart = replace(ours, turns=replace(ours.turns, end_of_turn=EndOfTurnOptions()))
+            configs.append((f"ours+smart-turn (pause {pause_s:g} s, Smart Turn)", lambda smart=smart: create_app(engine, smart)))
     return configs
 
 
@@ -438,7 +442,7 @@ class Profiler:
         """Stamp each step from the last speech frame to the first /outputs event leaving the server."""
         from fastrtc import Stream
 
-        from voxtral_app import conversation, engine, generate, model_process, prompt
+        from voxtral_app import conversation, endpoint, engine, generate, model_process, prompt
         from voxtral_app.handler import VoxtralHandler
 
         profiler = self
@@ -485,6 +489,7 @@ class Profiler:
             self.wrap(decoder, "encode_clips", "audio encoded", start="log-mel + audio encoder started")
             self.wrap(decoder, "prefill", "prompt prefilled", start="prefill started")
         self.wrap(engine.Engine, "emit", "first token sampled")
+        self.wrap(endpoint.EndOfTurnModel, "probability", "end-of-turn model decided", start="end-of-turn model started")
         self.wrap(Conversation, "output", "first output made by show()")
         set_outputs = Stream.set_additional_outputs
 
@@ -569,6 +574,8 @@ def main(argv=None) -> None:
                         help=f"utterances per mid-sentence pause length ({', '.join(map(str, GAPS_MS))} ms)")
     parser.add_argument("--pause-s", type=float, nargs="+", default=[TurnOptions.pause_s],
                         help="our turn-end pause(s), seconds: one 'ours' row each (default: the app's)")
+    parser.add_argument("--end-of-turn", action="store_true",
+                        help="a second 'ours' row per pause with the end-of-turn model (Smart Turn) on")
     parser.add_argument("--reply-tokens", type=int, default=REPLY_TOKENS, help="longest reply, tokens")
     parser.add_argument("--profile", action="store_true", help="stamp the server's steps and print where the time goes")
     parser.add_argument("--in-process", action="store_true",
@@ -595,7 +602,7 @@ def main(argv=None) -> None:
         engine = app_engine(workdir, in_process=args.in_process)
         print(setup_line(args.in_process), flush=True)
         try:
-            for name, build in configurations(engine, args.reply_tokens, args.pause_s):
+            for name, build in configurations(engine, args.reply_tokens, args.pause_s, args.end_of_turn):
                 with contextlib.redirect_stdout(io.StringIO()):  # gradio prints "new /" when mounted
                     app = build()
                 events.clear()

@@ -10,6 +10,8 @@ noise going on), and waits for the reply. Sets, all made here from espeak-ng voi
 - clean: espeak-ng sentences and cuts of fastrtc's test recording (turn_latency's latency turns);
 - thinking: one sentence with a 300, 600 or 900 ms pause inside, spoken as one sentence (SSML break),
   so the words before the pause carry the sentence's own prosody;
+- thinking-um: the same sentences hesitating as people do, "..., um, <pause> ...": the filler is the cue an
+  audio-only end-of-turn model can hear (espeak-ng's plain break sounds like a finished sentence);
 - thinking-real: the first sentence of fastrtc's test recording (a real speaker) with one of its two
   short mid-sentence silences made 300, 600 or 900 ms long: espeak-ng's prosody misleads Smart Turn,
   a person's does not;
@@ -20,8 +22,9 @@ noise going on), and waits for the reply. Sets, all made here from espeak-ng voi
 Configurations: fastrtc's ReplyOnPause at its defaults, fastrtc tuned for speed with its documented
 options (AlgoOptions(audio_chunk_duration=0.2, started_talking_threshold=0.1, speech_threshold=0.05),
 SileroVadOptions(min_silence_duration_ms=100); the VAD model is the silero-vad package's, as in
-turn_latency, so only its threshold applies), and ours: pause only (before the end-of-turn model),
-with Smart Turn (the app's default), and with Smart Turn + WebRTC noise suppression and gain.
+turn_latency, so only its threshold applies), and ours: pause only (the app's default when the model runs on
+this machine's CPU), with Smart Turn (its default with a GPU or a remote backend), and with Smart Turn +
+WebRTC noise suppression and gain.
 
 Per set and configuration: end of speech -> first VISIBLE reply token at the client (p50/p90/p99,
 over the utterances that stayed one turn),
@@ -60,7 +63,7 @@ from voxtral_app.endpoint import EndOfTurnOptions  # noqa: E402
 from voxtral_app.server import create_app  # noqa: E402
 from servers import BackgroundServer  # noqa: E402  (tests/servers.py, on the path via turn_latency)
 
-SETS = ("clean", "thinking", "thinking-real", "white20", "white10", "babble", "quiet", "phone")
+SETS = ("clean", "thinking", "thinking-um", "thinking-real", "white20", "white10", "babble", "quiet", "phone")
 THINKING_MS = (300, 600, 900)
 LEAD_S = 0.5  # noise before the speech in the noisy sets
 QUIET_DBFS = -35.0
@@ -124,13 +127,13 @@ def in_noise(speech: np.ndarray, noise: np.ndarray, snr_db: float) -> tuple[np.n
 def make_set(name: str, turns: int) -> list[tl.Utterance]:
     if name == "clean":
         return [replace(u, set=name) for u in tl.plan(turns, 0)]
-    if name == "thinking":
-        out = []
+    if name in ("thinking", "thinking-um"):
+        out, um = [], ", um," if name == "thinking-um" else ""
         for i in range(turns):
             for j, gap_ms in enumerate(THINKING_MS):
                 before, after = THINKING[(i * len(THINKING_MS) + j) % len(THINKING)]
-                audio = espeak(f"{before} <break time='{gap_ms}ms'/> {after}.", ssml=True)
-                out.append(tl.Utterance("gap", f"{before} … {after}", audio, gap_ms, set=name))
+                audio = espeak(f"{before}{um} <break time='{gap_ms}ms'/> {after}.", ssml=True)
+                out.append(tl.Utterance("gap", f"{before}{um} … {after}", audio, gap_ms, set=name))
         return out
     if name == "thinking-real":  # a real speaker's mid-sentence prosody, the pause made longer
         sentence = tl.recording()[: int(RECORDING_SENTENCE_END_S * SAMPLE_RATE)]

@@ -60,6 +60,20 @@ def test_turn_settings_from_the_environment():
     assert callable(app.parse_args([], environ={"SPACE_ID": "someone/voxtral"}).rtc_configuration)
 
 
+def test_smart_turn_is_on_by_default_unless_the_model_shares_this_machines_cpu():
+    import torch
+
+    from voxtral_app.remote import Remote
+
+    default = app.parse_args([], environ={}).end_of_turn
+    assert default is None
+    assert app.smart_turn_on(default, torch.device("cuda", 0)) and app.smart_turn_on(default, Remote("http://x/v1"))
+    assert not app.smart_turn_on(default, torch.device("cpu"))
+    assert app.smart_turn_on(app.parse_args(["--end-of-turn"], environ={}).end_of_turn, torch.device("cpu"))
+    off = app.parse_args([], environ={"ENABLE_END_OF_TURN": "0"}).end_of_turn
+    assert not app.smart_turn_on(off, torch.device("cuda", 0))
+
+
 @pytest.mark.parametrize("name, value, says", [
     ("PORT", "abc", "PORT='abc': expected a port number"),
     ("MAX_BATCH_SIZE", "0", "MAX_BATCH_SIZE='0': expected a number of sessions from 1 to 1024"),

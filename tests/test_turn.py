@@ -2,7 +2,9 @@
 
 import io
 import subprocess
+import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from voxtral_app.audio import SAMPLE_RATE, prepare
 from voxtral_app.denoise import CleanOptions
 from voxtral_app.endpoint import EndOfTurnOptions
 from voxtral_app.turn import REASONS, TurnOptions, TurnTaker
-from voxtral_app.vad import VadOptions
+from voxtral_app.vad import WINDOW, WINDOW_S, VadOptions
 
 PAUSE_ONLY = TurnOptions(end_of_turn=EndOfTurnOptions(enabled=False))  # every pause_s of silence ends a turn
 # The tests feed audio faster than real time: wait for each decision as a real-time stream would have
@@ -75,6 +77,21 @@ def test_turn_with_the_model_ends_by_its_decision_or_the_hold(phrase):
         assert end.finished < EndOfTurnOptions.threshold and hold <= waited <= hold + 0.25
 
 
+def test_the_model_starts_deciding_at_the_first_silent_window(phrase):
+    """Smart Turn's ~0.1 s of CPU overlaps the rest of the pause: it starts one window into the silence,
+    before the reply is prepared (speculate_s), and reads the turn with tail_s of silence at its end."""
+    taker = TurnTaker(MODEL)
+    asked, check = [], taker.model.check
+    taker.model = SimpleNamespace(check=lambda audio: asked.append((taker.silence, audio)) or check(audio))
+    events = run(taker, np.concatenate([silence(0.5), phrase, silence(TAIL_S)]), kinds=("pause", "end"))
+    assert [kind for kind, _, _ in events] == ["pause", "end"]
+    silent_windows, audio = asked[0]
+    assert silent_windows == round(EndOfTurnOptions.start_s / WINDOW_S) == 1 < round(TurnOptions.speculate_s / WINDOW_S)
+    tail = int(EndOfTurnOptions.tail_s * SAMPLE_RATE)
+    # [... the last speech window] [one silent window] [zeros up to tail_s]
+    assert audio[-tail - WINDOW:-tail].any() and not audio[-(tail - WINDOW):].any()
+
+
 @pytest.mark.parametrize("gap_s", [0.3, 0.5, 0.9])
 def test_speech_back_within_the_resume_window_continues_the_turn(phrase, gap_s):
     """resume_s (1.0 s) counts from where the speech stopped: a 900 ms thinking pause stays one turn."""
@@ -84,6 +101,22 @@ def test_speech_back_within_the_resume_window_continues_the_turn(phrase, gap_s):
     assert kinds in (["speech", "end", "resume", "end"], ["speech", "end"])  # a 300 ms gap may not even end it
     final = events[-1][2].audio
     assert len(final) >= len(first) + len(second)  # both parts in one turn
+
+
+@pytest.mark.parametrize("sent_s, unsent_s, kinds", [
+    (0.9, 0.15, ["speech", "end", "resume", "end"]),  # a 900 ms pause, its next frames 0.15 s late: one turn
+    (0.3, 1.5, ["speech", "end", "speech", "end"]),  # 0.3 s of silence, then nothing for 1.5 s: a new turn
+])
+def test_resume_counts_audio_and_the_wall_time_a_client_sent_nothing(sent_s, unsent_s, kinds):
+    """resume_s is audio time since the speech stopped, plus the wall time the client sent nothing (one
+    that sends only while someone talks). A hearing thread running behind (frames late by 0.15 s) does
+    not split a 900 ms thinking pause; 1.5 s with nothing sent does end the chance to resume."""
+    first, second = espeak("I was thinking about"), espeak("going to the beach tomorrow")
+    taker = TurnTaker(PAUSE_ONLY)
+    before = run(taker, np.concatenate([first, silence(sent_s)]))  # fed at once: no wall time passes
+    time.sleep(sent_s + unsent_s)  # the silence's own length in real time, then the frames' lateness
+    after = run(taker, np.concatenate([second, silence(1.0)]))
+    assert [kind for kind, _, _ in before + after] == kinds
 
 
 def test_later_speech_is_a_new_turn(phrase):

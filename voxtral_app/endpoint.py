@@ -8,7 +8,7 @@ located on disk and never imported, so none of pipecat's dependencies are needed
 
 One decision costs ~100 ms of one core on a 2-core Xeon VM (the encoder over 8 s; features are ~5
 ms), too long for the audio thread: `EndOfTurnModel.check()` runs it on a small shared thread pool
-and returns a Future, which turn-taking starts at the short pause and reads at the end-of-turn pause.
+and returns a Future, which turn-taking starts at the first silent window and reads at the end-of-turn pause.
 """
 
 import importlib.util
@@ -37,6 +37,7 @@ HANN = np.hanning(N_FFT + 1)[:-1]  # periodic, as torch.hann_window
 class EndOfTurnOptions:
     enabled: bool = True  # False: every pause_s of silence ends the turn (the behaviour before the model)
     threshold: float = 0.5  # probability of "finished" that ends the turn at pause_s
+    start_s: float = 0.032  # silence after which the model starts deciding: its ~0.1 s of CPU overlaps the pause
     hold_s: float = 1.0  # silence that ends a turn the model called unfinished
     recheck_s: float = 0.3  # while holding, ask the model again after this much more silence (0: never)
     wait_s: float = 0.5  # longest feed() blocks at pause_s for a decision still running (then: hold)

@@ -3,8 +3,9 @@
 fastrtc's default ReplyOnPause re-runs the VAD on whole 0.6 s chunks and waits for a silent one,
 so a reply starts 0.6-1.2 s after the person stops. Here a streaming VAD (vad.py: Silero, WebRTC or
 energy) runs over 32 ms windows, after optional noise suppression and gain (denoise.py):
-- after `speculate_s` of silence: "pause", the reply is prepared unseen; Smart Turn (endpoint.py)
-  starts deciding whether the person has finished;
+- after `end_of_turn.start_s` of silence (one window): Smart Turn (endpoint.py) starts deciding
+  whether the person has finished;
+- after `speculate_s`: "pause", the reply is prepared unseen;
 - after `pause_s`: "end" (shown) if the model says finished ("complete"); otherwise the turn is held
   open until the model changes its mind on a recheck or `hold_s` of silence passes ("long_pause").
   Speech before the end is a "continue": the unseen reply is dropped, nothing flickers;
@@ -33,6 +34,7 @@ from .vad import WINDOW, WINDOW_S, EnergyDetector, VadOptions, detector, level_d
 
 logger = logging.getLogger(__name__)
 
+UNSENT_S = 0.5  # wall time past the audio's own that means the client stopped sending (not a late frame)
 REASONS = ("complete", "long_pause", "pause", "no_new_speech", "background", "max_turn")  # why a turn ended
 
 
@@ -131,14 +133,14 @@ class TurnTaker:
         joined = np.concatenate(windows)
         probs, energy, above = (self.vad.probabilities(joined), self.energy.probabilities(joined),
                                 self.room.probabilities(joined))
-        now = time.perf_counter()
+        now = time.perf_counter()  # when the last window's audio arrived; a window before it, WINDOW_S earlier
         events = []
-        for window, prob, rise, loud in zip(windows, probs, energy, above):
+        for k, (window, prob, rise, loud) in enumerate(zip(windows, probs, energy, above)):
             if level_dbfs(window) < self.options.silence_dbfs:  # no sound, no speech
                 prob = 0.0
             self.quiet = 0 if rise >= 0.5 else self.quiet + 1
             background = self.options.foreground_db > 0 and prob >= self.options.release and loud < 0.5
-            event = self.step(window, float(prob), background, now)
+            event = self.step(window, float(prob), background, now - (len(windows) - 1 - k) * WINDOW_S)
             if event is not None:
                 events.append(event)
         return events
@@ -165,8 +167,9 @@ class TurnTaker:
                     return TurnEvent("continue")
             else:
                 self.silence += 1
-                if self.silence == self.windows_of(o.speculate_s) and o.speculate_s < o.pause_s:
+                if self.silence == self.windows_of(min(o.end_of_turn.start_s, o.pause_s)):
                     self.start_check()
+                if self.silence == self.windows_of(o.speculate_s) and o.speculate_s < o.pause_s:
                     return TurnEvent("pause", np.concatenate(self.windows), self.last_speech)
             reason = self.ending(stale)
             return self.end(reason) if reason else None
@@ -176,8 +179,12 @@ class TurnTaker:
         self.heard = self.heard + 1 if prob >= o.threshold else 0  # what the VAD heard, the room's included
         keep = self.preroll_windows + min(self.heard, self.windows_of(1.0))  # an onset the room's level hid
         if self.state == "ended":
-            # over: resume_s since the speech stopped, heard, or of wall time (a client that sends nothing between turns)
-            if (self.since_speech * WINDOW_S > o.resume_s and self.speech_run == 0) or now - self.speech_at > o.resume_s:
+            # over: resume_s since the speech stopped, in audio; plus the wall time a client sent nothing (one that
+            # only sends while someone talks), beyond a hearing thread's lag. Speech that began within it resumes.
+            waited = self.since_speech * WINDOW_S
+            unsent = now - self.speech_at - waited
+            waited += unsent if unsent > UNSENT_S else 0.0
+            if waited > o.resume_s and self.speech_run <= 1:
                 self.state = "idle"
                 self.windows = self.windows[-keep:]
         else:

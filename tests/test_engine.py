@@ -236,6 +236,7 @@ def test_tidy_trims_between_turns_so_the_next_turn_prefills_only_itself(tiny_che
     kept = [dict(m) for m in chat.messages]
     assert [m["role"] for m in kept] == ["user", "assistant"]  # the last turn stays
     reply = chat.start(clips[2], sampling=GREEDY)
+    assert chat.prompt_ids == prompt.chat_prompt(engine.processor, chat.messages).ids  # the trim cut, not re-encoded
     run(reply)
     tokens = reply.tokens
     assert reply.stats["cached_tokens"] > 300 and reply.stats["prefill_tokens"] < 450  # only the new turn

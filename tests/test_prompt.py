@@ -82,3 +82,24 @@ def test_extending_a_prompt_equals_encoding_the_whole_conversation(tiny_checkpoi
         assert extended.ids == whole.ids
         assert all(np.array_equal(a, b) for a, b in zip(extended.audio, whole.audio, strict=True))
         assert extended.keys == whole.keys and len(set(whole.keys)) == 2  # each clip hashed when its turn was encoded
+
+
+def test_dropping_the_oldest_turns_equals_encoding_the_turns_that_stay(tiny_checkpoint, speech, other_speech):
+    """A trim cuts the conversation's prompt at an [INST] instead of encoding what stays again."""
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    inst, begin_audio = (processor.tokenizer.convert_tokens_to_ids(t) for t in ("[INST]", "[BEGIN_AUDIO]"))
+    messages = []
+    for i, reply in enumerate(["Hello there.", "two\n\nlines", "ok 🙂 café"]):
+        user = prompt.user_message(speech[:32000] if i % 2 else other_speech, "typed too" if i == 1 else "")
+        messages += [user, prompt.assistant_message(reply)]
+    messages.append(prompt.user_message(None, "and a typed turn"))
+    whole = prompt.chat_prompt(processor, messages)
+    for turns in range(4):
+        cut = prompt.drop_turns(whole, inst, begin_audio, turns)
+        encoded = prompt.chat_prompt(processor, messages[2 * turns:])
+        assert cut.ids == encoded.ids and cut.keys == encoded.keys
+        assert all(np.array_equal(a, b) for a, b in zip(cut.audio, encoded.audio, strict=True))
+    assert prompt.turns_to_drop(whole.ids, inst, len(whole.ids)) == 0
+    assert prompt.turns_to_drop(whole.ids, inst, 1) == 3  # never the last turn
+    target = len(prompt.chat_prompt(processor, messages[4:]).ids)
+    assert prompt.turns_to_drop(whole.ids, inst, target) == 2

@@ -113,6 +113,7 @@ class Engine:
         tokenizer = processor.tokenizer
         self.eos_id = tokenizer.eos_token_id
         self.begin_audio_id = tokenizer.convert_tokens_to_ids("[BEGIN_AUDIO]")
+        self.inst_id = tokenizer.convert_tokens_to_ids("[INST]")  # each user turn begins with it
         self.on_failure = on_failure  # called once, on the dying thread, if the decode thread dies
         self.free_slots = list(range(options.slots))
         self.pending: list[Generation] = []

@@ -118,6 +118,24 @@ def sound(clip: np.ndarray) -> np.ndarray:
     return clip[: nonzero[-1] + 1 if len(nonzero) else 0]
 
 
+def turns_to_drop(ids: list[int], inst_id: int, target: int) -> int:
+    """How many of a conversation's oldest turns to drop so that its prompt `ids` has at most `target`
+    tokens; each user turn begins with [INST], and the last turn always stays."""
+    starts = [i for i, token in enumerate(ids) if token == inst_id]
+    return next((k for k, start in enumerate(starts) if 1 + len(ids) - start <= target), max(len(starts) - 1, 0))
+
+
+def drop_turns(prompt: Prompt, inst_id: int, begin_audio_id: int, turns: int) -> Prompt:
+    """A conversation's prompt -> the prompt of the conversation without its `turns` oldest turns.
+    mistral-common encodes turn by turn, so that is <s> and the rest from the next turn's [INST], with
+    the clips that come after it: nothing is encoded again (tests prove it equals `chat_prompt`)."""
+    if turns <= 0:
+        return prompt
+    cut = [i for i, token in enumerate(prompt.ids) if token == inst_id][turns]
+    clips = sum(start < cut for start in audio_block_starts(prompt.ids, begin_audio_id))
+    return Prompt(prompt.ids[:1] + prompt.ids[cut:], prompt.audio[clips:], prompt.keys[clips:])
+
+
 def audio_block_starts(ids: list[int], begin_audio_id: int) -> list[int]:
     """Positions of the [BEGIN_AUDIO] tokens, one per clip."""
     return [i for i, token in enumerate(ids) if token == begin_audio_id]

@@ -160,8 +160,7 @@ class Chat(Turns):
         prompt = self.closed_prompt()
         if len(prompt.ids) + ROOM_FOR_A_TURN <= limit:
             return False
-        while len(prompt.ids) > limit // 2 and self.drop_oldest_turn():
-            prompt = self.closed_prompt()
+        prompt = self.trim(prompt, limit // 2)
         self.launch(prompt, HOUSEKEEPING, record=False, started=time.perf_counter(), speculative=True)
         return True
 
@@ -180,11 +179,26 @@ class Chat(Turns):
         limit = self.engine.options.max_tokens - sampling.max_new_tokens
         prompt = self.encode()
         if len(prompt.ids) > limit:
-            while len(prompt.ids) > limit // 2 and self.drop_oldest_turn():
-                prompt = self.encode()
+            prompt = self.trim(prompt, limit // 2)
         if len(prompt.ids) > limit:
             raise ValueError(f"this turn needs {len(prompt.ids)} prompt tokens; the limit is {limit}")
         return prompt
+
+    def trim(self, prompt: prompts.Prompt, target: int) -> prompts.Prompt:
+        """Drop the oldest turns until `prompt` (the conversation's, closed or not) has at most `target`
+        tokens. The prompt is cut, not encoded again: encoding the conversation after each dropped turn
+        cost ~50 ms per encode of 8 spoken turns, and a soak's 4 conversations trimming at once held up
+        every connection's audio for up to 2 s (bench/soak.py with --log-level INFO)."""
+        encoded, count = self.encoded, len(self.messages)
+        turns = 0
+        while turns < prompts.turns_to_drop(prompt.ids, self.engine.inst_id, target) and self.drop_oldest_turn():
+            turns += 1
+        if count - len(self.messages) != 2 * turns:  # not user/assistant pairs: encode what is left
+            return self.encode() if self.messages[-1]["role"] == "user" else self.closed_prompt()
+        tokens = {"inst_id": self.engine.inst_id, "begin_audio_id": self.engine.begin_audio_id, "turns": turns}
+        if encoded is not None:
+            self.encoded = (encoded[0] - 2 * turns, prompts.drop_turns(encoded[1], **tokens))
+        return prompts.drop_turns(prompt, **tokens)
 
     def closed_prompt(self) -> prompts.Prompt:
         """The prompt of the conversation up to its last reply, inclusive (it must end with one)."""

@@ -186,9 +186,8 @@ class Chat(Turns):
 
     def trim(self, prompt: prompts.Prompt, target: int) -> prompts.Prompt:
         """Drop the oldest turns until `prompt` (the conversation's, closed or not) has at most `target`
-        tokens. The prompt is cut, not encoded again: encoding the conversation after each dropped turn
-        cost ~50 ms per encode of 8 spoken turns, and a soak's 4 conversations trimming at once held up
-        every connection's audio for up to 2 s (bench/soak.py with --log-level INFO)."""
+        tokens. The prompt is cut, not encoded again: when it was encoded after each dropped turn, a soak's 4
+        conversations trimming at once held up every connection's audio for up to 2.5 s (README, soak)."""
         encoded, count = self.encoded, len(self.messages)
         turns = 0
         while turns < prompts.turns_to_drop(prompt.ids, self.engine.inst_id, target) and self.drop_oldest_turn():

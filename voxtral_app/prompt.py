@@ -121,7 +121,7 @@ def sound(clip: np.ndarray) -> np.ndarray:
 def turns_to_drop(ids: list[int], inst_id: int, target: int) -> int:
     """How many of a conversation's oldest turns to drop so that its prompt `ids` has at most `target`
     tokens; each user turn begins with [INST], and the last turn always stays."""
-    starts = [i for i, token in enumerate(ids) if token == inst_id]
+    starts = positions(ids, inst_id)
     return next((k for k, start in enumerate(starts) if 1 + len(ids) - start <= target), max(len(starts) - 1, 0))
 
 
@@ -131,11 +131,16 @@ def drop_turns(prompt: Prompt, inst_id: int, begin_audio_id: int, turns: int) ->
     the clips that come after it: nothing is encoded again (tests prove it equals `chat_prompt`)."""
     if turns <= 0:
         return prompt
-    cut = [i for i, token in enumerate(prompt.ids) if token == inst_id][turns]
-    clips = sum(start < cut for start in audio_block_starts(prompt.ids, begin_audio_id))
+    cut = positions(prompt.ids, inst_id)[turns]
+    clips = sum(start < cut for start in positions(prompt.ids, begin_audio_id))
     return Prompt(prompt.ids[:1] + prompt.ids[cut:], prompt.audio[clips:], prompt.keys[clips:])
+
+
+def positions(ids: list[int], token_id: int) -> list[int]:
+    """Where `token_id` occurs in `ids`."""
+    return [i for i, token in enumerate(ids) if token == token_id]
 
 
 def audio_block_starts(ids: list[int], begin_audio_id: int) -> list[int]:
     """Positions of the [BEGIN_AUDIO] tokens, one per clip."""
-    return [i for i, token in enumerate(ids) if token == begin_audio_id]
+    return positions(ids, begin_audio_id)

@@ -189,8 +189,8 @@ class Chat(Turns):
         tokens. The prompt is cut, not encoded again: when it was encoded after each dropped turn, a soak's 4
         conversations trimming at once held up every connection's audio for up to 2.5 s (README, soak)."""
         encoded, count = self.encoded, len(self.messages)
-        turns = 0
-        while turns < prompts.turns_to_drop(prompt.ids, self.engine.inst_id, target) and self.drop_oldest_turn():
+        wanted, turns = prompts.turns_to_drop(prompt.ids, self.engine.inst_id, target), 0
+        while turns < wanted and self.drop_oldest_turn():
             turns += 1
         if count - len(self.messages) != 2 * turns:  # not user/assistant pairs: encode what is left
             return self.encode() if self.messages[-1]["role"] == "user" else self.closed_prompt()

@@ -87,6 +87,28 @@ def test_kv_reuse_matches_reencoding_everything(engine, speech, other_speech):
     assert second.tokens == again.tokens and len(second.tokens) > 3
 
 
+def test_a_reply_joins_the_conversation_as_the_tokens_the_slot_holds(engine, speech, other_speech):
+    """The random model's replies do not come back as the same tokens when their text is encoded
+    again; the next turn continues the generated tokens, so it prefills only their last token, the
+    end of sequence and itself."""
+    chat = engine.open_chat()
+    try:
+        first = chat.start(speech, sampling=Sampling(temperature=1.0, max_new_tokens=40))
+        run(first)
+        chat.settle()  # the reply joins the conversation
+        reply = chat.messages[-1]
+        text_ids = engine.processor.tokenizer.tokenizer.instruct_tokenizer.tokenizer.encode(
+            reply["content"], bos=False, eos=False)
+        assert reply["ids"] == prompt.own_ids(first.tokens, engine.structure) and reply["ids"] != text_ids
+        second = chat.start(other_speech, sampling=GREEDY)
+        run(second)
+        assert second.stats["cached_tokens"] == len(first.prompt_ids) + len(first.generation.fed)
+        assert chat.prompt_ids[:second.stats["cached_tokens"]] == first.prompt_ids + first.generation.fed
+        assert chat.prompt_ids == prompt.chat_prompt(engine.processor, chat.messages).ids
+    finally:
+        chat.close()
+
+
 def test_concurrent_chats_match_running_alone(engine, speech, other_speech):
     alone = []
     for clip in (speech, other_speech):

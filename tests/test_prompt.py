@@ -78,10 +78,36 @@ def test_extending_a_prompt_equals_encoding_the_whole_conversation(tiny_checkpoi
     for reply in ["Hello there.", "two\n\nlines", "1.\n2.\n- item", "ok 🙂 café", "x"]:
         user = prompt.user_message(other_speech, "And now?")
         whole = prompt.chat_prompt(processor, first + [prompt.assistant_message(reply), user])
-        extended = prompt.extend_prompt(processor, prompt.chat_prompt(processor, first), reply, user)
+        extended = prompt.extend_prompt(processor, prompt.chat_prompt(processor, first),
+                                        prompt.assistant_message(reply), user)
         assert extended.ids == whole.ids
         assert all(np.array_equal(a, b) for a, b in zip(extended.audio, whole.audio, strict=True))
         assert extended.keys == whole.keys and len(set(whole.keys)) == 2  # each clip hashed when its turn was encoded
+
+
+def test_a_reply_with_its_own_tokens_is_encoded_as_those_tokens(tiny_checkpoint, speech, other_speech):
+    """A reply of the local engine keeps the tokens the model generated: the prompt holds them where
+    mistral-common would encode the text, and everything around them is encoded as before."""
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    encode = processor.tokenizer.tokenizer.instruct_tokenizer.tokenizer.encode
+    users = [prompt.user_message(speech[:32000]), prompt.user_message(other_speech, "And now?"),
+             prompt.user_message(None, "typed")]
+    replies = ["Hello there.", "two\n\nlines"]
+    plain = [users[0], prompt.assistant_message(replies[0]), users[1], prompt.assistant_message(replies[1]), users[2]]
+    same = [users[0], prompt.assistant_message(replies[0], encode(replies[0], bos=False, eos=False)), users[1],
+            prompt.assistant_message(replies[1]), users[2]]
+    assert prompt.chat_prompt(processor, same).ids == prompt.chat_prompt(processor, plain).ids  # mistral-common's
+    own = [101, 2000, 3000]  # tokens that are not the text's
+    mixed = [users[0], prompt.assistant_message(replies[0], own), users[1], prompt.assistant_message(replies[1]),
+             users[2]]
+    whole = prompt.chat_prompt(processor, mixed)
+    head = prompt.chat_prompt(processor, users[:1]).ids
+    assert whole.ids[: len(head) + 4] == head + own + [processor.tokenizer.eos_token_id]
+    assert whole.ids[len(head) + 4:] == prompt.chat_prompt(processor, plain[2:]).ids[1:]
+    assert all(np.array_equal(a, b) for a, b in zip(whole.audio, prompt.chat_prompt(processor, plain).audio, strict=True))
+    extended = prompt.extend_prompt(processor, prompt.chat_prompt(processor, mixed[:3]), mixed[3], users[2])
+    assert extended.ids == whole.ids
+    assert prompt.own_ids([5, 3, 24, 2, 6], {2, 3, 24}) == [5, 6]  # no [INST], [AUDIO] or </s> from a reply
 
 
 def test_dropping_the_oldest_turns_equals_encoding_the_turns_that_stay(tiny_checkpoint, speech, other_speech):

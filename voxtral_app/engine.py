@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import metrics
+from . import prompt as prompts
 from .generate import Decoder, sample
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class Engine:
         self.eos_id = tokenizer.eos_token_id
         self.begin_audio_id = tokenizer.convert_tokens_to_ids("[BEGIN_AUDIO]")
         self.inst_id = tokenizer.convert_tokens_to_ids("[INST]")  # each user turn begins with it
+        self.structure = {tokenizer.convert_tokens_to_ids(token) for token in prompts.STRUCTURE}
         self.on_failure = on_failure  # called once, on the dying thread, if the decode thread dies
         self.free_slots = list(range(options.slots))
         self.pending: list[Generation] = []

@@ -48,33 +48,62 @@ def user_message(audio: np.ndarray | None = None, text: str = "") -> dict:
     return {"role": "user", "content": content}
 
 
-def assistant_message(text: str) -> dict:
-    return {"role": "assistant", "content": text}
+def assistant_message(text: str, ids: list[int] | None = None) -> dict:
+    """A reply in the transformers chat format. `ids`: the tokens the model generated for it (a reply
+    of the local engine); its prompt then holds those tokens, not the text encoded again, which
+    need not give the same tokens (and the slot's cache holds the generated ones)."""
+    message = {"role": "assistant", "content": text}
+    if ids is not None:
+        message["ids"] = ids
+    return message
 
 
 def chat_prompt(processor, messages: list[dict]) -> Prompt:
-    """Whole conversation (ending with a user turn) -> ids ready for the assistant's reply."""
-    encoded = processor.tokenizer.apply_chat_template(messages, return_dict=True)
-    return with_keys(list(encoded["input_ids"]), list(encoded.get("audio") or []))
+    """Whole conversation (ending with a user turn) -> ids ready for the assistant's reply.
+    Without replies of the model's own tokens, this is mistral-common's encoding (tests prove it);
+    the turns after the last such reply are encoded by it and follow that reply's tokens."""
+    own = [k for k, message in enumerate(messages) if "ids" in message]
+    if not own:
+        encoded = processor.tokenizer.apply_chat_template(messages, return_dict=True)
+        return with_keys(list(encoded["input_ids"]), list(encoded.get("audio") or []))
+    closed = with_reply(processor, chat_prompt(processor, messages[: own[-1]]), messages[own[-1]])
+    if own[-1] == len(messages) - 1:
+        return closed
+    return then(closed, chat_prompt(processor, messages[own[-1] + 1:]))
 
 
-def with_reply(processor, prompt: Prompt, reply: str) -> Prompt:
-    """A conversation's prompt followed by its reply and the end of sequence, as mistral-common
-    encodes an assistant turn (the engine stores replies stripped)."""
+def with_reply(processor, prompt: Prompt, reply: dict) -> Prompt:
+    """A conversation's prompt followed by its reply (an assistant message) and the end of sequence,
+    as mistral-common encodes an assistant turn (the engine stores replies stripped), or the reply's
+    own tokens when it has them."""
     tokenizer = processor.tokenizer
-    reply_ids = tokenizer.tokenizer.instruct_tokenizer.tokenizer.encode(reply, bos=False, eos=False)
+    reply_ids = reply["ids"] if "ids" in reply else (
+        tokenizer.tokenizer.instruct_tokenizer.tokenizer.encode(reply["content"], bos=False, eos=False))
     return Prompt(prompt.ids + reply_ids + [tokenizer.eos_token_id], prompt.audio, prompt.keys)
 
 
-def extend_prompt(processor, prompt: Prompt, reply: str, user: dict) -> Prompt:
+def extend_prompt(processor, prompt: Prompt, reply: dict, user: dict) -> Prompt:
     """The prompt of a conversation -> the prompt after its reply and one more user turn.
 
     mistral-common encodes a conversation turn by turn, so this equals `chat_prompt` of the whole
     (tests prove it) for replies without surrounding whitespace (the engine stores them stripped).
     """
-    closed = with_reply(processor, prompt, reply)
-    turn = chat_prompt(processor, [user])
-    return Prompt(closed.ids + turn.ids[1:], closed.audio + turn.audio, closed.keys + turn.keys)  # turn's <s> dropped
+    return then(with_reply(processor, prompt, reply), chat_prompt(processor, [user]))
+
+
+def then(closed: Prompt, turns: Prompt) -> Prompt:
+    """A conversation's prompt that ends with a reply, followed by the encoding of the turns after it
+    (their <s> dropped): mistral-common encodes turn by turn."""
+    return Prompt(closed.ids + turns.ids[1:], closed.audio + turns.audio, closed.keys + turns.keys)
+
+
+STRUCTURE = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[BEGIN_AUDIO]", "[AUDIO]", "[TRANSCRIBE]")
+
+
+def own_ids(tokens: list[int], structure: set[int]) -> list[int]:
+    """A generated reply's tokens as its turn keeps them: all but those that give a prompt its shape
+    (STRUCTURE's ids: a reply cannot open a turn or an audio block; the text leaves them out too)."""
+    return [token for token in tokens if token not in structure]
 
 
 def transcription_prompt(processor, audio: np.ndarray, language: str | None, model_id: str) -> Prompt:

@@ -5,6 +5,8 @@ only encodes and prefills what is new (the longest common prefix with the cache 
 `Reply` carries the prompt it was started from, so the booking after a reply is always that
 reply's own prompt plus the tokens it fed: interleaved or abandoned turns cannot pair one turn's
 prompt with another's reply. A turn is atomic: it joins `messages` with its reply, or not at all.
+A reply joins with the tokens the model generated (`prompt.assistant_message(text, ids)`), so the
+next turn's prompt continues exactly what the slot holds instead of the reply's text encoded again.
 """
 
 import logging
@@ -204,15 +206,14 @@ class Chat(Turns):
         head = self.messages[:-1]
         if self.encoded is None or self.encoded[0] != len(head):
             self.encoded = (len(head), prompts.chat_prompt(self.engine.processor, head))
-        return prompts.with_reply(self.engine.processor, self.encoded[1], self.messages[-1]["content"])
+        return prompts.with_reply(self.engine.processor, self.encoded[1], self.messages[-1])
 
     def encode(self) -> prompts.Prompt:
         """The conversation's prompt; when it only grew by a reply and a new user turn since the
         last one, extend that (a 20-turn conversation re-encoded costs ~30 ms of CPU per turn)."""
         n = len(self.messages)
         if self.encoded is not None and self.encoded[0] == n - 2 and self.messages[-2]["role"] == "assistant":
-            prompt = prompts.extend_prompt(self.engine.processor, self.encoded[1], self.messages[-2]["content"],
-                                           self.messages[-1])
+            prompt = prompts.extend_prompt(self.engine.processor, self.encoded[1], self.messages[-2], self.messages[-1])
         else:
             prompt = prompts.chat_prompt(self.engine.processor, self.messages)
         self.encoded = (n, prompt)
@@ -261,6 +262,7 @@ class Chat(Turns):
         if reply.record:
             text = reply.text.strip()
             if text and reply.generation.error is None:
-                self.messages.append(prompts.assistant_message(text))  # as mistral-common keeps it
+                ids = prompts.own_ids(reply.tokens, self.engine.structure)
+                self.messages.append(prompts.assistant_message(text, ids))  # the text stripped, as mistral-common keeps it
             else:
                 self.drop_last_turn()  # atomic: a turn with no reply is not part of the conversation

@@ -1,6 +1,7 @@
 """The engine against plain transformers generate, on the tiny random Voxtral (CPU)."""
 
 import base64
+import time
 
 import numpy as np
 import pytest
@@ -278,7 +279,7 @@ def test_long_prompts_are_prefilled_in_pieces_between_decode_steps(tiny_checkpoi
     """A prompt prefilled 32 tokens at a time (audio split across pieces) gives the same tokens as in
     one go, and the replies in flight keep getting a decode step between its pieces."""
     chunked = load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=2, max_tokens=2048,
-                                        prefill_chunk=32, warmup=False))
+                                        prefill_chunk=32, decode_gap_s=0.0, warmup=False))
     replies = []
     for eng in (chunked, engine):
         chat = eng.open_chat()
@@ -301,3 +302,43 @@ def test_long_prompts_are_prefilled_in_pieces_between_decode_steps(tiny_checkpoi
     talking.close()
     listening.close()
     chunked.close()
+
+
+def test_turns_that_end_together_are_prefilled_before_the_next_decode_step(tiny_checkpoint, speech, other_speech):
+    """Two turns end while a reply streams: the second one's prefill does not wait for a decode step
+    of the replies in flight (they step again at most `decode_gap_s` later)."""
+    engine = load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=3, max_tokens=2048,
+                                       decode_gap_s=30.0, warmup=False))
+    talking, first, second = (engine.open_chat() for _ in range(3))
+    calls = []
+    prefill, step = engine.decoder.prefill, engine.decoder.step
+
+    def prefilled(slot, *args, **kwargs):
+        calls.append(("prefill", slot))
+        if slot == first.slot:
+            time.sleep(0.5)  # the second turn ends meanwhile
+        return prefill(slot, *args, **kwargs)
+
+    def stepped(rows, *args, **kwargs):
+        calls.append(("step", tuple(rows)))
+        return step(rows, *args, **kwargs)
+
+    try:
+        reply = talking.start(text="Tell me a long story.", sampling=Sampling(temperature=0.0, max_new_tokens=300))
+        assert reply.next_piece(timeout=30) is not None and not reply.done  # it is decoding
+        engine.decoder.prefill, engine.decoder.step = prefilled, stepped
+        replies = [first.start(speech, sampling=GREEDY)]
+        time.sleep(0.1)
+        replies.append(second.start(other_speech, sampling=GREEDY))
+        for r in replies:
+            assert r.next_piece(timeout=60) is not None
+        time.sleep(0.2)
+        engine.decoder.prefill, engine.decoder.step = prefill, step
+        assert not reply.done
+        between = calls[calls.index(("prefill", first.slot)): calls.index(("prefill", second.slot))]
+        assert between and not [c for c in between if c[0] == "step"], calls
+        assert ("step", (talking.slot, first.slot, second.slot)) in calls  # all three go on together
+    finally:
+        for chat in (talking, first, second):
+            chat.close()
+        engine.close()

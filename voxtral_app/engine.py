@@ -41,6 +41,8 @@ class EngineOptions:
     stuck_after_s: float = 30.0  # the decode thread has work but has not stepped for this long: stuck
     prefill_chunk: int = 512  # prompt tokens prefilled between two decode steps: a long prompt (a 5 min
     # upload, a trimmed conversation's re-prefill) never holds up the replies in flight for long
+    decode_gap_s: float = 0.2  # while a finished turn waits for its prefill, replies in flight get a step
+    # only this often: 4 turns ending at once each waited for the others' decode steps too
     model_process: bool = False  # the model in a child process with its own GIL (model_process.py); app.py's default
 
 
@@ -96,7 +98,7 @@ class Engine:
     """The model, its slot cache and the decode thread that serves every conversation.
 
     Ownership: `pending`, `free_slots`, `failure` and `in_flight` are guarded by `self.wake` (a
-    Condition); `active`, `filling` and the decoder's cache belong to the decode thread alone.
+    Condition); `active`, `filling`, `stepped` and the decoder's cache belong to the decode thread alone.
     """
 
     def __init__(self, model, processor, options: EngineOptions, on_failure: Callable[[BaseException], None] | None = None,
@@ -121,6 +123,7 @@ class Engine:
         self.pending: list[Generation] = []
         self.active: list[Generation] = []
         self.filling: list[Generation] = []  # taken from `pending`, being prefilled (decode thread)
+        self.stepped = 0.0  # when the last decode step began (decode thread)
         self.in_flight = 0  # generations submitted and not yet finished
         self.failure: BaseException | None = None  # why the decode thread died
         self.wake = threading.Condition()
@@ -233,7 +236,9 @@ class Engine:
     def serve(self) -> None:
         """Each round: one piece (`prefill_chunk` tokens at most) of one prompt, then one decode step
         for every reply in flight. Prompts someone waits for are prefilled first; a speculative one
-        (a turn that may go on) joins at most one per round, so it never holds up a finished turn."""
+        (a turn that may go on) joins at most one per round, so it never holds up a finished turn.
+        While such a prompt waits, the replies in flight step only every `decode_gap_s`: a person
+        waiting for the first word comes before the next word of a reply already streaming."""
         while True:
             with self.wake:
                 while (not self.pending and not self.filling and not self.active and not self.closed
@@ -256,9 +261,16 @@ class Engine:
                 if generation.cancelled.is_set():
                     self.finish(generation)
             self.active = [g for g in self.active if not g.done.is_set()]
-            if self.active:
+            if self.active and (not self.turn_waits() or time.perf_counter() - self.stepped >= self.options.decode_gap_s):
                 self.decode(self.active)
                 self.active = [g for g in self.active if not g.done.is_set()]
+
+    def turn_waits(self) -> bool:
+        """A prompt someone waits for is next in line or was just submitted (decode thread)."""
+        if self.filling and self.filling[0].wanted.is_set():
+            return True
+        with self.wake:
+            return any(g.wanted.is_set() for g in self.pending)
 
     def prefill(self, generation: Generation) -> bool:
         """Prefill the next piece of a prompt; at its end, sample the first token. -> whether the
@@ -297,7 +309,7 @@ class Engine:
         return True
 
     def decode(self, batch: list[Generation]) -> None:
-        started = time.perf_counter()
+        started = self.stepped = time.perf_counter()
         try:
             tokens = self.decoder.step(
                 [g.slot for g in batch], [g.next_token for g in batch], [g.position for g in batch],

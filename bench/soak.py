@@ -2,9 +2,12 @@
 
     python bench/soak.py --clients 8 --minutes 10      # the README's table
     python bench/soak.py --clients 2 --minutes 1       # a quick look
+    python bench/soak.py --clients 4 --minutes 3 --stagger   # turns that do not all end at once
 
 The app runs in its own process (tiny random Voxtral unless --model); the clients are aiortc
-clients in this one, each speaking an espeak-ng sentence every --every-s seconds. Prints the server's
+clients in this one, each speaking an espeak-ng sentence every --every-s seconds, all at once (the
+same sentences, so every turn ends at the same moment for all: the worst case) or with --stagger,
+spread evenly over --every-s. Prints the server's
 RSS, threads and open file descriptors (its model process included) every 30 s, then one table: turns sent and answered, end of
 speech -> first reply text at the client (p50/p90/p99), and growth after warm-up. "Early": a reply came
 before the sentence ended: the server took a pause inside it for the end of the turn, or (when it
@@ -121,12 +124,14 @@ def users(history: list[dict]) -> int:
     return sum(m["role"] == "user" for m in history)
 
 
-async def talk(url: str, clips: list[np.ndarray], every_s: float, until: float, name: str, results: dict) -> None:
-    """One client: a turn every `every_s` until `until`. Records, per turn, end of speech -> the first
-    text of its reply (s), None if none came within `every_s` + 10 s, "cut" if a reply came before the
-    speech ended (a split sentence, or a late reply to the turn before), or "lost" (and stops) if the
-    connection went dead."""
+async def talk(url: str, clips: list[np.ndarray], every_s: float, until: float, name: str, results: dict,
+               delay_s: float = 0.0) -> None:
+    """One client: after `delay_s`, a turn every `every_s` until `until`. Records, per turn, end of speech
+    -> the first text of its reply (s), None if none came within `every_s` + 10 s, "cut" if a reply came
+    before the speech ended (a split sentence, or a late reply to the turn before), or "lost" (and
+    stops) if the connection went dead."""
     client = await Client.connect(url)
+    await asyncio.sleep(delay_s)
     silence = np.zeros(int(1.0 * SAMPLE_RATE), np.float32)
     seen = 0  # user turns in the last history this client saw
     try:
@@ -163,7 +168,8 @@ def percentile(values: list[float], q: float) -> str:
     return f"{np.percentile(values, q) * 1000:.0f}" if values else "-"
 
 
-async def soak(url: str, pid: int, clients: int, minutes: float, every_s: float) -> tuple[dict, list[dict]]:
+async def soak(url: str, pid: int, clients: int, minutes: float, every_s: float,
+               stagger: bool = False) -> tuple[dict, list[dict]]:
     clips = speech_clips()
     until = time.monotonic() + minutes * 60
     results: dict = {}
@@ -178,7 +184,9 @@ async def soak(url: str, pid: int, clients: int, minutes: float, every_s: float)
                   f"fds={samples[-1]['fds']} {window(samples[-2], samples[-1])}", flush=True)
 
     watcher = asyncio.create_task(monitor())
-    await asyncio.gather(*[talk(url, clips, every_s, until, f"client{i}", results) for i in range(clients)])
+    delays = [i * every_s / clients if stagger else 0.0 for i in range(clients)]
+    await asyncio.gather(*[talk(url, clips, every_s, until, f"client{i}", results, delay)
+                           for i, delay in enumerate(delays)])
     watcher.cancel()
     samples.append({"t": round(time.monotonic() - started), **usage(pid, url)})
     return results, samples
@@ -190,6 +198,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--every-s", type=float, default=6.0, help="each client speaks this often")
     parser.add_argument("--model", default="tiny-random")
+    parser.add_argument("--stagger", action="store_true",
+                        help="client i starts i * every-s / clients later (default: all at once, so every client's "
+                             "sentence ends at the same moment as the others', each turn: the worst case)")
     parser.add_argument("--nice", type=int, default=0, help="run the clients at this niceness (the app keeps 0)")
     parser.add_argument("--app-args", default="", help="more flags for app.py, in one string")
     args = parser.parse_args()
@@ -198,7 +209,7 @@ def main() -> None:
         if args.nice:
             os.nice(args.nice)  # the clients yield the CPU to the server (started first, it keeps its priority)
         # the clients' loop too: 8 aiortc peers in one process on asyncio's loop queue their packets the same way
-        results, samples = uvloop.run(soak(url, pid, args.clients, args.minutes, args.every_s))
+        results, samples = uvloop.run(soak(url, pid, args.clients, args.minutes, args.every_s, args.stagger))
     outcomes = [x for values in results.values() for x in values]
     latencies = [x for x in outcomes if isinstance(x, float)]
     cuts = sum(x == "cut" for x in outcomes)
@@ -206,7 +217,8 @@ def main() -> None:
     sent = len(outcomes)
     warm = samples[min(1, len(samples) - 1)]
     settled = samples[min(4, len(samples) - 1)]  # 2 min: every conversation has a history by then
-    print(f"\n{args.clients} clients, a turn every {args.every_s:g} s each, {args.minutes:g} min, {args.model}"
+    print(f"\n{args.clients} clients, a turn every {args.every_s:g} s each{' (staggered)' if args.stagger else ''}, "
+          f"{args.minutes:g} min, {args.model}"
           f"{f', {lost} connections lost' if lost else ''}\n")
     print("| turns sent | answered | early | first text p50 / p90 / p99 (ms) | RSS start -> 30 s -> 2 min -> end (MB) "
           "| threads 30 s -> end | fds 30 s -> end |")

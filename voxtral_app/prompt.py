@@ -1,7 +1,8 @@
 """Prompts: a conversation or a transcription request -> Voxtral token ids and audio features.
 
 Token ids come from the model's own tokenizer (mistral-common, through the transformers
-processor), so they are exactly mistral-common's reference encoding. Each audio clip becomes one
+processor), so they are exactly mistral-common's reference encoding, except that a reply the local
+engine generated keeps the tokens it was generated as (`assistant_message(text, ids)`). Each audio clip becomes one
 [BEGIN_AUDIO] block of 375 [AUDIO] tokens per started 30 s; its log-mel features come from the
 processor's feature extractor, one [mels, 3000] chunk per 30 s.
 """

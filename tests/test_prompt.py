@@ -108,6 +108,10 @@ def test_a_reply_with_its_own_tokens_is_encoded_as_those_tokens(tiny_checkpoint,
     extended = prompt.extend_prompt(processor, prompt.chat_prompt(processor, mixed[:3]), mixed[3], users[2])
     assert extended.ids == whole.ids
     assert prompt.own_ids([5, 3, 24, 2, 6], {2, 3, 24}) == [5, 6]  # no [INST], [AUDIO] or </s> from a reply
+    # a long conversation of short typed turns (over 1000 of them fit the cache) encodes in one pass
+    long = [m for i in range(1200) for m in (prompt.user_message(None, f"t{i}"), prompt.assistant_message("r", [81]))]
+    ids = prompt.chat_prompt(processor, long + [users[2]]).ids
+    assert ids.count(81) == 1200 and ids.count(processor.tokenizer.eos_token_id) == 1200
 
 
 def test_dropping_the_oldest_turns_equals_encoding_the_turns_that_stay(tiny_checkpoint, speech, other_speech):

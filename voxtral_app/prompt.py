@@ -61,16 +61,19 @@ def assistant_message(text: str, ids: list[int] | None = None) -> dict:
 
 def chat_prompt(processor, messages: list[dict]) -> Prompt:
     """Whole conversation (ending with a user turn) -> ids ready for the assistant's reply.
-    Without replies of the model's own tokens, this is mistral-common's encoding (tests prove it);
-    the turns after the last such reply are encoded by it and follow that reply's tokens."""
-    own = [k for k, message in enumerate(messages) if "ids" in message]
-    if not own:
-        encoded = processor.tokenizer.apply_chat_template(messages, return_dict=True)
-        return with_keys(list(encoded["input_ids"]), list(encoded.get("audio") or []))
-    closed = with_reply(processor, chat_prompt(processor, messages[: own[-1]]), messages[own[-1]])
-    if own[-1] == len(messages) - 1:
-        return closed
-    return then(closed, chat_prompt(processor, messages[own[-1] + 1:]))
+    Without replies of the model's own tokens, this is mistral-common's encoding (tests prove it).
+    Each such reply is placed as its tokens; mistral-common encodes the turns between them (it
+    encodes turn by turn, so the pieces joined equal the whole)."""
+    prompt, start = None, 0
+    for k in [k for k, message in enumerate(messages) if "ids" in message] + [len(messages)]:
+        if k > start:
+            encoded = processor.tokenizer.apply_chat_template(messages[start:k], return_dict=True)
+            turns = with_keys(list(encoded["input_ids"]), list(encoded.get("audio") or []))
+            prompt = turns if prompt is None else then(prompt, turns)
+        if k < len(messages):
+            prompt = with_reply(processor, prompt, messages[k])
+        start = k + 1
+    return prompt
 
 
 def with_reply(processor, prompt: Prompt, reply: dict) -> Prompt:

@@ -3,6 +3,9 @@
     python bench/turn_sets.py --turns 2                # the short run in the README (~10 min on 2 cores)
     python bench/turn_sets.py --turns 10               # the full run
     python bench/turn_sets.py --sets clean thinking --configs ours-smart-turn
+    python bench/turn_sets.py --sets clean thinking-um --configs ours-smart-turn@0.128 ours-smart-turn@0.192 \
+        --pause-s 0.128 0.192                           # ours at two pauses
+    python bench/turn_sets.py --offline 0 10 20 --sets babble white10   # ours' turn-taking alone, no server
 
 Same app, client and timing as bench/turn_latency.py (its speak()/drive() are reused): an aiortc
 client in its own process says each utterance in real time, then its tail (silence, or the same
@@ -61,6 +64,7 @@ from voxtral_app.conversation import ConversationOptions  # noqa: E402
 from voxtral_app.denoise import CleanOptions  # noqa: E402
 from voxtral_app.endpoint import EndOfTurnOptions  # noqa: E402
 from voxtral_app.server import create_app  # noqa: E402
+from voxtral_app.turn import TurnOptions, TurnTaker  # noqa: E402
 from servers import BackgroundServer  # noqa: E402  (tests/servers.py, on the path via turn_latency)
 
 SETS = ("clean", "thinking", "thinking-um", "thinking-real", "white20", "white10", "babble", "quiet", "phone")
@@ -166,20 +170,61 @@ def make_set(name: str, turns: int) -> list[tl.Utterance]:
     return out
 
 
-def configurations(engine, reply_tokens: int) -> dict:
+def configurations(engine, reply_tokens: int, pauses_s: list[float]) -> dict:
     options = ConversationOptions(max_audio_s=engine.options.max_audio_s, reply_tokens=reply_tokens)
     tuned = (AlgoOptions(audio_chunk_duration=0.2, started_talking_threshold=0.1, speech_threshold=0.05),
              None, SileroVadOptions(min_silence_duration_ms=100))
-    pause_only = replace(options, turns=replace(options.turns, end_of_turn=EndOfTurnOptions(enabled=False)))
-    cleaned = replace(options, turns=replace(options.turns, cleaning=CleanOptions(noise_reduction=True,
-                                                                                  auto_gain=True)))
-    return {
+    configs = {
         "fastrtc-default": lambda: create_app(engine, options, handler=tl.DefaultTurns(engine, options)),
         "fastrtc-tuned": lambda: create_app(engine, options, handler=tl.DefaultTurns(engine, options, *tuned)),
-        "ours-pause-only": lambda: create_app(engine, pause_only),
-        "ours-smart-turn": lambda: create_app(engine, options),
-        "ours-smart-turn-clean": lambda: create_app(engine, cleaned),
     }
+    for name, turns in ours_turns(pauses_s).items():
+        configs[name] = lambda turns=turns: create_app(engine, replace(options, turns=turns))
+    return configs
+
+
+def ours_turns(pauses_s: list[float]) -> dict[str, TurnOptions]:
+    """Ours' three configurations at each pause (named name@pause when it is not just the default's)."""
+    out = {}
+    for pause_s in pauses_s:  # the reply prepared as long before the pause as by default
+        t = TurnOptions()
+        turns = replace(t, pause_s=pause_s, speculate_s=max(0.032, pause_s - (t.pause_s - t.speculate_s)))
+        suffix = "" if pauses_s == [t.pause_s] else f"@{pause_s:g}"
+        out.update({"ours-pause-only" + suffix: replace(turns, end_of_turn=EndOfTurnOptions(enabled=False)),
+                    "ours-smart-turn" + suffix: turns,
+                    "ours-smart-turn-clean" + suffix: replace(turns, cleaning=CleanOptions(noise_reduction=True,
+                                                                                         auto_gain=True))})
+    return out
+
+
+def offline(turns: TurnOptions, utterances: list[tl.Utterance], offset_ms: float) -> list[dict]:
+    """Each utterance fed straight into a TurnTaker in 20 ms frames (no server, no codec, no clock):
+    its turn events, so that a turn-taking question can be answered in a minute and without timing
+    noise. `offset_ms` of silence first shifts the VAD's 32 ms window grid against the speech."""
+    frame = SAMPLE_RATE // 50
+    turns = replace(turns, end_of_turn=replace(turns.end_of_turn, wait_s=30.0))  # fed faster than real time:
+    out = []  # wait for each decision as a live stream would have had it
+    for u in utterances:
+        taker = TurnTaker(turns)
+        tail = u.tail if u.tail is not None else np.zeros(int(tl.TAIL_S * SAMPLE_RATE), np.float32)
+        lead = np.zeros(SAMPLE_RATE // 2 + int(offset_ms * SAMPLE_RATE / 1000), np.float32)
+        audio = np.concatenate([lead, u.audio, tail, np.zeros(SAMPLE_RATE, np.float32)])
+        kinds = [e.kind for i in range(0, len(audio), frame) for e in taker.feed(audio[i:i + frame])
+                 if e.kind in ("speech", "end", "resume")]
+        ends = [k == "end" for k in kinds]
+        out.append({"set": u.set, "heard": "speech" in kinds, "flicker": "end" in kinds and "resume" in kinds,
+                    "cut": kinds.count("speech") > 1, "never": "speech" in kinds and not any(ends)})
+    return out
+
+
+def offline_table(config: str, offset_ms: float, events: list[dict], sets: list[str]) -> str:
+    lines = []
+    for name in sets:
+        rows = [e for e in events if e["set"] == name]
+        lines.append(f"| {name} | {config} | {offset_ms:g} | {len(rows)} | {sum(not e['heard'] for e in rows)} | "
+                     f"{sum(e['flicker'] for e in rows)} | {sum(e['cut'] for e in rows)} | "
+                     f"{sum(e['never'] for e in rows)} |")
+    return "\n".join(lines)
 
 
 def during(times, outcome: tl.Outcome) -> list:
@@ -221,8 +266,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=10, help="utterances per set (x3 for the thinking sets: one per pause)")
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
-    parser.add_argument("--configs", nargs="+", default=None, help="configurations (default: all five)")
+    parser.add_argument("--configs", nargs="+", default=None, help="configurations (default: fastrtc's two, and ours' three at each --pause-s)")
     parser.add_argument("--reply-tokens", type=int, default=tl.REPLY_TOKENS, help="longest reply, tokens")
+    parser.add_argument("--pause-s", type=float, nargs="+", default=[TurnOptions.pause_s],
+                        help="ours' pause that ends a turn, seconds (several: each of ours at each, named name@pause)")
+    parser.add_argument("--offline", type=float, nargs="*", metavar="OFFSET_MS", default=None,
+                        help="ours' turn-taking only, each utterance fed straight into a TurnTaker (no server), "
+                        "with the VAD's window grid shifted by each OFFSET_MS (default 0)")
     parser.add_argument("-v", "--verbose", action="store_true", help="one line per utterance")
     parser.add_argument("--in-process", action="store_true",
                         help="the model in the server's process (the library's default), not in app.py's model process")
@@ -233,6 +283,18 @@ def main(argv=None) -> None:
     transformers.utils.logging.disable_progress_bar()
 
     started = time.perf_counter()
+    if args.offline is not None:
+        utterances = [u for name in args.sets for u in make_set(name, args.turns)]
+        turns = {name: turns for name, turns in ours_turns(args.pause_s).items()
+                 if args.configs is None or name in args.configs}
+        print("| set | configuration | grid offset (ms) | turns | missed | flicker | false cuts | never ended |\n"
+              + "|---" * 8 + "|")
+        for offset_ms in args.offline or [0.0]:
+            for name, options in turns.items():
+                print(offline_table(name, offset_ms, offline(options, utterances, offset_ms), args.sets), flush=True)
+        print(f"\n{len(utterances)} utterances per configuration and offset · wall time "
+              f"{time.perf_counter() - started:.0f} s")
+        return
     print(f"**{tl.machine()}** · tiny random Voxtral on CPU · {args.reply_tokens}-token replies · "
           f"client in its own process\n", flush=True)
     utterances = [u for name in args.sets for u in make_set(name, args.turns)]
@@ -243,7 +305,10 @@ def main(argv=None) -> None:
         engine = tl.app_engine(workdir, in_process=args.in_process)
         print(tl.setup_line(args.in_process), flush=True)
         try:
-            configs = configurations(engine, args.reply_tokens)
+            configs = configurations(engine, args.reply_tokens, args.pause_s)
+            unknown = set(args.configs or []) - set(configs)
+            if unknown:
+                raise SystemExit(f"unknown configuration(s) {', '.join(sorted(unknown))}; choose from {', '.join(configs)}")
             for config in args.configs or list(configs):
                 with contextlib.redirect_stdout(io.StringIO()):  # gradio prints "new /" when mounted
                     app = configs[config]()

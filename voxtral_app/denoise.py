@@ -3,7 +3,8 @@
 `Cleaner` is one connection's streaming processor: feed float32 16 kHz samples in any sizes, get the
 cleaned samples back in whole 10 ms frames (the leftover < 10 ms waits for the next call; WebRTC's
 20 ms frames pass through without delay). Turn-taking runs it first, so the VAD, the end-of-turn
-model and the turn's audio that reaches Voxtral all hear the same cleaned signal.
+model and the turn's audio that reaches Voxtral all hear the same cleaned signal (its level tests, which
+compare a window with the room's level, read the audio before cleaning).
 """
 
 import logging

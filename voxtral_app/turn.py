@@ -2,7 +2,9 @@
 
 fastrtc's default ReplyOnPause re-runs the VAD on whole 0.6 s chunks and waits for a silent one,
 so a reply starts 0.6-1.2 s after the person stops. Here a streaming VAD (vad.py: Silero, WebRTC or
-energy) runs over 32 ms windows, after optional noise suppression and gain (denoise.py):
+energy) runs over 32 ms windows, after optional noise suppression and gain (denoise.py; the level tests
+below, new energy and the room's level, read the audio before it: suppression deepens the gaps between
+other voices more than the voices, and babble then stood out from the room as the speaker would):
 - after `end_of_turn.start_s` of silence (one window): Smart Turn (endpoint.py) starts deciding
   whether the person has finished;
 - after `speculate_s`: "pause", the reply is prepared unseen;
@@ -106,6 +108,7 @@ class TurnTaker:
         self.model = end_of_turn_model(options.end_of_turn)
         self.windows: list[np.ndarray] = []  # the turn being spoken (or just ended), 32 ms windows
         self.pending = np.zeros(0, dtype=np.float32)
+        self.pending_raw = np.zeros(0, dtype=np.float32)  # the same audio before cleaning (when cleaning is on)
         self.state = "idle"  # idle -> speaking -> ended -> idle | speaking (resume)
         self.speech_run = 0  # consecutive speech windows while idle/ended
         self.silence = 0  # consecutive silent windows while speaking
@@ -122,17 +125,21 @@ class TurnTaker:
 
     def feed(self, audio: np.ndarray) -> list[TurnEvent]:
         """Float32 16 kHz samples -> the turn events they complete, in order."""
+        raw = audio
         if self.cleaner is not None:
             audio = self.cleaner.process(audio)
         self.pending = np.concatenate([self.pending, audio])
         count = len(self.pending) // WINDOW
         windows = [self.pending[i * WINDOW:(i + 1) * WINDOW] for i in range(count)]
         self.pending = self.pending[count * WINDOW:]
+        if self.cleaner is not None:  # the raw audio, a little ahead of the cleaned (< 10 ms), for the level tests
+            self.pending_raw = np.concatenate([self.pending_raw, raw])
+            raw, self.pending_raw = self.pending_raw[:count * WINDOW], self.pending_raw[count * WINDOW:]
         if not windows:
             return []
         joined = np.concatenate(windows)
-        probs, energy, above = (self.vad.probabilities(joined), self.energy.probabilities(joined),
-                                self.room.probabilities(joined))
+        raw = joined if self.cleaner is None else raw
+        probs, energy, above = self.vad.probabilities(joined), self.energy.probabilities(raw), self.room.probabilities(raw)
         now = time.perf_counter()  # when the last window's audio arrived; a window before it, WINDOW_S earlier
         events = []
         for k, (window, prob, rise, loud) in enumerate(zip(windows, probs, energy, above)):

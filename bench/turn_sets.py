@@ -170,14 +170,17 @@ def make_set(name: str, turns: int) -> list[tl.Utterance]:
     return out
 
 
+FASTRTC = {  # fastrtc's ReplyOnPause: tl.DefaultTurns(engine, options, *these)
+    "fastrtc-default": (),
+    "fastrtc-tuned": (AlgoOptions(audio_chunk_duration=0.2, started_talking_threshold=0.1, speech_threshold=0.05),
+                      None, SileroVadOptions(min_silence_duration_ms=100)),
+}
+
+
 def configurations(engine, reply_tokens: int, pauses_s: list[float]) -> dict:
     options = ConversationOptions(max_audio_s=engine.options.max_audio_s, reply_tokens=reply_tokens)
-    tuned = (AlgoOptions(audio_chunk_duration=0.2, started_talking_threshold=0.1, speech_threshold=0.05),
-             None, SileroVadOptions(min_silence_duration_ms=100))
-    configs = {
-        "fastrtc-default": lambda: create_app(engine, options, handler=tl.DefaultTurns(engine, options)),
-        "fastrtc-tuned": lambda: create_app(engine, options, handler=tl.DefaultTurns(engine, options, *tuned)),
-    }
+    configs = {name: lambda extra=extra: create_app(engine, options, handler=tl.DefaultTurns(engine, options, *extra))
+               for name, extra in FASTRTC.items()}
     for name, turns in ours_turns(pauses_s).items():
         configs[name] = lambda turns=turns: create_app(engine, replace(options, turns=turns))
     return configs
@@ -185,9 +188,8 @@ def configurations(engine, reply_tokens: int, pauses_s: list[float]) -> dict:
 
 def ours_turns(pauses_s: list[float]) -> dict[str, TurnOptions]:
     """Ours' three configurations at each pause (named name@pause when it is not just the default's)."""
-    out = {}
+    out, t = {}, TurnOptions()
     for pause_s in pauses_s:  # the reply prepared as long before the pause as by default
-        t = TurnOptions()
         turns = replace(t, pause_s=pause_s, speculate_s=max(0.032, pause_s - (t.pause_s - t.speculate_s)))
         suffix = "" if pauses_s == [t.pause_s] else f"@{pause_s:g}"
         out.update({"ours-pause-only" + suffix: replace(turns, end_of_turn=EndOfTurnOptions(enabled=False)),
@@ -211,9 +213,8 @@ def offline(turns: TurnOptions, utterances: list[tl.Utterance], offset_ms: float
         audio = np.concatenate([lead, u.audio, tail, np.zeros(SAMPLE_RATE, np.float32)])
         kinds = [e.kind for i in range(0, len(audio), frame) for e in taker.feed(audio[i:i + frame])
                  if e.kind in ("speech", "end", "resume")]
-        ends = [k == "end" for k in kinds]
-        out.append({"set": u.set, "heard": "speech" in kinds, "flicker": "end" in kinds and "resume" in kinds,
-                    "cut": kinds.count("speech") > 1, "never": "speech" in kinds and not any(ends)})
+        out.append({"set": u.set, "heard": "speech" in kinds, "flicker": "resume" in kinds,  # only an end resumes
+                    "cut": kinds.count("speech") > 1, "never": "speech" in kinds and "end" not in kinds})
     return out
 
 
@@ -282,9 +283,13 @@ def main(argv=None) -> None:
     logging.getLogger("voxtral_app.tts").setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()
 
+    unknown = set(args.configs or []) - {*FASTRTC, *ours_turns(args.pause_s)}
+    if unknown:
+        parser.error(f"unknown configuration(s) {', '.join(sorted(unknown))}; choose from "
+                     f"{', '.join([*FASTRTC, *ours_turns(args.pause_s)])}")
     started = time.perf_counter()
+    utterances = [u for name in args.sets for u in make_set(name, args.turns)]
     if args.offline is not None:
-        utterances = [u for name in args.sets for u in make_set(name, args.turns)]
         turns = {name: turns for name, turns in ours_turns(args.pause_s).items()
                  if args.configs is None or name in args.configs}
         print("| set | configuration | grid offset (ms) | turns | missed | flicker | false cuts | never ended |\n"
@@ -297,7 +302,6 @@ def main(argv=None) -> None:
         return
     print(f"**{tl.machine()}** · tiny random Voxtral on CPU · {args.reply_tokens}-token replies · "
           f"client in its own process\n", flush=True)
-    utterances = [u for name in args.sets for u in make_set(name, args.turns)]
     rows = []
     tl.count_turn_events()
     with tempfile.TemporaryDirectory() as workdir, \
@@ -306,9 +310,6 @@ def main(argv=None) -> None:
         print(tl.setup_line(args.in_process), flush=True)
         try:
             configs = configurations(engine, args.reply_tokens, args.pause_s)
-            unknown = set(args.configs or []) - set(configs)
-            if unknown:
-                raise SystemExit(f"unknown configuration(s) {', '.join(sorted(unknown))}; choose from {', '.join(configs)}")
             for config in args.configs or list(configs):
                 with contextlib.redirect_stdout(io.StringIO()):  # gradio prints "new /" when mounted
                     app = configs[config]()

@@ -125,20 +125,18 @@ class TurnTaker:
 
     def feed(self, audio: np.ndarray) -> list[TurnEvent]:
         """Float32 16 kHz samples -> the turn events they complete, in order."""
-        raw = audio
-        if self.cleaner is not None:
+        if self.cleaner is not None:  # the level tests read the audio before cleaning (a little ahead: < 10 ms)
+            self.pending_raw = np.concatenate([self.pending_raw, audio])
             audio = self.cleaner.process(audio)
         self.pending = np.concatenate([self.pending, audio])
         count = len(self.pending) // WINDOW
         windows = [self.pending[i * WINDOW:(i + 1) * WINDOW] for i in range(count)]
         self.pending = self.pending[count * WINDOW:]
-        if self.cleaner is not None:  # the raw audio, a little ahead of the cleaned (< 10 ms), for the level tests
-            self.pending_raw = np.concatenate([self.pending_raw, raw])
-            raw, self.pending_raw = self.pending_raw[:count * WINDOW], self.pending_raw[count * WINDOW:]
         if not windows:
             return []
-        joined = np.concatenate(windows)
-        raw = joined if self.cleaner is None else raw
+        joined = raw = np.concatenate(windows)
+        if self.cleaner is not None:
+            raw, self.pending_raw = self.pending_raw[:count * WINDOW], self.pending_raw[count * WINDOW:]
         probs, energy, above = self.vad.probabilities(joined), self.energy.probabilities(raw), self.room.probabilities(raw)
         now = time.perf_counter()  # when the last window's audio arrived; a window before it, WINDOW_S earlier
         events = []

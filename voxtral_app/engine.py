@@ -7,7 +7,8 @@ batched decode steps for all replies in flight. A long prompt is prefilled a pie
 event. A watchdog view (`failure`, `stuck`) lets /health and the app notice a dead or hung thread.
 Loading and warm-up live in loading.py; a conversation's KV-slot bookkeeping in session.py. The
 model itself (generate.Decoder) runs in this process, or in a child process of its own
-(`model_process`, model_process.py), called only from the decode thread either way.
+(`model_process`, model_process.py), called only from the decode thread either way. Telemetry
+listens from outside (`listen()`): the engine imports no metrics library, so the GPU bench needs none.
 """
 
 import logging
@@ -20,7 +21,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import metrics
 from . import prompt as prompts
 from .generate import Decoder, sample
 
@@ -130,9 +130,22 @@ class Engine:
         self.beat = time.monotonic()  # the decode thread's last sign of life (a float: written by it alone)
         self.ready = threading.Event()  # set once warm-up (and compilation) succeeded
         self.closed = False  # set by close(): the decode thread ends
+        self.listeners: tuple[Callable[[str, float], None], ...] = ()  # told (phase, seconds) of each prefill
+        # piece and decode step, on the decode thread; replaced whole by listen(), never mutated
         self.thread = threading.Thread(target=self.run, name="voxtral-decode", daemon=True)
         self.thread.start()
         decoder.watch(self.fail)  # a model process that exits is the engine's failure
+
+    def listen(self, listener: Callable[[str, float], None]) -> None:
+        """Call `listener(phase, seconds)` after each prefill piece ("prefill") and decode step ("decode"),
+        on the decode thread: it must be quick and must not raise. Listening twice is listening once."""
+        with self.wake:
+            if listener not in self.listeners:
+                self.listeners = self.listeners + (listener,)
+
+    def timed(self, phase: str, seconds: float) -> None:
+        for listener in self.listeners:
+            listener(phase, seconds)
 
     # -- conversations --------------------------------------------------------------------------
 
@@ -289,7 +302,7 @@ class Engine:
             logits = self.decoder.prefill(generation.slot, piece, generation.start + generation.filled, None, audio)
             generation.filled += len(piece)
             if not last:
-                metrics.INFERENCE.labels("prefill").observe(time.perf_counter() - started)
+                self.timed("prefill", time.perf_counter() - started)
                 return False
             s = generation.sampling
             token = int(logits.argmax()) if s.temperature <= 0 else int(sample(
@@ -303,7 +316,7 @@ class Engine:
         generation.audio = None
         generation.position = generation.start + len(generation.ids)
         generation.first_token = time.perf_counter()
-        metrics.INFERENCE.labels("prefill").observe(generation.first_token - started)  # int() synced the device
+        self.timed("prefill", generation.first_token - started)  # int() synced the device
         if self.emit(generation, token):
             self.active.append(generation)
         return True
@@ -320,7 +333,7 @@ class Engine:
                 generation.error = error
                 self.finish(generation)
             return
-        metrics.INFERENCE.labels("decode").observe(time.perf_counter() - started)  # tolist() synced the device
+        self.timed("decode", time.perf_counter() - started)  # tolist() synced the device
         for generation, token in zip(batch, tokens):
             generation.fed.append(generation.next_token)
             generation.position += 1

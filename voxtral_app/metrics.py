@@ -1,7 +1,8 @@
 """What the server measures, for Prometheus (`GET /metrics`) and `/health`.
 
 The turn, token and timing metrics are process-wide prometheus-client objects that the code
-observes where things happen (conversation.py, engine.py, handler.py, api.py); each app's
+observes where things happen (conversation.py, handler.py, api.py; the engine's steps through its
+listener, `inference_timed`); each app's
 registry (`registry(engine)`) serves them together with gauges read from its engine at scrape
 time (slots in use, readiness, GPU memory, open conversations by transport). Nothing is
 registered in prometheus-client's global registry, so several apps in one process (tests) never
@@ -117,10 +118,16 @@ def registry(engine) -> CollectorRegistry:
     return registry
 
 
+def inference_timed(phase: str, seconds: float) -> None:
+    """An engine listener (Engine.listen): one prefill piece or decode step took `seconds`."""
+    INFERENCE.labels(phase).observe(seconds)
+
+
 def add_metrics_route(app, engine) -> None:
     """`GET /metrics`: Prometheus text format (a sync route: FastAPI runs it off the event loop)."""
     from fastapi.responses import Response
 
+    engine.listen(inference_timed)
     served = registry(engine)
 
     @app.get("/metrics", include_in_schema=False)

@@ -365,6 +365,9 @@ class OpenAIBackend:
 
     # -- conversations --------------------------------------------------------------------------
 
+    def listen(self, listener) -> None:
+        """The engine's step timings (Engine.listen): no model steps run here, so nothing is ever told."""
+
     def open_chat(self) -> RemoteChat:
         with self.lock:
             if not self.thread.is_alive():

@@ -8,11 +8,9 @@ cd "$(dirname "$0")/../.."
 VENV=${KIT_VENV:-$HOME/.cache/voxtral_app/kit-venv-py312}
 PY312=${PY312:-$(pyenv root 2>/dev/null)/versions/3.12.1/bin/python3.12}
 stamp() { echo "[$(date -u +%T)] $*"; }
-# The GPU machine's packages that matter here (KINDS.md, its pip list). Not matched: python 3.12.3
-# there, the pyenv 3.12 here; the image's other packages (not installed here: the bench needs none).
-DEVICE_PACKAGES="torch==2.11.0 transformers==5.17.0 accelerate==1.15.0 huggingface-hub==1.33.0 numpy==2.5.2
-    onnxruntime==1.30.0 tiktoken==0.14.0 tokenizers==0.23.2 safetensors==0.8.0 pillow requests attrs
-    typing-extensions jinja2 typer pyyaml regex tqdm packaging"
+# The GPU machine's packages that matter here, listed once in device-packages.txt (also read by
+# tests/test_gpu_kit.py). Not matched: python 3.12.3 there, the pyenv 3.12 here.
+DEVICE_PACKAGES=$(grep -v '^#' bench/gpu/device-packages.txt)
 if [ ! -x "$VENV/bin/python" ]; then
     stamp "creating $VENV with $("$PY312" -V)"
     "$PY312" -m venv "$VENV"

@@ -141,15 +141,11 @@ def main(argv=None) -> None:
 
     import uvicorn
 
-    from voxtral_app.conversation import ConversationOptions
     from voxtral_app.engine import EngineOptions
     from voxtral_app.loading import ModelLoadError, load_engine
     from voxtral_app.guard import GuardOptions
     from voxtral_app.server import ServerOptions, create_app
     from voxtral_app.tts import VoiceOptions, load_speaker_or_none
-
-    def given(**values) -> dict:  # None: the option's own default
-        return {name: value for name, value in values.items() if value is not None}
 
     light_torch(args.backend == "openai" or args.model_process)
     if args.backend == "openai":
@@ -162,10 +158,7 @@ def main(argv=None) -> None:
                                  on_failure=stop_serving)
         except ModelLoadError as error:
             sys.exit(f"error: {error}")
-    turns = turn_options(args, given(pause_s=None if args.pause_ms is None else args.pause_ms / 1000),
-                         end_of_turn=smart_turn_on(args.end_of_turn, engine.model_device))
-    chat_options = ConversationOptions(turns=turns, max_audio_s=engine.options.max_audio_s,
-                                       **given(temperature=args.temperature, reply_tokens=args.reply_tokens))
+    chat_options = conversation_options(args, engine)
     guard = GuardOptions(auth_token=args.auth_token or None, opens_per_minute=max(0, args.opens_per_minute))
     server_options = ServerOptions(guard=guard, session_time_limit_s=args.session_time_limit or None,
                                    twilio_auth_token=args.twilio_auth_token, rtc_configuration=args.rtc_configuration,
@@ -182,6 +175,22 @@ def main(argv=None) -> None:
         engine.close()
     if engine.failure is not None:
         sys.exit(f"error: the decode thread died ({engine.failure}); exiting so a supervisor restarts the app")
+
+
+def given(**values) -> dict:
+    """The options a flag or variable set (None: the option's own default)."""
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def conversation_options(args: argparse.Namespace, engine):
+    """What each conversation starts with: turn-taking (Smart Turn by where the model runs), the engine's
+    audio cap and the chat settings given. The tests' servers are built with it too."""
+    from voxtral_app.conversation import ConversationOptions
+
+    turns = turn_options(args, given(pause_s=None if args.pause_ms is None else args.pause_ms / 1000),
+                         end_of_turn=smart_turn_on(args.end_of_turn, engine.model_device))
+    return ConversationOptions(turns=turns, max_audio_s=engine.options.max_audio_s,
+                               **given(temperature=args.temperature, reply_tokens=args.reply_tokens))
 
 
 def smart_turn_on(choice: bool | None, model_device) -> bool:

@@ -4,7 +4,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no DNS lookups fro
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 
 import glob
-import importlib.util
+import re
 
 import numpy as np
 import pytest
@@ -12,27 +12,37 @@ import pytest
 from voxtral_app import checkpoint
 from voxtral_app.audio import SAMPLE_RATE, prepare, read_wav
 from voxtral_app.engine import EngineOptions
+from voxtral_app import loading
 from voxtral_app.loading import load_engine
 from servers import BackgroundServer
 
 
-def package_file(package: str, *parts: str) -> str:
-    return os.path.join(os.path.dirname(importlib.util.find_spec(package).origin), *parts)
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # committed audio (data/README.md)
+SPEECH_WAV = os.path.join(DATA, "fastrtc-test_file.wav")  # ~ a spoken sentence
+GRADIO_WAVS = sorted(glob.glob(os.path.join(DATA, "gradio-*.wav")))
 
 
-SPEECH_WAV = package_file("fastrtc", "speech_to_text", "test_file.wav")  # ~ a spoken sentence
-GRADIO_WAVS = sorted(glob.glob(package_file("gradio", "media_assets", "audio", "*.wav")))
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """`--model tiny-random` (app.py in a subprocess too) builds its checkpoint in this run's tmp dir, not ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(loading.CACHE_DIR_ENV, str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> str:
-    """A tiny random Voxtral and a real Tekken tokenizer, saved as a checkpoint directory."""
-    return checkpoint.build_tiny(str(tmp_path_factory.mktemp("tiny-voxtral")))
+def tiny_checkpoint(model_cache) -> str:
+    """A tiny random Voxtral and a real Tekken tokenizer, saved as a checkpoint directory: `--model tiny-random`'s."""
+    return loading.checkpoint_path(checkpoint.TINY)
+
+
+TRANSCRIPT_TOKENS = 128  # the random model never ends a transcript: the app's 1024 tokens of it took seconds each
 
 
 def serving(checkpoint_dir: str, slots: int, max_tokens: int):
     """The tiny checkpoint loaded through the same code users hit (CPU, eager), closed afterwards."""
-    engine = load_engine(EngineOptions(model=checkpoint_dir, device="cpu", slots=slots, max_tokens=max_tokens))
+    engine = load_engine(EngineOptions(model=checkpoint_dir, device="cpu", slots=slots, max_tokens=max_tokens,
+                                       transcript_tokens=TRANSCRIPT_TOKENS))
     yield engine
     engine.close()
 
@@ -61,27 +71,34 @@ def app_engine(tiny_checkpoint):
     yield from serving(tiny_checkpoint, slots=3, max_tokens=4096)
 
 
+def app_options(engine, **values):
+    """The ConversationOptions app.py builds for `engine` with no flags (its turn-taking: Smart Turn is off
+    next to a CPU model, as here), with `values` replaced: what a served test talks to."""
+    from dataclasses import replace
+
+    import app
+
+    return replace(app.conversation_options(app.parse_args([], environ={}), engine), **values)
+
+
 @pytest.fixture(scope="session")
 def live_server(app_engine):
-    from voxtral_app.conversation import ConversationOptions
     from voxtral_app.server import create_app
     from voxtral_app.tts import VoiceOptions, load_speaker
 
-    options = ConversationOptions(reply_tokens=48)  # short replies keep the tests quick
+    options = app_options(app_engine, reply_tokens=48)  # short replies keep the tests quick
     server = BackgroundServer(create_app(app_engine, options, speaker=load_speaker(VoiceOptions(engine="espeak"))))
     yield server
     server.stop()
 
 
-def espeak(text: str) -> np.ndarray:
-    """espeak-ng speech, float32 16 kHz, with its leading/trailing silence trimmed."""
-    import io
-    import subprocess
-
-    import soundfile as sf
-
-    wav = subprocess.run(["espeak-ng", "-v", "en-us", "--stdout", text], capture_output=True, check=True).stdout
-    samples, rate = sf.read(io.BytesIO(wav), dtype="float32")
-    audio = prepare(rate, samples, max_seconds=300)
-    loud = np.flatnonzero(np.abs(audio) > 0.01)
-    return audio[loud[0]: loud[-1] + 1]
+def espeak(text: str, voice: str = "en-us") -> np.ndarray:
+    """The committed espeak-ng recording of `text` (data/make_fixtures.py), float32 16 kHz, the en-us phrases with
+    their silence at either end trimmed. Read, never synthesised: espeak-ng versions differ, and models hear it."""
+    name = re.sub(r"[^a-z0-9]+", "-", f"{voice} {text}".lower()).strip("-")  # as make_fixtures.py names it
+    path = os.path.join(DATA, name + ".wav")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no fixture {path} for {text!r} ({voice}): add the phrase to PHRASES in "
+                                "tests/data/make_fixtures.py, run it, and commit the WAV it writes")
+    rate, samples = read_wav(path)
+    return prepare(rate, samples, max_seconds=300)

@@ -16,10 +16,10 @@ import soxr
 import websockets
 from websockets.exceptions import ConnectionClosed
 
+from conftest import app_options
 from servers import BackgroundServer
 from voxtral_app.api import SessionOptions
 from voxtral_app.audio import SAMPLE_RATE
-from voxtral_app.conversation import ConversationOptions
 from voxtral_app.server import ServerOptions, create_app
 from voxtral_app.tts import VoiceOptions, load_speaker
 
@@ -31,7 +31,7 @@ EXPIRY_S = 1.0
 @pytest.fixture(scope="module")
 def api_server(app_engine):
     options = ServerOptions(sessions=SessionOptions(connect_timeout_s=EXPIRY_S))
-    server = BackgroundServer(create_app(app_engine, ConversationOptions(reply_tokens=24), options,
+    server = BackgroundServer(create_app(app_engine, app_options(app_engine, reply_tokens=24), options,
                                          speaker=load_speaker(VoiceOptions(engine="espeak"))))
     yield server
     server.stop()
@@ -86,7 +86,7 @@ def of_type(messages, kind):
 
 
 def test_spoken_and_typed_turns_at_16_and_48_khz(api_server, app_engine, speech):
-    clip = speech[: 3 * SAMPLE_RATE]
+    clip = speech[: int(1.5 * SAMPLE_RATE)]  # streamed in real time
 
     async def talk(rate):
         session = create(api_server, sample_rate=rate, temperature=0.0)
@@ -96,7 +96,7 @@ def test_spoken_and_typed_turns_at_16_and_48_khz(api_server, app_engine, speech)
             await streaming
             await ws.send(json.dumps({"type": "text_input", "text": "And in one word?", "timestamp": time.time()}))
             typed = await until(ws, "text_response")
-            streaming = asyncio.create_task(stream(ws, clip[: 2 * SAMPLE_RATE], rate))
+            streaming = asyncio.create_task(stream(ws, clip[:SAMPLE_RATE], rate))
             third = await until(ws, "text_response")
             await streaming
         return session, first, typed, third
@@ -180,7 +180,7 @@ def test_every_bad_message_gets_an_error_and_the_socket_stays_usable(api_server,
 
 
 def test_cancel_stops_a_reply_and_stopping_the_server_ends_sessions(app_engine):
-    server = BackgroundServer(create_app(app_engine, ConversationOptions(reply_tokens=3000)))  # ~1 min on CPU
+    server = BackgroundServer(create_app(app_engine, app_options(app_engine, reply_tokens=3000)))  # ~1 min on CPU
 
     async def run():
         session = create(server, temperature=1.0)
@@ -200,7 +200,7 @@ def test_cancel_stops_a_reply_and_stopping_the_server_ends_sessions(app_engine):
 
 
 def test_a_session_ends_at_the_servers_time_limit(app_engine):
-    server = BackgroundServer(create_app(app_engine, ConversationOptions(reply_tokens=8),
+    server = BackgroundServer(create_app(app_engine, app_options(app_engine, reply_tokens=8),
                                          ServerOptions(session_time_limit_s=1.0), speaker=None))
 
     async def run():
@@ -223,7 +223,7 @@ def test_a_session_ends_at_the_servers_time_limit(app_engine):
 def test_with_an_access_token_sessions_and_metrics_want_the_bearer(app_engine):
     from voxtral_app.guard import GuardOptions
 
-    server = BackgroundServer(create_app(app_engine, ConversationOptions(reply_tokens=8),
+    server = BackgroundServer(create_app(app_engine, app_options(app_engine, reply_tokens=8),
                                          ServerOptions(guard=GuardOptions(auth_token="s3cret")), speaker=None))
     bearer = {"Authorization": "Bearer s3cret"}
 
@@ -282,8 +282,7 @@ def test_unknown_and_taken_ids_are_refused(api_server, app_engine):
 def test_an_unused_session_expires_and_frees_its_slot(api_server, app_engine):
     session = create(api_server)
     assert app_engine.active_chats == 1
-    time.sleep(EXPIRY_S + 0.5)
-    wait_for_free_slots(app_engine, timeout_s=5)
+    wait_for_free_slots(app_engine, timeout_s=EXPIRY_S + 5)
 
     async def connect():
         async with websockets.connect(socket_url(api_server, session)) as ws:
@@ -304,8 +303,7 @@ def test_over_the_cap_gets_429_like_the_other_routes(api_server, app_engine):
     assert body["meta"] == other["meta"] == {"error": "concurrency_limit_reached", "limit": app_engine.options.slots}
     assert body["status"] == other["status"] == "failed"
     assert len({s["session_id"] for s in sessions}) == len(sessions)
-    time.sleep(EXPIRY_S)
-    wait_for_free_slots(app_engine, timeout_s=5)  # they expired, nobody connected
+    wait_for_free_slots(app_engine, timeout_s=EXPIRY_S + 5)  # they expired, nobody connected
 
 
 async def audio_offer() -> str:
@@ -330,7 +328,7 @@ def test_the_readme_client_runs_as_written(api_server, app_engine, speech, tmp_p
     code = readme_client()
     assert len(code.strip().splitlines()) <= 20
     wav = tmp_path / "question.wav"
-    sf.write(wav, speech[: 3 * SAMPLE_RATE], SAMPLE_RATE, subtype="PCM_16")
+    sf.write(wav, speech[: int(1.5 * SAMPLE_RATE)], SAMPLE_RATE, subtype="PCM_16")  # streamed in real time
     monkeypatch.chdir(tmp_path)  # the example reads question.wav and talks to the app on :7860
     code = code.replace("http://127.0.0.1:7860", api_server.url)
     assert api_server.url in code

@@ -136,6 +136,7 @@ def test_listening_addresses_sees_loopback_only_binds():
         assert listening_addresses(listener.getsockname()[1]) == {"127.0.0.1"}
 
 
+@pytest.mark.slow  # app.py in a process of its own, served until /health answers
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's /proc/net/tcp")
 def test_gradio_server_name_binds_all_interfaces(tmp_path):
     """What a Space does: GRADIO_SERVER_NAME=0.0.0.0 and GRADIO_SERVER_PORT, then `python app.py`."""
@@ -170,10 +171,10 @@ def test_temperature_is_where_conversations_start(app_engine):
     """--temperature / TEMPERATURE: a new connection's settings and the page's slider start there."""
     import gradio as gr
 
-    from voxtral_app.conversation import ConversationOptions
     from voxtral_app.server import create_app
 
-    served = create_app(app_engine, ConversationOptions(temperature=0.7))
+    served = create_app(app_engine, app.conversation_options(app.parse_args(["--temperature", "0.7"], environ={}),
+                                                             app_engine))
     assert served.state.stream.event_handler.copy().settings.temperature == 0.7
     sliders = [block for block in served.state.ui.blocks.values() if isinstance(block, gr.Slider)]
     assert [slider.value for slider in sliders if slider.label == "Temperature"] == [0.7]

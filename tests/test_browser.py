@@ -15,7 +15,10 @@ import httpx
 import numpy as np
 import pytest
 
+from conftest import app_options
 from voxtral_app.audio import SAMPLE_RATE
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; CI installs it (no `playwright install`)
 CHROMIUM_ARGS = [
@@ -38,7 +41,6 @@ CONSOLE_LINES_MAX = 10  # without --debug; fastrtc alone logs ~440 lines in 30 s
 # gradio's page template loads this (async) for Hugging Face's Space iframe; offline it fails harmlessly
 IFRAME_RESIZER = "https://cdnjs.cloudflare.com/ajax/libs/iframe-resizer/4.3.1/iframeResizer.contentWindow.min.js"
 VIEWPORT = {"width": 1200, "height": 860}
-OUTPUT_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "test-output")  # git-ignored
 # README_SCREENSHOTS=assets pytest tests/test_browser.py: also refresh the README's screenshots
 README_SCREENSHOTS = os.environ.get("README_SCREENSHOTS")
 
@@ -66,6 +68,12 @@ def wait_for_sessions(server, at_most: int, timeout_s: float = 45.0) -> int:  # 
 
 
 @pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> str:
+    """Where the pages' screenshots go (each test prints their paths)."""
+    return str(tmp_path_factory.mktemp("screenshots"))
+
+
+@pytest.fixture(scope="module")
 def browser(live_server, tmp_path_factory, speech):
     """Chromium whose microphone plays speech; closing it waits for the server to drop its connections
     (a reply still decoding on the engine's daemon thread at interpreter exit aborts the process)."""
@@ -86,11 +94,12 @@ def browser(live_server, tmp_path_factory, speech):
 class Page:
     """A page of the app, its components found by their labels, with what it printed and fetched."""
 
-    def __init__(self, browser, server, path: str = "/"):
+    def __init__(self, browser, server, screenshots: str, path: str = "/"):
         from playwright.sync_api import expect
 
         expect.set_options(timeout=EXPECT_TIMEOUT_MS)
         self.page = browser.new_page(viewport=VIEWPORT)
+        self.screenshots = screenshots  # a directory
         self.console: list[str] = []
         self.elsewhere: list[str] = []  # requests that left the server (a CDN: not offline)
         self.page.on("console", lambda message: self.console.append(f"{message.type}: {message.text}"))
@@ -128,8 +137,7 @@ class Page:
         box.press("Enter")
 
     def screenshot(self, name: str, readme: bool = False) -> str:
-        os.makedirs(OUTPUT_DIR, exist_ok=True)
-        path = os.path.join(OUTPUT_DIR, name)
+        path = os.path.join(self.screenshots, name)
         self.page.screenshot(path=path)
         if readme and README_SCREENSHOTS:
             save_small_png(path, os.path.join(README_SCREENSHOTS, name))
@@ -147,7 +155,7 @@ def save_small_png(source: str, target: str) -> None:
         out.write(buffer.getvalue())
 
 
-def test_one_click_transcribes_then_typed_turns_join_the_call(live_server, browser):
+def test_one_click_transcribes_then_typed_turns_join_the_call(live_server, browser, screenshots):
     """Transcribe + English chosen before starting; one click; the first spoken turn comes back as a
     transcript with the user's clip; then typed turns join the microphone's conversation, and both
     clear buttons forget it, on the page and on the server."""
@@ -155,7 +163,7 @@ def test_one_click_transcribes_then_typed_turns_join_the_call(live_server, brows
 
     started = time.perf_counter()
     sessions_before = active_sessions(live_server)
-    app = Page(browser, live_server)
+    app = Page(browser, live_server, screenshots)
     page, microphone, language = app.page, app.block("Microphone"), app.page.locator("#language")
     chat, clicks, shots = page.locator("#conversation"), 0, []
     try:
@@ -191,7 +199,7 @@ def test_one_click_transcribes_then_typed_turns_join_the_call(live_server, brows
             rate, said_s = played.getframerate(), played.getnframes() / played.getframerate()
         assert rate == SAMPLE_RATE and 1.0 < said_s <= SPEECH_S + 0.5
 
-        # "Clear conversation" stops the transcript (1024 tokens of a random model) and forgets the turn
+        # "Clear conversation" forgets the turn (and stops the transcript, if the random model is still at it)
         page.get_by_role("button", name="Clear conversation").click()
         expect(chat.get_by_test_id("bot")).to_have_count(0)
         page.locator("#mode").get_by_text("chat", exact=True).click()
@@ -226,7 +234,7 @@ def test_one_click_transcribes_then_typed_turns_join_the_call(live_server, brows
     print(f"clicks to talk: {clicks}; {time.perf_counter() - started:.1f} s; screenshots: {shots}")
 
 
-def test_typing_without_a_microphone_and_the_api_page(live_server, browser, monkeypatch):
+def test_typing_without_a_microphone_and_the_api_page(live_server, browser, screenshots, monkeypatch):
     """Without a microphone connection the text box uses the page's own conversation; the API page
     loads nothing from outside, and FastAPI's CDN-backed /docs is off."""
     from playwright.sync_api import expect
@@ -234,7 +242,7 @@ def test_typing_without_a_microphone_and_the_api_page(live_server, browser, monk
     monkeypatch.setenv("GRADIO_IS_E2E_TEST", "1")  # gradio's heartbeat every 0.25 s, not 15 s: a closed tab's
     # unload runs at once
     sessions_before = active_sessions(live_server)
-    app = Page(browser, live_server)
+    app = Page(browser, live_server, screenshots)
     closed_tab_freed = None
     try:
         expect(app.page.get_by_text(re.compile(r"Ready: .+ on cpu"))).to_be_visible()
@@ -253,7 +261,7 @@ def test_typing_without_a_microphone_and_the_api_page(live_server, browser, monk
         wait_for_sessions(live_server, sessions_before)
     assert closed_tab_freed, "closing the tab did not give its conversation's slot back (the page's unload)"
     monkeypatch.delenv("GRADIO_IS_E2E_TEST")  # the API page must go network-idle
-    api = Page(browser, live_server, "/?view=api")
+    api = Page(browser, live_server, screenshots, "/?view=api")
     expect(api.page.get_by_text(re.compile(r"API", re.I)).first).to_be_visible()
     api.page.wait_for_load_state("load")  # not "networkidle": the heartbeat stream stays open
     api.page.wait_for_timeout(2000)
@@ -269,6 +277,7 @@ def test_the_console_is_quiet_unless_debug(app_engine):
     from voxtral_app.server import ServerOptions, create_app
     from voxtral_app.ui import OFFLINE, QUIET_CONSOLE
 
-    quiet, chatty = (create_app(app_engine, options=ServerOptions(debug=debug)).state.ui for debug in (False, True))
+    quiet, chatty = (create_app(app_engine, app_options(app_engine), options=ServerOptions(debug=debug)).state.ui
+                     for debug in (False, True))
     assert QUIET_CONSOLE in quiet.head and QUIET_CONSOLE not in chatty.head
     assert OFFLINE in quiet.head and OFFLINE in chatty.head

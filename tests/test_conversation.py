@@ -10,6 +10,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from conftest import app_options
 from servers import BackgroundServer
 
 from voxtral_app import prompt as prompts
@@ -197,7 +198,7 @@ def test_a_dead_decode_thread_fails_turns_fast_and_refuses_new_ones(tiny_checkpo
         assert "failed" in outputs_until_final(conversation, timeout_s=10)[-1].status["error"]
         conversation.close()
         assert conversation.closed.wait(10)
-        served = BackgroundServer(create_app(engine, speaker=None))
+        served = BackgroundServer(create_app(engine, app_options(engine), speaker=None))
         try:
             health = httpx.get(f"{served.url}/health")
         finally:

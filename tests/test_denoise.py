@@ -1,4 +1,4 @@
-"""WebRTC noise suppression and gain (webrtc-noise-gain), streaming, on real espeak-ng speech."""
+"""WebRTC noise suppression and gain (webrtc-noise-gain), streaming, on espeak-ng speech (tests/data/)."""
 
 import numpy as np
 import pytest

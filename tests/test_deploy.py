@@ -17,6 +17,7 @@ import httpx
 import pytest
 import yaml
 
+from conftest import app_options
 from servers import BackgroundServer
 from voxtral_app.server import create_app
 
@@ -183,7 +184,7 @@ def test_healthcheck_asks_health_and_fails_when_nothing_answers(steps, app_engin
         words = shlex.split(words[2])
     assert words[0] == "/venv/bin/python" and words[1] == "-c" and "/health" in words[2]
     probe = [sys.executable, "-c", words[2]]  # the image's command, run here with this interpreter
-    server = BackgroundServer(create_app(app_engine))
+    server = BackgroundServer(create_app(app_engine, app_options(app_engine)))
     port = server.url.rsplit(":", 1)[1]
     try:
         assert httpx.get(f"{server.url}/health").status_code == 200

@@ -1,6 +1,7 @@
 """The engine against plain transformers generate, on the tiny random Voxtral (CPU)."""
 
 import base64
+import threading
 import time
 
 import numpy as np
@@ -61,8 +62,8 @@ def test_transcription_matches_plain_generate(engine, speech):
         chat.close()
     inputs = engine.processor.apply_transcription_request(language="en", audio=speech, model_id="voxtral",
                                                           sampling_rate=16000, format=["wav"])
-    expected = reference_tokens(engine, inputs, 1024)
-    assert reply.tokens == expected
+    expected = reference_tokens(engine, inputs, engine.options.transcript_tokens)
+    assert reply.tokens == expected and 3 < len(expected) <= engine.options.transcript_tokens  # capped by the options
     assert text == engine.processor.tokenizer.decode(expected, skip_special_tokens=True)
 
 
@@ -94,12 +95,18 @@ def test_a_reply_joins_the_conversation_as_the_tokens_the_slot_holds(engine, spe
     end of sequence and itself."""
     chat = engine.open_chat()
     try:
-        first = chat.start(speech, sampling=Sampling(temperature=1.0, max_new_tokens=40))
-        run(first)
-        chat.settle()  # the reply joins the conversation
-        reply = chat.messages[-1]
-        text_ids = engine.processor.tokenizer.tokenizer.instruct_tokenizer.tokenizer.encode(
-            reply["content"], bos=False, eos=False)
+        # Most sampled replies encode back to other tokens, one in a few to the same ones; which one comes
+        # depends on what earlier tests left in the random generator, so draw until a reply differs.
+        for _ in range(10):
+            first = chat.start(speech, sampling=Sampling(temperature=1.0, max_new_tokens=40))
+            run(first)
+            chat.settle()  # the reply joins the conversation
+            reply = chat.messages[-1]
+            text_ids = engine.processor.tokenizer.tokenizer.instruct_tokenizer.tokenizer.encode(
+                reply["content"], bos=False, eos=False)
+            if reply["ids"] != text_ids:
+                break
+            chat.reset()
         assert reply["ids"] == prompt.own_ids(first.tokens, engine.structure) and reply["ids"] != text_ids
         second = chat.start(other_speech, sampling=GREEDY)
         run(second)
@@ -129,14 +136,14 @@ def test_concurrent_chats_match_running_alone(engine, speech, other_speech):
 def test_cancel_stops_generation(engine, speech):
     chat = engine.open_chat()
     reply = chat.start(speech, sampling=Sampling(max_new_tokens=500))
-    next(iter(reply))
+    first = next(iter(reply))
     chat.cancel()
-    rest = run(reply)
+    rest = run(reply)  # what was decoded before the cancel reached the decode thread
     chat.settle()
     assert reply.done and reply.generation.count < 500
+    assert first + rest == reply.text and len(reply.tokens) == reply.generation.count  # every token read, once
     assert chat.messages[-1]["role"] == "assistant" and chat.messages[-1]["content"] == reply.text.strip()  # as settled
     chat.close()
-    assert rest is not None
 
 
 def test_long_conversation_drops_oldest_turns(tiny_checkpoint, speech):
@@ -150,9 +157,11 @@ def test_long_conversation_drops_oldest_turns(tiny_checkpoint, speech):
     assert 1 <= len(users) <= 2
 
 
-def test_compiled_path_matches_eager(tiny_checkpoint, engine, speech, other_speech):
+@pytest.mark.slow  # torch.compile on CPU: ~15 s of compiling
+def test_compiled_path_matches_eager(tiny_checkpoint, engine, speech, other_speech, tmp_path, monkeypatch):
     """Compiled prefill (padded to a bucket) and decode give eager's tokens, on a first turn and on a
     second one that extends the slot's cache."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # compiled fresh, and not in /tmp
     compiled = load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=2, max_tokens=2048,
                                          compile=True, warmup=False))  # compiles on first use: only what runs here
     assert compiled.decoder.compiled and compiled.decoder.prefill_buckets
@@ -230,7 +239,6 @@ def test_sampling_follows_temperature(engine, speech):
         chat.reset()
     chat.close()
     assert len(outputs) > 1  # random weights, temperature 1: replies differ
-    assert torch.get_num_threads() >= 1
 
 
 def test_each_turn_prompt_equals_the_reference_encoding(engine, speech, other_speech):
@@ -312,11 +320,13 @@ def test_turns_that_end_together_are_prefilled_before_the_next_decode_step(tiny_
     talking, first, second = (engine.open_chat() for _ in range(3))
     calls = []
     prefill, step = engine.decoder.prefill, engine.decoder.step
+    first_prefilling, second_ended = threading.Event(), threading.Event()
 
     def prefilled(slot, *args, **kwargs):
         calls.append(("prefill", slot))
-        if slot == first.slot:
-            time.sleep(0.5)  # the second turn ends meanwhile
+        if slot == first.slot and not first_prefilling.is_set():
+            first_prefilling.set()
+            assert second_ended.wait(30)  # the second turn ends meanwhile
         return prefill(slot, *args, **kwargs)
 
     def stepped(rows, *args, **kwargs):
@@ -328,16 +338,20 @@ def test_turns_that_end_together_are_prefilled_before_the_next_decode_step(tiny_
         assert reply.next_piece(timeout=30) is not None and not reply.done  # it is decoding
         engine.decoder.prefill, engine.decoder.step = prefilled, stepped
         replies = [first.start(speech, sampling=GREEDY)]
-        time.sleep(0.1)
+        assert first_prefilling.wait(30)
         replies.append(second.start(other_speech, sampling=GREEDY))
+        second_ended.set()
         for r in replies:
             assert r.next_piece(timeout=60) is not None
-        time.sleep(0.2)
+        all_three = ("step", (talking.slot, first.slot, second.slot))
+        deadline = time.monotonic() + 30
+        while all_three not in calls and time.monotonic() < deadline:  # the decode thread's next step
+            time.sleep(0.01)
         engine.decoder.prefill, engine.decoder.step = prefill, step
         assert not reply.done
         between = calls[calls.index(("prefill", first.slot)): calls.index(("prefill", second.slot))]
         assert between and not [c for c in between if c[0] == "step"], calls
-        assert ("step", (talking.slot, first.slot, second.slot)) in calls  # all three go on together
+        assert all_three in calls  # all three go on together
     finally:
         for chat in (talking, first, second):
             chat.close()

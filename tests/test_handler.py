@@ -1,6 +1,7 @@
 """The WebRTC handler's audio intake: frames leave fastrtc's event loop at once, and are heard in order
 on the connection's own thread, at 16 kHz, with a bounded backlog."""
 
+import queue
 import threading
 import time
 
@@ -78,3 +79,37 @@ def test_a_stalled_hearing_thread_drops_frames_instead_of_queueing_without_end(e
     handler.shutdown()
     handler.hearing.join(10)
     assert not handler.hearing.is_alive() and heard
+
+
+class Listener:
+    """A conversation as emit() sees it: an outbox that stays empty, and whether it was closed."""
+
+    def __init__(self):
+        self.outbox = queue.Queue()
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_peer_that_stops_sending_frames_is_gone_after_peer_silent_s(engine, speech):
+    """A live microphone sends frames even in silence; PEER_SILENT_S without one closes the conversation
+    at the next emit(). The handler's clock is moved by hand: no test waits 5 s."""
+    now = [1000.0]
+    handler = VoxtralHandler(engine, clock=lambda: now[0]).copy()  # fastrtc's copy keeps the clock
+    listening(handler)
+    handler.conversation = conversation = Listener()
+    frame = webrtc_frames(speech[: SAMPLE_RATE // 50])[0]  # one 20 ms frame
+    assert not handler.peer_gone() and handler.emit() is None  # no frame yet: the connection is still starting
+    handler.resample(frame)
+    now[0] += handlers.PEER_SILENT_S - 0.02
+    assert not handler.peer_gone()
+    handler.resample(frame)  # a frame of silence is a frame: the peer is there
+    now[0] += handlers.PEER_SILENT_S - 0.02
+    assert handler.emit() is None and not conversation.closed
+    now[0] += 0.04  # PEER_SILENT_S since the last frame
+    assert handler.peer_gone()
+    assert handler.emit() is None and conversation.closed
+    handler.shutdown()
+    handler.hearing.join(5)
+    assert not handler.hearing.is_alive()

@@ -4,6 +4,7 @@ import httpx
 import pytest
 from fastrtc import WebRTC
 
+from conftest import app_options
 from voxtral_app.ice import IceOptions, missing_credentials, rtc_configuration
 from servers import BackgroundServer
 from voxtral_app.server import ServerOptions, create_app
@@ -91,7 +92,7 @@ def test_the_page_gets_fresh_credentials_from_the_served_app(app_engine):
     """The wiring, offline: ServerOptions(rtc_configuration=...) -> the page's WebRTC component, asked over HTTP
     the way the browser asks (gradio's component server, fastrtc's `turn` function)."""
     fake = FakeCredentials()
-    app = create_app(app_engine, options=ServerOptions(rtc_configuration=rtc_configuration(
+    app = create_app(app_engine, app_options(app_engine), options=ServerOptions(rtc_configuration=rtc_configuration(
         IceOptions(), environ=SPACE, fetch=fake)))
     component = next(block for block in app.state.ui.blocks.values() if isinstance(block, WebRTC))
     server = BackgroundServer(app)

@@ -12,11 +12,12 @@ import wave
 
 import httpx
 import numpy as np
+import pytest
+from conftest import app_options
 from servers import BackgroundServer
 
 from voxtral_app.audio import SAMPLE_RATE
 from voxtral_app.client import Client
-from voxtral_app.conversation import ConversationOptions
 from voxtral_app.server import create_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,18 +32,18 @@ def write_wav(path, audio: np.ndarray) -> str:
     return str(path)
 
 
-def test_uploads_from_ten_page_sessions_give_their_slots_back(app_engine, speech, tmp_path, monkeypatch):
+def test_uploads_from_more_page_sessions_than_slots_give_their_slots_back(app_engine, speech, tmp_path, monkeypatch):
     from gradio_client import Client as PageClient
     from gradio_client import handle_file
 
     monkeypatch.setenv("GRADIO_IS_E2E_TEST", "1")  # gradio's heartbeat every 0.25 s instead of 15 s: a closed
     # session is noticed (and the page's unload runs) at once instead of up to 15 s later
 
-    served = BackgroundServer(create_app(app_engine, ConversationOptions(reply_tokens=8)))
+    served = BackgroundServer(create_app(app_engine, app_options(app_engine, reply_tokens=8)))
     clip = write_wav(tmp_path / "turn.wav", speech[: 2 * SAMPLE_RATE])
     replies = []
     try:
-        for _ in range(10):  # more sessions than slots (3): each must give its slot back when it closes
+        for _ in range(app_engine.options.slots + 1):  # one more than there are slots: each must give its slot back
             page = PageClient(served.url + "/", verbose=False)
             history, _ = page.predict(handle_file(clip), "chat", "auto", 0.2, api_name="/send_upload")
             replies.append(history)
@@ -56,10 +57,11 @@ def test_uploads_from_ten_page_sessions_give_their_slots_back(app_engine, speech
     assert all([m["role"] for m in history] == ["user", "assistant"] for history in replies)
 
 
+@pytest.mark.slow  # measures A's update gaps over seconds of real time around B's hang-up
 def test_a_disconnect_during_a_prefill_does_not_delay_another_client(app_engine, speech):
     """Client A streams a long reply; client B speaks and hangs up during its prefill. A's
     tokens keep coming: the worst gap between A's updates is measured against A's own typical gap."""
-    served = BackgroundServer(create_app(app_engine, ConversationOptions(reply_tokens=3000)))  # fits the 4096-token cache
+    served = BackgroundServer(create_app(app_engine, app_options(app_engine, reply_tokens=3000)))  # fits the cache
 
     async def run():
         a = await Client.connect(served.url, temperature=1.0)
@@ -105,6 +107,7 @@ def test_a_disconnect_during_a_prefill_does_not_delay_another_client(app_engine,
     assert around and max(around) - typical < 0.1 + 0.15  # 100 ms target; +150 ms for a prefill of B's turn
 
 
+@pytest.mark.slow  # app.py in a process of its own: imports, a model process and warm-up first
 def test_the_app_serves_text_replies_without_espeak(tmp_path, speech):
     bin_dir = tmp_path / "bin"  # a PATH with no programs at all, espeak-ng included
     bin_dir.mkdir()
@@ -151,7 +154,7 @@ def test_the_app_serves_text_replies_without_espeak(tmp_path, speech):
 def test_hanging_up_during_a_reply_logs_no_error(app_engine, speech, caplog):
     """The reply goes on streaming after the page has gone: nothing is sent on its closed data channel
     (fastrtc logged aiortc's InvalidStateError with a traceback for every update, issue 9's "Stop")."""
-    served = BackgroundServer(create_app(app_engine, ConversationOptions(reply_tokens=2000)))
+    served = BackgroundServer(create_app(app_engine, app_options(app_engine, reply_tokens=2000)))
 
     async def run():
         client = await Client.connect(served.url, temperature=1.0)
@@ -163,11 +166,14 @@ def test_hanging_up_during_a_reply_logs_no_error(app_engine, speech, caplog):
                     break
         finally:
             await client.close()
-        await asyncio.sleep(2)  # the reply's next updates
+        deadline = time.monotonic() + 10
+        while (app_engine.in_flight or app_engine.active_chats) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # the reply's updates go on until the server has noticed and stopped it
 
     caplog.set_level("ERROR", logger="fastrtc")
     try:
         asyncio.run(run())
     finally:
         served.stop()
+    assert not app_engine.in_flight and not app_engine.active_chats
     assert not [r for r in caplog.records if r.name.startswith("fastrtc")], caplog.text

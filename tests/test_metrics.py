@@ -14,11 +14,13 @@ import time
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import websockets
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import app_options
 from servers import BackgroundServer
 from voxtral_app.audio import SAMPLE_RATE
 from voxtral_app.engine import EngineOptions
@@ -221,6 +223,7 @@ def until(query, expr: str, ok, timeout_s: float = 30):
         time.sleep(0.5)
 
 
+@pytest.mark.slow  # a Prometheus server, scraping every second
 def test_a_real_prometheus_scrapes_turns_and_latency(prometheus, live_server, app_engine, speech):
     until(prometheus, 'up{job="voxtral"}', lambda up: up == 1)  # scraping works before the turns
     turns_before = value(scrape(live_server), "turns_total")
@@ -242,13 +245,14 @@ def test_health_reports_gpu_system_and_sessions(live_server, app_engine):
     assert body["gpu_available"] is False and body["gpu_count"] == 0  # this CPU machine
     assert body["active_sessions"] == app_engine.active_chats and body["max_sessions"] == app_engine.options.slots
     system = body["system"]
-    assert 0 <= system["cpu_percent"] <= 100 and 0 < system["memory_percent"] <= 100
+    assert 0 <= system["cpu_percent"] <= 100
+    assert abs(system["memory_percent"] - psutil.virtual_memory().percent) < 10  # this machine's, give or take
     assert system["gpu_memory_allocated"] == 0
 
 
 def test_health_is_503_and_sessions_refused_when_the_decode_thread_is_stopped(tiny_checkpoint):
     engine = load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=1, max_tokens=512, warmup=False))
-    server = BackgroundServer(create_app(engine, speaker=None))
+    server = BackgroundServer(create_app(engine, app_options(engine), speaker=None))
     try:
         assert httpx.get(f"{server.url}/health").status_code == 200
         assert value(scrape(server), "engine_ready") == 1

@@ -1,19 +1,20 @@
 """Phone calls: a client speaking Twilio's Media Streams protocol over /telephone/handler."""
 
 import asyncio
-import audioop
 import base64
 import json
 
 import httpx
 import numpy as np
+import pytest
 import soxr
 import websockets
 from twilio.request_validator import RequestValidator
 
-from voxtral_app.audio import SAMPLE_RATE
-from voxtral_app.conversation import ConversationOptions
+from conftest import app_options
+from g711 import lin2ulaw, ulaw2lin
 from servers import BackgroundServer
+from voxtral_app.audio import SAMPLE_RATE
 from voxtral_app.server import ServerOptions, create_app
 
 PHONE_RATE = 8_000  # Hz, Twilio's mu-law
@@ -25,7 +26,7 @@ def mulaw_payloads(audio16k: np.ndarray):
     pcm = (soxr.resample(audio16k, SAMPLE_RATE, PHONE_RATE) * 32767).clip(-32768, 32767).astype(np.int16)
     step = int(PHONE_RATE * FRAME_S)
     for i in range(0, len(pcm), step):
-        yield base64.b64encode(audioop.lin2ulaw(pcm[i:i + step].tobytes(), 2)).decode()
+        yield base64.b64encode(lin2ulaw(pcm[i:i + step])).decode()
 
 
 class Call:
@@ -63,12 +64,22 @@ class Call:
 
     def reply_audio(self) -> np.ndarray:
         payloads = [base64.b64decode(m["media"]["payload"]) for m in self.received if m.get("event") == "media"]
-        pcm = np.frombuffer(audioop.ulaw2lin(b"".join(payloads), 2), dtype=np.int16)
+        pcm = ulaw2lin(b"".join(payloads))
         return pcm.astype(np.float32) / 32768
 
 
+def test_the_callers_mulaw_is_g711():
+    """The tests' coder (g711.py) against G.711's table: silence, full scale, and a round trip within a step."""
+    assert lin2ulaw(np.array([0, 32767, -32768], np.int16)) == bytes([0xFF, 0x80, 0x00])
+    assert ulaw2lin(bytes([0xFF, 0x80, 0x00])).tolist() == [0, 32124, -32124]
+    pcm = np.arange(-32000, 32000, 7, dtype=np.int16)
+    error = np.abs(ulaw2lin(lin2ulaw(pcm)).astype(np.int32) - pcm)
+    assert (error <= np.abs(pcm) / 16 + 16).all()  # 4 bits of mantissa: within 1/16 of the level
+
+
+@pytest.mark.slow  # a call in real time: three spoken turns, two spoken replies
 def test_phone_call_two_spoken_turns_and_barge_in(app_engine, speech, other_speech):
-    server = BackgroundServer(create_app(app_engine, ConversationOptions(reply_tokens=400)))
+    server = BackgroundServer(create_app(app_engine, app_options(app_engine, reply_tokens=400)))
     silence = np.zeros(SAMPLE_RATE, np.float32)
 
     async def run():
@@ -121,7 +132,7 @@ def test_phone_bad_messages_do_not_end_the_call(live_server):
 
 def test_incoming_call_twiml_and_signature(app_engine):
     token = "secret-auth-token"
-    server = BackgroundServer(create_app(app_engine, options=ServerOptions(twilio_auth_token=token)))
+    server = BackgroundServer(create_app(app_engine, app_options(app_engine), ServerOptions(twilio_auth_token=token)))
     try:
         url = f"{server.url}/telephone/incoming"
         form = {"CallSid": "CA1", "From": "+15550001", "To": "+15550002"}

@@ -43,7 +43,7 @@ class EndOfTurnOptions:
     wait_s: float = 0.5  # longest feed() blocks at pause_s for a decision still running (then: hold)
     workers: int = 2  # threads running decisions, shared by all connections
     tail_s: float = 0.2  # silence the model's input ends with, zeros added if the pause is shorter so far: its answer
-    # swings with the tail (tests/test_endpoint.py), and pipecat asks it after its VAD's 0.2 s stop
+    # swings with the tail, and pipecat asks it after its VAD's 0.2 s stop
 
 
 def model_path() -> str:

@@ -44,6 +44,7 @@ class EngineOptions:
     decode_gap_s: float = 0.2  # while a finished turn waits for its prefill, replies in flight get a step
     # only this often: 4 turns ending at once each waited for the others' decode steps too
     model_process: bool = False  # the model in a child process with its own GIL (model_process.py); app.py's default
+    transcript_tokens: int = 1024  # longest transcript, tokens (a chat reply's cap: ConversationOptions.reply_tokens)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Sampling:
 
 
 CHAT = Sampling()
-TRANSCRIBE = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=1024)  # greedy, as recommended
+TRANSCRIBE = Sampling(temperature=0.0, top_p=1.0)  # greedy, as recommended; its length: transcript_tokens
 
 
 class EngineBusy(RuntimeError):

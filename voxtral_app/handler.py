@@ -44,26 +44,27 @@ class VoxtralHandler(StreamHandler):
     """
 
     def __init__(self, engine, options: ConversationOptions = ConversationOptions(), speaker=None,
-                 transport_name: str = "webrtc", on_open=None):
+                 transport_name: str = "webrtc", on_open=None, clock=time.monotonic):
         super().__init__(input_sample_rate=SAMPLE_RATE, output_sample_rate=OUTPUT_RATE)
         self.engine = engine
         self.options = options
         self.speaker = speaker
         self.transport_name = transport_name  # webrtc | websocket | phone: labels logs and metrics
         self.on_open = on_open  # called with each connection's Conversation (the server's registry)
+        self.clock = clock  # -> seconds, monotonic: when frames arrive (tests pass one they move by hand)
         self.turns = TurnTaker(options.turns)
         self.lock = threading.Lock()
         self.settings = Settings(temperature=options.temperature)
         self.conversation: Conversation | None = None
         self.refused: str | None = None  # why start_up refused the connection, until emit closes it
-        self.last_frame: float | None = None  # monotonic time the last WebRTC frame arrived (resample())
+        self.last_frame: float | None = None  # clock() when the last WebRTC frame arrived (resample())
         self.heard: queue.Queue = queue.Queue(HEARD_FRAMES_MAX)  # WebRTC frames for the hearing thread, then None
         self.hearing: threading.Thread | None = None
         self.dropped = 0  # WebRTC frames dropped because the hearing thread was HEARD_FRAMES_MAX behind
         self.hung_up = threading.Event()  # set by shutdown(): the hearing thread ends, frames are ignored
 
     def copy(self) -> "VoxtralHandler":
-        return VoxtralHandler(self.engine, self.options, self.speaker, self.transport_name, self.on_open)
+        return VoxtralHandler(self.engine, self.options, self.speaker, self.transport_name, self.on_open, self.clock)
 
     def resample(self, frame) -> tuple:
         """A WebRTC frame, on fastrtc's event loop: queued for this connection's hearing thread, which
@@ -73,7 +74,7 @@ class VoxtralHandler(StreamHandler):
         if self.hung_up.is_set():
             return ()
         with self.lock:
-            self.last_frame = time.monotonic()
+            self.last_frame = self.clock()
         try:
             self.heard.put_nowait(frame)
         except queue.Full:
@@ -200,7 +201,7 @@ class VoxtralHandler(StreamHandler):
             return False
         with self.lock:
             last = self.last_frame
-        return last is not None and time.monotonic() - last > PEER_SILENT_S
+        return last is not None and self.clock() - last > PEER_SILENT_S
 
     def to_fastrtc(self, output: Output):
         if self.transport_name == "webrtc" and self.channel is not None and self.channel.readyState != "open":

@@ -15,6 +15,8 @@ from .engine import DEFAULT_MODEL, Engine, EngineOptions, Sampling
 
 logger = logging.getLogger(__name__)
 
+CACHE_DIR_ENV = "VOXTRAL_CACHE_DIR"  # where `--model tiny-random` is built (tests point it at their tmp dir)
+
 
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says how to point at a local checkpoint."""
@@ -31,10 +33,16 @@ def download_hint(model: str) -> str:
             "then start with `--model models/voxtral` (or VOXTRAL_MODEL=models/voxtral).")
 
 
+def cache_dir() -> str:
+    """$VOXTRAL_CACHE_DIR, else voxtral_app/ in the user's cache ($XDG_CACHE_HOME or ~/.cache)."""
+    user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get(CACHE_DIR_ENV) or os.path.join(user_cache, "voxtral_app")
+
+
 def checkpoint_path(model: str) -> str:
     """Hub id or directory -> local directory, downloading (with progress bars) if needed."""
     if model == checkpoint.TINY:
-        return checkpoint.build_tiny(os.path.join(os.path.expanduser("~"), ".cache", "voxtral_app", checkpoint.TINY))
+        return checkpoint.build_tiny(os.path.join(cache_dir(), checkpoint.TINY))
     if os.path.isdir(model):
         return model
     if model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1):

@@ -13,6 +13,7 @@ import logging
 import queue
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 
@@ -148,7 +149,8 @@ class Chat(Turns):
         started = time.perf_counter()
         self.settle()
         prompt = prompts.transcription_prompt(self.engine.processor, audio, language, self.engine.options.model)
-        return self.launch(prompt, TRANSCRIBE, record=False, started=started, speculative=speculative)
+        sampling = replace(TRANSCRIBE, max_new_tokens=self.engine.options.transcript_tokens)
+        return self.launch(prompt, sampling, record=False, started=started, speculative=speculative)
 
     def tidy(self, sampling: Sampling = CHAT) -> bool:
         """Housekeeping between turns, once the last one is final (it can no longer be taken back): if

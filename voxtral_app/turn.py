@@ -23,6 +23,7 @@ other voices more than the voices, and babble then stood out from the room as th
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import numpy as np
 
 from .audio import SAMPLE_RATE
 from .denoise import Cleaner, CleanOptions
-from .endpoint import EndOfTurnOptions, shared_model
+from .endpoint import EndOfTurnModel, EndOfTurnOptions, shared_model
 from .vad import WINDOW, WINDOW_S, EnergyDetector, VadOptions, detector, level_dbfs
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class TurnEvent:
     # "continue": speech back before the turn ended (drop that); "end": the turn is over;
     # "resume": speech back within resume_s of the end (take the reply back, the turn goes on)
     audio: np.ndarray | None = None  # "pause", "end": the turn so far, float32 16 kHz (cleaned if cleaning is on)
-    speech_end: float = 0.0  # "pause", "end": perf_counter time the last speech window arrived
+    speech_end: float = 0.0  # "pause", "end": clock time (perf_counter) the last speech window arrived
     reason: str = ""  # "end": one of REASONS
     finished: float | None = None  # "end": the end-of-turn model's last probability that the turn was over
 
@@ -97,15 +98,23 @@ class TurnTaker:
 
     Owned by the thread that feeds it (fastrtc's receive thread). End-of-turn decisions run on the
     model's pool and come back as Futures; only this thread reads them.
+
+    `model` decides whether a pause ends the turn: anything whose `check(audio)` returns a Future of the
+    probability that the speaker has finished (tests script one); None, the shared Smart Turn model. It is
+    asked only while `options.end_of_turn.enabled`. `clock` gives the wall time in seconds at which audio
+    arrives (it stamps `speech_end`, and tells a client that sent nothing from one that sent silence).
     """
 
-    def __init__(self, options: TurnOptions = TurnOptions()):
+    def __init__(self, options: TurnOptions = TurnOptions(), model: EndOfTurnModel | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.options = options
+        self.clock = clock
         self.vad = detector(options.vad)
         self.energy = EnergyDetector(VadOptions(margin_db=options.energy_margin_db, floor_s=options.energy_floor_s))
         self.room = EnergyDetector(VadOptions(margin_db=options.foreground_db, floor_s=3.0, floor_quantile=0.2))
         self.cleaner = Cleaner(options.cleaning) if options.cleaning.enabled else None
-        self.model = end_of_turn_model(options.end_of_turn)
+        enabled = options.end_of_turn.enabled
+        self.model = model if model is not None and enabled else end_of_turn_model(options.end_of_turn)
         self.windows: list[np.ndarray] = []  # the turn being spoken (or just ended), 32 ms windows
         self.pending = np.zeros(0, dtype=np.float32)
         self.pending_raw = np.zeros(0, dtype=np.float32)  # the same audio before cleaning (when cleaning is on)
@@ -114,7 +123,7 @@ class TurnTaker:
         self.silence = 0  # consecutive silent windows while speaking
         self.last_speech = 0.0
         self.since_speech = 0  # windows since the VAD last heard speech in the turn (audio time, as tests feed it fast)
-        self.speech_at = 0.0  # ... and the perf_counter time of that window (wall time: a client may stop sending)
+        self.speech_at = 0.0  # ... and the clock's time of that window (wall time: a client may stop sending)
         self.quiet = 0  # consecutive windows without new speech energy
         self.background = 0  # windows of the room's speech since the speaker was last heard
         self.foreground = 0  # consecutive windows of the speaker's speech
@@ -138,7 +147,7 @@ class TurnTaker:
         if self.cleaner is not None:
             raw, self.pending_raw = self.pending_raw[:count * WINDOW], self.pending_raw[count * WINDOW:]
         probs, energy, above = self.vad.probabilities(joined), self.energy.probabilities(raw), self.room.probabilities(raw)
-        now = time.perf_counter()  # when the last window's audio arrived; a window before it, WINDOW_S earlier
+        now = self.clock()  # when the last window's audio arrived; a window before it, WINDOW_S earlier
         events = []
         for k, (window, prob, rise, loud) in enumerate(zip(windows, probs, energy, above)):
             if level_dbfs(window) < self.options.silence_dbfs:  # no sound, no speech

@@ -13,9 +13,23 @@ import os
 import signal
 import sys
 
-from voxtral_app.config import (EnvParser, backend_url, log_level, port, reply_tokens, seconds, sessions, switch,
-                                 temperature)
-from voxtral_app.ice import PROVIDERS, IceOptions, missing_credentials, rtc_configuration
+from voxtral_app.cli import (
+    EnvParser,
+    backend_url,
+    log_level,
+    port,
+    reply_tokens,
+    seconds,
+    sessions,
+    switch,
+    temperature,
+)
+from voxtral_app.serving.ice import (
+    PROVIDERS,
+    IceOptions,
+    missing_credentials,
+    rtc_configuration,
+)
 
 # torch, transformers, gradio and fastrtc are imported in main(), after the arguments: --help answers at once
 WS_MAX_BYTES = 2 * 1_048_576  # uvicorn reads no WebSocket message bigger than this (the routes cap lower)
@@ -141,11 +155,18 @@ def main(argv=None) -> None:
 
     import uvicorn
 
-    from voxtral_app.engine import EngineOptions
-    from voxtral_app.loading import ModelLoadError, load_engine
-    from voxtral_app.guard import GuardOptions
-    from voxtral_app.server import ServerOptions, create_app
-    from voxtral_app.tts import VoiceOptions, load_speaker_or_none
+    from voxtral_app import compat
+
+    try:  # before anything imports a library whose internals the app reaches: fail here, with the fix
+        compat.check_versions()
+    except RuntimeError as problem:
+        sys.exit(f"error: {problem}")
+
+    from voxtral_app.conversation.speech import VoiceOptions, load_speaker_or_none
+    from voxtral_app.model.engine import EngineOptions
+    from voxtral_app.model.loading import ModelLoadError, load_engine
+    from voxtral_app.serving.app import ServerOptions, create_app
+    from voxtral_app.serving.guard import GuardOptions
 
     light_torch(args.backend == "openai" or args.model_process)
     if args.backend == "openai":
@@ -170,7 +191,7 @@ def main(argv=None) -> None:
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), ws_max_size=WS_MAX_BYTES,
                     timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=args.log_level == "DEBUG",
-                    loop="auto")  # uvloop (requirements.txt): WebRTC needs it, see transport.event_loop_kind
+                    loop="auto")  # uvloop (requirements.txt): WebRTC needs it, see voxtral_app/compat/fastrtc.py, event_loop_kind
     finally:
         engine.close()
     if engine.failure is not None:
@@ -185,28 +206,28 @@ def given(**values) -> dict:
 def conversation_options(args: argparse.Namespace, engine):
     """What each conversation starts with: turn-taking (Smart Turn by where the model runs), the engine's
     audio cap and the chat settings given. The tests' servers are built with it too."""
-    from voxtral_app.conversation import ConversationOptions
+    from voxtral_app.conversation.conversation import ConversationOptions
 
     turns = turn_options(args, given(pause_s=None if args.pause_ms is None else args.pause_ms / 1000),
-                         end_of_turn=smart_turn_on(args.end_of_turn, engine.model_device))
+                         end_of_turn=smart_turn_on(args.end_of_turn, engine.device_kind))
     return ConversationOptions(turns=turns, max_audio_s=engine.options.max_audio_s,
                                **given(temperature=args.temperature, reply_tokens=args.reply_tokens))
 
 
-def smart_turn_on(choice: bool | None, model_device) -> bool:
+def smart_turn_on(choice: bool | None, device_kind: str) -> bool:
     """--end-of-turn, or by default (None): on unless the model runs on this machine's CPU. On a GPU or a remote
     backend the app's cores are free, and Smart Turn's decision (started at the first silent window) is done
     within the pause; next to a CPU model it competes with the audio encoder and prefill for the same cores."""
-    return choice if choice is not None else model_device.type != "cpu"
+    return choice if choice is not None else device_kind != "cpu"
 
 
 def turn_options(args: argparse.Namespace, given: dict, end_of_turn: bool):
     from dataclasses import replace
 
-    from voxtral_app.denoise import CleanOptions
-    from voxtral_app.endpoint import EndOfTurnOptions, shared_model
-    from voxtral_app.turn import TurnOptions
-    from voxtral_app.vad import VadOptions
+    from voxtral_app.audio.denoise import CleanOptions
+    from voxtral_app.audio.vad import VadOptions
+    from voxtral_app.turns.end_of_turn import EndOfTurnOptions, shared_model
+    from voxtral_app.turns.taker import TurnOptions
 
     turns = TurnOptions(**given, vad=VadOptions(kind=args.vad, aggressiveness=int(os.environ.get("VAD_AGGRESSIVENESS", 2))),
                         cleaning=CleanOptions(noise_reduction=args.noise_reduction, auto_gain=args.auto_gain),
@@ -222,7 +243,11 @@ def turn_options(args: argparse.Namespace, given: dict, end_of_turn: bool):
 
 def open_backend(args):
     """--backend openai: the server at --backend-url must answer GET /v1/models now (one-line error if not)."""
-    from voxtral_app.remote import BackendUnavailable, OpenAIBackend, RemoteOptions
+    from voxtral_app.backends.openai import (
+        BackendUnavailable,
+        OpenAIBackend,
+        RemoteOptions,
+    )
 
     backend = OpenAIBackend(RemoteOptions(url=args.backend_url, api_key=args.backend_api_key or "",
                                           model=args.backend_model or "", slots=args.max_sessions))

@@ -35,11 +35,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import httpx  # noqa: E402
 
-from voxtral_app import checkpoint  # noqa: E402
-from voxtral_app.audio import SAMPLE_RATE, prepare, read_wav  # noqa: E402
-from voxtral_app.engine import EngineOptions, Sampling  # noqa: E402
-from voxtral_app.loading import load_engine  # noqa: E402
-from voxtral_app.remote import OpenAIBackend, RemoteOptions  # noqa: E402
+from voxtral_app.audio.pcm import SAMPLE_RATE, prepare, read_wav  # noqa: E402
+from voxtral_app.backends.contract import Sampling  # noqa: E402
+from voxtral_app.backends.openai import OpenAIBackend, RemoteOptions  # noqa: E402
+from voxtral_app.model import checkpoint  # noqa: E402
+from voxtral_app.model.engine import EngineOptions
+from voxtral_app.model.loading import load_engine  # noqa: E402
 
 CLIP_S = 5  # seconds of speech per turn
 REPLY_TOKENS = 64

@@ -32,9 +32,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from voxtral_app import checkpoint, prompt
-from voxtral_app.engine import Engine, EngineOptions, Sampling
-from voxtral_app.loading import load_engine, resolve_device, warm_up
+from voxtral_app.backends.contract import Sampling
+from voxtral_app.model import checkpoint, prompt
+from voxtral_app.model.checkpoint import resolve_device
+from voxtral_app.model.engine import Engine, EngineOptions
+from voxtral_app.model.loading import load_engine, warm_up
 
 SPEECH_WAV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "assets", "speech-16k.wav")  # espeak-ng, 9 s
 SAMPLE_RATE = 16_000  # Hz, the WAV's and Voxtral's

@@ -22,9 +22,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from voxtral_app.audio import SAMPLE_RATE, prepare, read_wav  # noqa: E402
-from voxtral_app.engine import EngineOptions, Sampling  # noqa: E402
-from voxtral_app.loading import load_engine  # noqa: E402
+from voxtral_app.audio.pcm import SAMPLE_RATE, prepare, read_wav  # noqa: E402
+from voxtral_app.backends.contract import Sampling  # noqa: E402
+from voxtral_app.model.engine import EngineOptions
+from voxtral_app.model.loading import load_engine  # noqa: E402
 
 SAMPLING = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=48)
 SPEAKING_S = 0.5  # between `tidy()` (speech began) and the end of the turn

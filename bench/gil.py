@@ -24,9 +24,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from voxtral_app import prompt  # noqa: E402
-from voxtral_app.engine import EngineOptions  # noqa: E402
-from voxtral_app.loading import load_engine  # noqa: E402
+from voxtral_app.model import prompt  # noqa: E402
+from voxtral_app.model.engine import EngineOptions  # noqa: E402
+from voxtral_app.model.loading import load_engine  # noqa: E402
 
 ROWS = list(range(8))
 STEPS = 20

@@ -22,12 +22,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from app import steady_memory  # noqa: E402
-from voxtral_app import checkpoint  # noqa: E402
-from voxtral_app.audio import prepare, read_wav  # noqa: E402
-from voxtral_app.conversation import Conversation, ConversationOptions, Output, Settings  # noqa: E402
-from voxtral_app.engine import EngineOptions  # noqa: E402
-from voxtral_app.loading import load_engine  # noqa: E402
-from voxtral_app.turn import TurnEvent  # noqa: E402
+from voxtral_app.audio.pcm import prepare, read_wav  # noqa: E402
+from voxtral_app.conversation.conversation import (  # noqa: E402
+    Conversation,
+    ConversationOptions,
+    Settings,
+)
+from voxtral_app.conversation.events import ReplyFinished  # noqa: E402
+from voxtral_app.model import checkpoint  # noqa: E402
+from voxtral_app.model.engine import EngineOptions  # noqa: E402
+from voxtral_app.model.loading import load_engine  # noqa: E402
+from voxtral_app.turns.taker import TurnEvent  # noqa: E402
 
 
 def rss_mb() -> int:
@@ -56,7 +61,7 @@ def main() -> None:
     for turn in range(1, args.turns + 1):
         conversation.post("pause", TurnEvent("pause", speech, time.perf_counter()))
         conversation.post("end", TurnEvent("end", speech, time.perf_counter()))
-        while not (isinstance(output := conversation.outbox.get(), Output) and output.final):
+        while not isinstance(conversation.outbox.get(), ReplyFinished):
             pass
         if turn % 10 == 0:
             gc.collect()

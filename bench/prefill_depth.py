@@ -25,9 +25,9 @@ import transformers  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from voxtral_app import checkpoint  # noqa: E402
-from voxtral_app.generate import Decoder, window_for  # noqa: E402
-from voxtral_app.loading import load_model  # noqa: E402
+from voxtral_app.model import checkpoint  # noqa: E402
+from voxtral_app.model.checkpoint import load_model  # noqa: E402
+from voxtral_app.model.decoder import Decoder, window_for  # noqa: E402
 
 STARTS = (0, 2000, 4000, 7000)  # positions a turn starts at (a conversation's tokens so far)
 SLOTS = 8  # app.py's --max-sessions default

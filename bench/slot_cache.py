@@ -11,8 +11,8 @@ Two measurements, each the median of --repeats alternating runs of both ways:
 """
 
 import argparse
-import os
 import copy as copying
+import os
 import statistics
 import sys
 import time
@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from voxtral_app import checkpoint
-from voxtral_app.generate import ROW_OFFSET, Decoder, SlotCache, causal_mask
+from voxtral_app.model import checkpoint
+from voxtral_app.model.decoder import ROW_OFFSET, Decoder, SlotCache, causal_mask
 
 SLOTS = 8
 MAX_TOKENS = 8192

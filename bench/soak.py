@@ -32,7 +32,8 @@ import uvloop
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import turn_latency  # noqa: E402  (bench/, next to this script)
-from voxtral_app.audio import SAMPLE_RATE  # noqa: E402
+
+from voxtral_app.audio.pcm import SAMPLE_RATE  # noqa: E402
 from voxtral_app.client import Client  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")

@@ -20,11 +20,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from turn_latency import SENTENCES, espeak, machine  # noqa: E402
 
-from voxtral_app.audio import SAMPLE_RATE  # noqa: E402
-from voxtral_app.denoise import Cleaner, CleanOptions  # noqa: E402
-from voxtral_app.endpoint import EndOfTurnModel, EndOfTurnOptions, features  # noqa: E402
-from voxtral_app.turn import TurnOptions, TurnTaker  # noqa: E402
-from voxtral_app.vad import KINDS, VadOptions, detector  # noqa: E402
+from voxtral_app.audio.denoise import Cleaner, CleanOptions  # noqa: E402
+from voxtral_app.audio.pcm import SAMPLE_RATE  # noqa: E402
+from voxtral_app.audio.vad import KINDS, VadOptions, detector  # noqa: E402
+from voxtral_app.turns.end_of_turn import EndOfTurnModel, EndOfTurnOptions, features  # noqa: E402
+from voxtral_app.turns.taker import TurnOptions, TurnTaker  # noqa: E402
 
 FRAME = SAMPLE_RATE // 50  # 20 ms, a WebRTC frame
 

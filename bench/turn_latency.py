@@ -51,18 +51,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # servers.py
 
 from fastrtc import AdditionalOutputs, ReplyOnPause  # noqa: E402
-
-from voxtral_app import checkpoint  # noqa: E402
-from voxtral_app.audio import SAMPLE_RATE, prepare, read_wav  # noqa: E402
-from voxtral_app.conversation import HUSH, Conversation, ConversationOptions, Output  # noqa: E402
-from voxtral_app.client import Client  # noqa: E402
-from voxtral_app.endpoint import EndOfTurnOptions  # noqa: E402
-from voxtral_app.engine import EngineOptions  # noqa: E402
-from voxtral_app.loading import load_engine  # noqa: E402
-from voxtral_app.server import create_app  # noqa: E402
 from servers import BackgroundServer  # noqa: E402  (tests/servers.py)
-from voxtral_app.turn import TurnOptions  # noqa: E402
-from voxtral_app.vad import SileroPauseModel  # noqa: E402
+
+from voxtral_app.audio.pcm import SAMPLE_RATE, prepare, read_wav  # noqa: E402
+from voxtral_app.audio.vad import SileroPauseModel  # noqa: E402
+from voxtral_app.client import Client  # noqa: E402
+from voxtral_app.conversation.conversation import Conversation, ConversationOptions  # noqa: E402
+from voxtral_app.model import checkpoint  # noqa: E402
+from voxtral_app.model.engine import EngineOptions  # noqa: E402
+from voxtral_app.model.loading import load_engine  # noqa: E402
+from voxtral_app.serving.app import create_app  # noqa: E402
+from voxtral_app.serving.chat_view import CLOSED, ChatView, Output  # noqa: E402
+from voxtral_app.turns.end_of_turn import EndOfTurnOptions  # noqa: E402
+from voxtral_app.turns.taker import TurnOptions  # noqa: E402
 
 logger = logging.getLogger("bench")
 
@@ -212,9 +213,14 @@ class DefaultTurns(ReplyOnPause):
 
     def reply(self, audio: tuple):
         self.conversation.post("audio", audio)
-        while isinstance(output := self.conversation.outbox.get(), Output) or output == HUSH:
-            if output != HUSH:
-                yield AdditionalOutputs(output.history, output.status)
+        view = ChatView(self.options, "bench")
+        while True:
+            for output in view.render(self.conversation.outbox.get()):
+                if output == CLOSED:
+                    return
+                if not isinstance(output, Output):  # hush
+                    continue
+                yield AdditionalOutputs(output.history, output.status, output.final)
                 if output.final:
                     return
 
@@ -313,8 +319,8 @@ def has_text(event: dict) -> bool:
 
 
 def finished(event: dict) -> bool:
-    """A reply that is over: the latency line is set on the last assistant message."""
-    return has_text(event) and bool(event["history"][-1].get("metadata"))
+    """A reply that is over: the turn's last update."""
+    return has_text(event) and event["final"]
 
 
 @dataclass
@@ -442,8 +448,11 @@ class Profiler:
         """Stamp each step from the last speech frame to the first /outputs event leaving the server."""
         from fastrtc import Stream
 
-        from voxtral_app import conversation, endpoint, engine, generate, model_process, prompt
-        from voxtral_app.handler import VoxtralHandler
+        from voxtral_app.conversation import conversation
+        from voxtral_app.model import decoder as generate
+        from voxtral_app.model import engine, model_process, prompt
+        from voxtral_app.serving.handler import VoxtralHandler
+        from voxtral_app.turns import end_of_turn as endpoint
 
         profiler = self
         for handler in (VoxtralHandler, DefaultTurns):
@@ -584,10 +593,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    logging.getLogger("voxtral_app.tts").setLevel(logging.ERROR)  # replies are not spoken here
+    logging.getLogger("voxtral_app.conversation.speech").setLevel(logging.ERROR)  # replies are not spoken here
     transformers.utils.logging.disable_progress_bar()  # checkpoint writing and loading
     if args.verbose:
-        logging.getLogger("voxtral_app.chat").setLevel(logging.INFO)
+        logging.getLogger("voxtral_app.model.chat").setLevel(logging.INFO)
 
     started = time.perf_counter()
     print(f"**{machine()}** · tiny random Voxtral on CPU · {args.reply_tokens}-token replies · "

@@ -58,14 +58,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import turn_latency as tl  # noqa: E402 (sets the offline environment first)
 from fastrtc import AlgoOptions, SileroVadOptions  # noqa: E402
-
-from voxtral_app.audio import SAMPLE_RATE, prepare  # noqa: E402
-from voxtral_app.conversation import ConversationOptions  # noqa: E402
-from voxtral_app.denoise import CleanOptions  # noqa: E402
-from voxtral_app.endpoint import EndOfTurnOptions  # noqa: E402
-from voxtral_app.server import create_app  # noqa: E402
-from voxtral_app.turn import TurnOptions, TurnTaker  # noqa: E402
 from servers import BackgroundServer  # noqa: E402  (tests/servers.py, on the path via turn_latency)
+
+from voxtral_app.audio.denoise import CleanOptions  # noqa: E402
+from voxtral_app.audio.pcm import SAMPLE_RATE, prepare  # noqa: E402
+from voxtral_app.conversation.conversation import ConversationOptions  # noqa: E402
+from voxtral_app.serving.app import create_app  # noqa: E402
+from voxtral_app.turns.end_of_turn import EndOfTurnOptions  # noqa: E402
+from voxtral_app.turns.taker import TurnOptions, TurnTaker  # noqa: E402
 
 SETS = ("clean", "thinking", "thinking-um", "thinking-real", "white20", "white10", "babble", "quiet", "phone")
 THINKING_MS = (300, 600, 900)
@@ -280,7 +280,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    logging.getLogger("voxtral_app.tts").setLevel(logging.ERROR)
+    logging.getLogger("voxtral_app.conversation.speech").setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()
 
     unknown = set(args.configs or []) - {*FASTRTC, *ours_turns(args.pause_s)}

@@ -8,14 +8,12 @@ import re
 
 import numpy as np
 import pytest
-
-from voxtral_app import checkpoint
-from voxtral_app.audio import SAMPLE_RATE, prepare, read_wav
-from voxtral_app.engine import EngineOptions
-from voxtral_app import loading
-from voxtral_app.loading import load_engine
 from servers import BackgroundServer
 
+from voxtral_app.audio.pcm import SAMPLE_RATE, prepare, read_wav
+from voxtral_app.model import checkpoint, loading
+from voxtral_app.model.engine import EngineOptions
+from voxtral_app.model.loading import load_engine
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # committed audio (data/README.md)
 SPEECH_WAV = os.path.join(DATA, "fastrtc-test_file.wav")  # ~ a spoken sentence
@@ -83,8 +81,8 @@ def app_options(engine, **values):
 
 @pytest.fixture(scope="session")
 def live_server(app_engine):
-    from voxtral_app.server import create_app
-    from voxtral_app.tts import VoiceOptions, load_speaker
+    from voxtral_app.conversation.speech import VoiceOptions, load_speaker
+    from voxtral_app.serving.app import create_app
 
     options = app_options(app_engine, reply_tokens=48)  # short replies keep the tests quick
     server = BackgroundServer(create_app(app_engine, options, speaker=load_speaker(VoiceOptions(engine="espeak"))))

@@ -18,13 +18,13 @@ import websockets
 from conftest import app_options
 from servers import BackgroundServer
 
-from voxtral_app.access import AccessOptions
-from voxtral_app.audio import SAMPLE_RATE
+from voxtral_app.audio.pcm import SAMPLE_RATE
 from voxtral_app.client import Client
-from voxtral_app.guard import GuardOptions
-from voxtral_app.server import ServerOptions, create_app
-from voxtral_app import sockets
-from voxtral_app.sockets import call_token
+from voxtral_app.serving import sockets
+from voxtral_app.serving.access import AccessOptions
+from voxtral_app.serving.app import ServerOptions, create_app
+from voxtral_app.serving.guard import GuardOptions
+from voxtral_app.serving.sockets import call_token
 
 SILENCE = np.zeros(int(1.2 * SAMPLE_RATE), np.float32)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""The session API (api.py) on 127.0.0.1 with a real `websockets` client: spoken turns streamed as
+"""The session API (serving/session_api.py) on 127.0.0.1 with a real `websockets` client: spoken turns streamed as
 16 kHz and 48 kHz PCM in real time, typed turns, cache reuse, every bad message, ids, expiry, the cap,
 and the README's client example run as it is written."""
 
@@ -14,14 +14,14 @@ import pytest
 import soundfile as sf
 import soxr
 import websockets
-from websockets.exceptions import ConnectionClosed
-
 from conftest import app_options
 from servers import BackgroundServer
-from voxtral_app.api import SessionOptions
-from voxtral_app.audio import SAMPLE_RATE
-from voxtral_app.server import ServerOptions, create_app
-from voxtral_app.tts import VoiceOptions, load_speaker
+from websockets.exceptions import ConnectionClosed
+
+from voxtral_app.audio.pcm import SAMPLE_RATE
+from voxtral_app.conversation.speech import VoiceOptions, load_speaker
+from voxtral_app.serving.app import ServerOptions, create_app
+from voxtral_app.serving.session_api import SessionOptions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHUNK_S = 0.02  # 20 ms of PCM per message, sent in real time
@@ -221,7 +221,7 @@ def test_a_session_ends_at_the_servers_time_limit(app_engine):
 
 
 def test_with_an_access_token_sessions_and_metrics_want_the_bearer(app_engine):
-    from voxtral_app.guard import GuardOptions
+    from voxtral_app.serving.guard import GuardOptions
 
     server = BackgroundServer(create_app(app_engine, app_options(app_engine, reply_tokens=8),
                                          ServerOptions(guard=GuardOptions(auth_token="s3cret")), speaker=None))

@@ -61,17 +61,15 @@ def test_turn_settings_from_the_environment():
 
 
 def test_smart_turn_is_on_by_default_unless_the_model_shares_this_machines_cpu():
-    import torch
 
-    from voxtral_app.remote import Remote
 
     default = app.parse_args([], environ={}).end_of_turn
     assert default is None
-    assert app.smart_turn_on(default, torch.device("cuda", 0)) and app.smart_turn_on(default, Remote("http://x/v1"))
-    assert not app.smart_turn_on(default, torch.device("cpu"))
-    assert app.smart_turn_on(app.parse_args(["--end-of-turn"], environ={}).end_of_turn, torch.device("cpu"))
+    assert app.smart_turn_on(default, "cuda") and app.smart_turn_on(default, "remote")
+    assert not app.smart_turn_on(default, "cpu")
+    assert app.smart_turn_on(app.parse_args(["--end-of-turn"], environ={}).end_of_turn, "cpu")
     off = app.parse_args([], environ={"ENABLE_END_OF_TURN": "0"}).end_of_turn
-    assert not app.smart_turn_on(off, torch.device("cuda", 0))
+    assert not app.smart_turn_on(off, "cuda")
 
 
 @pytest.mark.parametrize("name, value, says", [
@@ -160,7 +158,7 @@ def test_gradio_server_name_binds_all_interfaces(tmp_path):
         # the model runs in a child process of its own (--model-process, on by default)
         children = [line for line in subprocess.run(["ps", "-o", "args=", "--ppid", str(process.pid)],
                                                     capture_output=True, text=True).stdout.splitlines()]
-        assert any("-m voxtral_app.model_process" in line for line in children), children
+        assert any("-m voxtral_app.model.model_process" in line for line in children), children
     finally:
         process.terminate()
         process.wait(30)
@@ -171,7 +169,7 @@ def test_temperature_is_where_conversations_start(app_engine):
     """--temperature / TEMPERATURE: a new connection's settings and the page's slider start there."""
     import gradio as gr
 
-    from voxtral_app.server import create_app
+    from voxtral_app.serving.app import create_app
 
     served = create_app(app_engine, app.conversation_options(app.parse_args(["--temperature", "0.7"], environ={}),
                                                              app_engine))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from voxtral_app.audio import SAMPLE_RATE, AudioError, prepare
+from voxtral_app.audio.pcm import SAMPLE_RATE, AudioError, prepare
 
 
 def tone(rate, seconds=1.0, amplitude=0.5):

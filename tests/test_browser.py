@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
-
 from conftest import app_options
-from voxtral_app.audio import SAMPLE_RATE
+
+from voxtral_app.audio.pcm import SAMPLE_RATE
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -274,8 +274,8 @@ def test_typing_without_a_microphone_and_the_api_page(live_server, browser, scre
 def test_the_console_is_quiet_unless_debug(app_engine):
     """--debug (app.py passes it as ServerOptions.debug) keeps fastrtc's console chatter; otherwise the page
     silences console.log/debug/info. Both pages load no remote sound."""
-    from voxtral_app.server import ServerOptions, create_app
-    from voxtral_app.ui import OFFLINE, QUIET_CONSOLE
+    from voxtral_app.serving.app import ServerOptions, create_app
+    from voxtral_app.serving.ui import OFFLINE, QUIET_CONSOLE
 
     quiet, chatty = (create_app(app_engine, app_options(app_engine), options=ServerOptions(debug=debug)).state.ui
                      for debug in (False, True))

@@ -6,9 +6,10 @@ import os
 import torch
 from huggingface_hub.utils import filter_repo_objects
 
-from voxtral_app import checkpoint
-from voxtral_app.engine import EngineOptions, Sampling
-from voxtral_app.loading import load_engine
+from voxtral_app.backends.contract import Sampling
+from voxtral_app.model import checkpoint
+from voxtral_app.model.engine import EngineOptions
+from voxtral_app.model.loading import load_engine
 
 
 def hub_like_checkpoint(path: str) -> list[str]:

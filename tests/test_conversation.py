@@ -13,27 +13,50 @@ import pytest
 from conftest import app_options
 from servers import BackgroundServer
 
-from voxtral_app import prompt as prompts
-from voxtral_app.audio import SAMPLE_RATE
-from voxtral_app.conversation import CLOSED, HUSH, Conversation, ConversationOptions, Output, Settings
-from voxtral_app.engine import EngineFailed, EngineOptions, Sampling
-from voxtral_app.loading import load_engine
-from voxtral_app.server import create_app
-from voxtral_app.session import Chat
-from voxtral_app.turn import TurnEvent
+from voxtral_app.audio.pcm import SAMPLE_RATE
+from voxtral_app.backends.contract import EngineFailed, Sampling
+from voxtral_app.conversation.conversation import (
+    Conversation,
+    ConversationOptions,
+    Settings,
+)
+from voxtral_app.conversation.events import (
+    Closed,
+    Hushed,
+    ReplyDelta,
+    ReplyFinished,
+    ReplyRetracted,
+    TurnFailed,
+    UserTurn,
+)
+from voxtral_app.model import prompt as prompts
+from voxtral_app.model.chat import Chat
+from voxtral_app.model.engine import EngineOptions
+from voxtral_app.model.loading import load_engine
+from voxtral_app.serving.app import create_app
+from voxtral_app.serving.chat_view import ChatView
+from voxtral_app.turns.taker import TurnEvent
 
 GREEDY = Settings(temperature=0.0)
 
 
-def outputs_until_final(conversation, timeout_s=60):
+def events_until_finished(conversation, timeout_s=60):
+    """The conversation's events up to the end of a turn: its reply finished, or the turn failed."""
     seen = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        item = conversation.outbox.get(timeout=timeout_s)
-        seen.append(item)
-        if isinstance(item, Output) and item.final:
+        event = conversation.outbox.get(timeout=timeout_s)
+        seen.append(event)
+        if isinstance(event, (ReplyFinished, TurnFailed)):
             return seen
-    raise TimeoutError("no final output")
+    raise TimeoutError("no finished reply")
+
+
+def page(events, options=ConversationOptions()):
+    """The events as the page shows them (serving/chat_view.py): its last chat update."""
+    view = ChatView(options)
+    outputs = [o for event in events for o in view.render(event) if not isinstance(o, str)]
+    return outputs[-1]
 
 
 class SlotShadow:
@@ -120,8 +143,8 @@ def test_interleaved_turn_events_keep_the_cache_exact(engine, shadowed, speech, 
         thread.join()
     conversation.post("end", TurnEvent("end", clips[0], time.perf_counter()))  # a last turn, shown
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any(isinstance(o, Output) and o.final and not o.status.get("error")
-                                                  and o.history and o.history[-1]["content"] for o in outputs[-3:]):
+    while time.monotonic() < deadline and not any(isinstance(o, ReplyFinished) and o.error is None and o.text
+                                                  for o in outputs[-3:]):
         time.sleep(0.05)
     conversation.close()
     assert conversation.closed.wait(30)
@@ -130,7 +153,7 @@ def test_interleaved_turn_events_keep_the_cache_exact(engine, shadowed, speech, 
 
     assert not shadowed.errors, shadowed.errors
     assert shadowed.checked >= 5
-    assert outputs[-1] == CLOSED
+    assert isinstance(outputs[-1], Closed)
     messages = conversation.chat.messages
     roles = [m["role"] for m in messages]
     assert all(a != b for a, b in zip(roles, roles[1:])), roles  # atomic turns: user, assistant, user, ...
@@ -155,20 +178,21 @@ def test_barge_in_and_retraction_through_the_conversation(engine, speech):
                                 name="barge").open()
     try:
         conversation.post("end", TurnEvent("end", speech[: 2 * SAMPLE_RATE], time.perf_counter()))
-        first = conversation.outbox.get(timeout=60)
-        while not (isinstance(first, Output) and first.history[-1]["content"]):
-            first = conversation.outbox.get(timeout=60)
+        seen = [conversation.outbox.get(timeout=60)]
+        while not (isinstance(seen[-1], ReplyDelta) and seen[-1].text):
+            seen.append(conversation.outbox.get(timeout=60))
         conversation.post("resume", TurnEvent("resume"))  # speech came back: take the reply back
-        seen = []
-        while not (seen and isinstance(seen[-1], Output) and seen[-1].status.get("retracted")):
+        while not isinstance(seen[-1], ReplyRetracted):
             seen.append(conversation.outbox.get(timeout=30))
-        assert HUSH in seen
-        assert seen[-1].history == []  # the turn left the page
+        assert any(isinstance(e, Hushed) for e in seen)
+        assert seen[-1].turn == 1 and seen[-1].stats is not None  # retracted while it streamed
+        assert page(seen).history == []  # the turn left the page
         conversation.post("settings", Settings())  # round trip: the worker has applied the retraction
         conversation.post("text", "hello")
-        final = outputs_until_final(conversation)[-1]
-        assert [m["role"] for m in final.history] == ["user", "assistant"]
-        assert final.history[0]["content"] == "hello"
+        after = events_until_finished(conversation)
+        assert isinstance(after[-1], ReplyFinished) and after[-1].turn == 2
+        assert [(e.source, e.text) for e in after if isinstance(e, UserTurn)] == [("text", "hello")]
+        assert [m["role"] for m in page(seen + after).history] == ["user", "assistant"]
     finally:
         conversation.close()
     assert conversation.closed.wait(30)
@@ -188,14 +212,16 @@ def test_a_dead_decode_thread_fails_turns_fast_and_refuses_new_ones(tiny_checkpo
         engine.emit = explode  # escapes the per-step handling: the decode thread dies
         started = time.monotonic()
         conversation.post("end", TurnEvent("end", speech[:SAMPLE_RATE], time.perf_counter()))
-        final = outputs_until_final(conversation, timeout_s=20)[-1]
+        events = events_until_finished(conversation, timeout_s=20)
         assert time.monotonic() - started < 10
-        assert "failed" in final.status["error"] and "⚠️" in final.history[-1]["content"]
+        assert isinstance(events[-1], ReplyFinished) and "failed" in events[-1].error
+        assert "⚠️" in page(events).history[-1]["content"]  # the page says so under the reply
         assert not engine.healthy and isinstance(failures[0], SystemError)
         with pytest.raises(EngineFailed):
             engine.open_chat()
         conversation.post("text", "still there?")  # a new turn gets the error at once
-        assert "failed" in outputs_until_final(conversation, timeout_s=10)[-1].status["error"]
+        refused = events_until_finished(conversation, timeout_s=10)[-1]
+        assert isinstance(refused, TurnFailed) and "failed" in refused.message
         conversation.close()
         assert conversation.closed.wait(10)
         served = BackgroundServer(create_app(engine, app_options(engine), speaker=None))
@@ -210,20 +236,24 @@ def test_a_dead_decode_thread_fails_turns_fast_and_refuses_new_ones(tiny_checkpo
 
 
 def test_spoken_turns_show_as_clips_and_replies_say_their_mode(engine, speech):
-    """Each spoken turn is a playable 16 kHz wav in the chat (the last `clips` of them), each finished
-    reply's title names its mode, and the clips go when the conversation closes."""
+    """On the page, each spoken turn is a playable 16 kHz wav in the chat (the last `clips` of them),
+    each finished reply's title names its mode, and the clips go when the conversation closes."""
     import json
 
     import soundfile
 
-    conversation = Conversation(engine, ConversationOptions(reply_tokens=4, clips=2), settings=GREEDY,
-                                name="clips").open()
+    options = ConversationOptions(reply_tokens=4, clips=2)
+    conversation = Conversation(engine, options, settings=GREEDY, name="clips").open()
+    view = ChatView(options)
     try:
         finals = []
         for seconds, settings in [(1.0, GREEDY), (1.5, Settings(mode="transcribe", language="en")), (2.0, GREEDY)]:
             conversation.post("settings", settings)
             conversation.post("audio", (SAMPLE_RATE, speech[: int(seconds * SAMPLE_RATE)]))
-            finals.append(outputs_until_final(conversation)[-1])
+            events = events_until_finished(conversation)
+            assert [e.source for e in events if isinstance(e, UserTurn)] == ["upload"]
+            finals.append([o for e in events for o in view.render(e)][-1])
+        assert [f.status["mode"] for f in finals] == ["chat", "transcribe", "chat"] and all(f.final for f in finals)
         history = finals[-1].history
         json.dumps(history)  # /outputs sends it as JSON
         turns = [m["content"] for m in history if m["role"] == "user"]
@@ -241,4 +271,8 @@ def test_spoken_turns_show_as_clips_and_replies_say_their_mode(engine, speech):
     finally:
         conversation.close()
     assert conversation.closed.wait(30)
+    rendered = []
+    while not rendered or rendered[-1] != "closed":  # the page's marker once the Closed event is rendered
+        rendered += view.render(conversation.outbox.get(timeout=10))
+    assert not os.path.exists(clip_dir)
     assert not os.path.exists(clip_dir)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from conftest import espeak
 
-from voxtral_app.audio import SAMPLE_RATE
-from voxtral_app.denoise import FRAME, Cleaner, CleanOptions
-from voxtral_app.vad import level_dbfs
+from voxtral_app.audio.denoise import FRAME, Cleaner, CleanOptions
+from voxtral_app.audio.pcm import SAMPLE_RATE
+from voxtral_app.audio.vad import level_dbfs
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ import sys
 import httpx
 import pytest
 import yaml
-
 from conftest import app_options
 from servers import BackgroundServer
-from voxtral_app.server import create_app
+
+from voxtral_app.serving.app import create_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_ONLY = {"pytest", "playwright"}
@@ -172,7 +172,7 @@ def test_dockerignore_keeps_out_the_heavy_and_private_files():
         assert ignored(path, patterns), f"{path} would be sent to the Docker build"
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     needed = [f for f in files if f in ("app.py", "requirements.txt") or f.startswith(("voxtral_app/", "assets/"))]
-    assert "voxtral_app/engine.py" in needed
+    assert "voxtral_app/model/engine.py" in needed
     assert [f for f in needed if ignored(f, patterns)] == []
 
 
@@ -215,3 +215,29 @@ def test_readme_commands_install_what_they_need():
     assert "pip install -r requirements-dev.txt" in test_line
     assert "-r requirements-dev.txt" in ci and test_line.split("&& ")[-1] in ci
     assert "docker build" in readme and "docker run --gpus all" in readme and "--network host" in readme
+
+
+def test_the_package_builds_with_its_layers_its_data_and_the_apps_requirements(tmp_path):
+    """`pip install .` (and -e .) works: the wheel holds every layer and the model's config file, and
+    depends on exactly what requirements.txt pins."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "source"  # setuptools builds in the source tree: build a copy
+    shutil.copytree(os.path.join(ROOT, "voxtral_app"), source / "voxtral_app",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "requirements.txt"):
+        shutil.copy(os.path.join(ROOT, name), source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(source)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("voxtral_realtime-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for layer in ("compat", "audio", "backends", "model", "turns", "conversation", "serving"):
+        assert f"voxtral_app/{layer}/__init__.py" in names
+    assert "voxtral_app/model/voxtral-mini-3b-2507.json" in names
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    required = {line.split(":", 1)[1].strip().split(";")[0].replace(" ", "") for line in metadata.splitlines()
+                if line.startswith("Requires-Dist:")}
+    pinned = {line.split("#")[0].split(";")[0].strip().replace(" ", "") for line in open(os.path.join(ROOT, "requirements.txt"))
+              if line.split("#")[0].strip()}
+    assert required == pinned

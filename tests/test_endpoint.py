@@ -10,8 +10,8 @@ import threading
 import numpy as np
 import pytest
 
-from voxtral_app.audio import SAMPLE_RATE
-from voxtral_app.endpoint import INPUT_SAMPLES, features, shared_model
+from voxtral_app.audio.pcm import SAMPLE_RATE
+from voxtral_app.turns.end_of_turn import INPUT_SAMPLES, features, shared_model
 
 
 def ask(audio, trailing_s):

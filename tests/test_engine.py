@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from voxtral_app import prompt
-from voxtral_app.audio import wav_bytes
-from voxtral_app.engine import EngineOptions, Sampling
-from voxtral_app.generate import Decoder, bucket, window_for
-from voxtral_app.loading import ModelLoadError, load_engine
+from voxtral_app.audio.pcm import wav_bytes
+from voxtral_app.backends.contract import Sampling
+from voxtral_app.model import prompt
+from voxtral_app.model.decoder import Decoder, bucket, window_for
+from voxtral_app.model.engine import EngineOptions
+from voxtral_app.model.loading import ModelLoadError, load_engine
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=24)
 

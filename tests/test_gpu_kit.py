@@ -4,12 +4,13 @@ is on the GPU machine (bench/gpu/device-packages.txt) or carried as a wheel (ben
 and the carried wheels stay within the carry budget. bench/gpu/check-kit.sh proves the same by
 running the bench in such a venv; this is the cheap guard that runs on every change."""
 
-import ast
 import importlib.metadata
 import os
 import re
 import sys
 import zlib
+
+from source_imports import imports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "voxtral_app"
@@ -37,34 +38,6 @@ def module_file(module: str) -> str | None:
     return None
 
 
-def top_level_imports(path: str, module: str) -> set[str]:
-    """Absolute module names imported by the file's module-level statements (not inside functions or
-    classes, which run only when called); relative imports resolved against `module`."""
-    tree = ast.parse(open(path).read(), path)
-    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
-    found: set[str] = set()
-
-    def visit(statements):
-        for node in statements:
-            if isinstance(node, ast.Import):
-                found.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parts = package.split(".")
-                    parent = ".".join(parts[: len(parts) - node.level + 1])
-                    base = f"{parent}.{base}" if base else parent
-                found.add(base)
-                found.update(f"{base}.{alias.name}" for alias in node.names if module_file(f"{base}.{alias.name}"))
-            elif isinstance(node, (ast.If, ast.Try, ast.With)):  # still run at import
-                for field in ("body", "orelse", "finalbody", "handlers"):
-                    for child in getattr(node, field, []):
-                        visit(child.body if isinstance(child, ast.ExceptHandler) else [child])
-
-    visit(tree.body)
-    return found
-
-
 def third_party_reached(entry: str) -> dict[str, str]:
     """{top-level third-party module: the package file that imports it}, following the package's own
     modules (and the __init__ of every package on the way) from the entry script."""
@@ -73,7 +46,7 @@ def third_party_reached(entry: str) -> dict[str, str]:
     queue = [(entry, "__main__")]
     while queue:
         path, module = queue.pop()
-        for name in top_level_imports(path, module):
+        for name, _ in imports(path, module, lambda name: module_file(name) is not None, at_import=True):
             top = name.split(".")[0]
             if top == PACKAGE:
                 parts = name.split(".")
@@ -108,7 +81,7 @@ def test_every_module_the_engine_bench_imports_is_on_the_gpu_machine_or_carried(
 
 def test_a_module_level_import_of_something_absent_there_is_caught(tmp_path):
     script = tmp_path / "bench_script.py"
-    script.write_text("import numpy\nfrom voxtral_app import checkpoint\nimport prometheus_client\n\n"
+    script.write_text("import numpy\nfrom voxtral_app.model import checkpoint\nimport prometheus_client\n\n"
                       "def later():\n    import gradio  # only when called: not needed at import\n")
     missing = missing_on_device(str(script))
     assert len(missing) == 1 and missing[0].startswith("prometheus_client (imported by ")

@@ -9,9 +9,9 @@ import av
 import numpy as np
 import soxr
 
-from voxtral_app import handler as handlers
-from voxtral_app.audio import SAMPLE_RATE
-from voxtral_app.handler import VoxtralHandler
+from voxtral_app.audio.pcm import SAMPLE_RATE
+from voxtral_app.serving import handler as handlers
+from voxtral_app.serving.handler import VoxtralHandler
 
 FRAME = 960  # samples per 20 ms at 48 kHz, as aiortc's Opus decoder hands them
 

@@ -2,12 +2,12 @@ import inspect
 
 import httpx
 import pytest
-from fastrtc import WebRTC
-
 from conftest import app_options
-from voxtral_app.ice import IceOptions, missing_credentials, rtc_configuration
+from fastrtc import WebRTC
 from servers import BackgroundServer
-from voxtral_app.server import ServerOptions, create_app
+
+from voxtral_app.serving.app import ServerOptions, create_app
+from voxtral_app.serving.ice import IceOptions, missing_credentials, rtc_configuration
 
 SPACE = {"SPACE_ID": "someone/voxtral", "SYSTEM": "spaces", "HF_TOKEN": "hf_test"}
 

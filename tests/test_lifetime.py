@@ -16,9 +16,9 @@ import pytest
 from conftest import app_options
 from servers import BackgroundServer
 
-from voxtral_app.audio import SAMPLE_RATE
+from voxtral_app.audio.pcm import SAMPLE_RATE
 from voxtral_app.client import Client
-from voxtral_app.server import create_app
+from voxtral_app.serving.app import create_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +80,7 @@ def test_a_disconnect_during_a_prefill_does_not_delay_another_client(app_engine,
                 while True:
                     at, event = await a.next_event(30)
                     arrivals.append(at)
-                    if event["history"][-1].get("metadata"):
+                    if event["final"]:
                         return
 
             watcher = asyncio.create_task(watch_a())

@@ -18,15 +18,15 @@ import psutil
 import pytest
 import websockets
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import app_options
+from prometheus_client.parser import text_string_to_metric_families
 from servers import BackgroundServer
-from voxtral_app.audio import SAMPLE_RATE
-from voxtral_app.engine import EngineOptions
-from voxtral_app.loading import load_engine
-from voxtral_app.metrics import TRANSPORTS
-from voxtral_app.server import create_app
+
+from voxtral_app.audio.pcm import SAMPLE_RATE
+from voxtral_app.model.engine import EngineOptions
+from voxtral_app.model.loading import load_engine
+from voxtral_app.serving.app import create_app
+from voxtral_app.serving.metrics import TRANSPORTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "deploy")

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from voxtral_app.audio import SAMPLE_RATE
-from voxtral_app.engine import EngineFailed, EngineOptions, Sampling
-from voxtral_app.loading import load_engine
-from voxtral_app.model_process import Calls, cpu_threads
-from voxtral_app.prompt import sound
+from voxtral_app.audio.pcm import SAMPLE_RATE
+from voxtral_app.backends.contract import EngineFailed, Sampling
+from voxtral_app.model.engine import EngineOptions
+from voxtral_app.model.loading import load_engine
+from voxtral_app.model.model_process import Calls, cpu_threads
+from voxtral_app.model.prompt import sound
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=24)
 

@@ -10,13 +10,13 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-
 from conftest import app_options
-from voxtral_app.audio import SAMPLE_RATE
-from voxtral_app.engine import Sampling
-from voxtral_app.server import create_app
-from voxtral_app.tts import VoiceOptions, load_speaker
 from servers import BackgroundServer
+
+from voxtral_app.audio.pcm import SAMPLE_RATE
+from voxtral_app.backends.contract import Sampling
+from voxtral_app.conversation.speech import VoiceOptions, load_speaker
+from voxtral_app.serving.app import create_app
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=12)
 

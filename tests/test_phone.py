@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import soxr
 import websockets
-from twilio.request_validator import RequestValidator
-
 from conftest import app_options
 from g711 import lin2ulaw, ulaw2lin
 from servers import BackgroundServer
-from voxtral_app.audio import SAMPLE_RATE
-from voxtral_app.server import ServerOptions, create_app
+from twilio.request_validator import RequestValidator
+
+from voxtral_app.audio.pcm import SAMPLE_RATE
+from voxtral_app.serving.app import ServerOptions, create_app
 
 PHONE_RATE = 8_000  # Hz, Twilio's mu-law
 FRAME_S = 0.02

@@ -12,9 +12,9 @@ from mistral_common.protocol.transcription.request import TranscriptionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from transformers import AutoProcessor
 
-from voxtral_app import prompt
-from voxtral_app.audio import wav_bytes
-from voxtral_app.checkpoint import AUDIO_TOKEN_ID, BEGIN_AUDIO_ID, TRANSCRIBE_ID
+from voxtral_app.audio.pcm import wav_bytes
+from voxtral_app.model import prompt
+from voxtral_app.model.checkpoint import AUDIO_TOKEN_ID, BEGIN_AUDIO_ID, TRANSCRIBE_ID
 
 
 def raw_audio(clip):

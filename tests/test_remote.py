@@ -14,15 +14,20 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-
 from conftest import app_options
-from voxtral_app.audio import SAMPLE_RATE
-from voxtral_app.client import Client
-from voxtral_app.engine import EngineBusy, Sampling
-from voxtral_app.remote import BackendUnavailable, OpenAIBackend, RemoteOptions, wav_base64
-from voxtral_app.server import create_app
-from voxtral_app.tts import VoiceOptions, load_speaker
 from servers import BackgroundServer
+
+from voxtral_app.audio.pcm import SAMPLE_RATE
+from voxtral_app.backends.contract import EngineBusy, Sampling
+from voxtral_app.backends.openai import (
+    BackendUnavailable,
+    OpenAIBackend,
+    RemoteOptions,
+    wav_base64,
+)
+from voxtral_app.client import Client
+from voxtral_app.conversation.speech import VoiceOptions, load_speaker
+from voxtral_app.serving.app import create_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=12)
@@ -124,17 +129,17 @@ def utterance(audio: np.ndarray, seconds: float = 2.0) -> tuple[np.ndarray, floa
 
 
 async def until(client: Client, done, timeout: float = 60) -> list[dict]:
-    """Chat updates until `done(history)`; -> that history."""
+    """Chat updates until `done(history, final)`; -> that history."""
     deadline = time.monotonic() + timeout
     while True:
         _, event = await client.next_event(max(0.1, deadline - time.monotonic()))
-        if done(event["history"]):
+        if done(event["history"], event["final"]):
             return event["history"]
 
 
 def streaming(turns: int):
     """The reply to turn number `turns` has begun to show."""
-    return lambda h: len(h) == 2 * turns and h[-1]["role"] == "assistant" and bool(h[-1]["content"])
+    return lambda h, final: len(h) == 2 * turns and h[-1]["role"] == "assistant" and bool(h[-1]["content"])
 
 
 def test_turn_and_barge_in_over_webrtc(app_engine, speaker, speech, other_speech):
@@ -152,7 +157,7 @@ def test_turn_and_barge_in_over_webrtc(app_engine, speaker, speech, other_speech
             await asyncio.sleep(1.0)  # past the resume window: what follows is a barge-in
             client.say(*utterance(other_speech, 3.0))
             stopped = await asyncio.to_thread(wait_for, lambda: app_engine.in_flight == 0, 2.5)
-            interrupted = await until(client, lambda h: len(h) >= 2 and "metadata" in h[1])
+            interrupted = await until(client, lambda h, final: len(h) == 2 and final)
             after = await until(client, streaming(2))  # the barge-in's own turn is answered
             return stopped, interrupted, after
         finally:
@@ -184,7 +189,7 @@ def test_server_gone_mid_reply_is_a_message_and_a_keeps_serving(app_engine, spea
             client.say(*utterance(speech))
             await until(client, streaming(1))
             await asyncio.to_thread(b.stop, True)  # B goes away mid-reply
-            failed = await until(client, lambda h: "metadata" in h[-1], 30)
+            failed = await until(client, lambda h, final: final, 30)
             deadline = time.monotonic() + 10
             while True:  # the background check (every 0.5 s) notices
                 health = (await client.http.get(f"{a.url}/health")).json()

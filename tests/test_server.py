@@ -11,12 +11,12 @@ import pytest
 import websockets
 from conftest import app_options, espeak
 from g711 import lin2ulaw
-
-from voxtral_app import transport
-from voxtral_app.audio import SAMPLE_RATE
-from voxtral_app.client import Client
 from servers import BackgroundServer
-from voxtral_app.server import create_app
+
+from voxtral_app.audio.pcm import SAMPLE_RATE
+from voxtral_app.client import Client
+from voxtral_app.compat import fastrtc as compat
+from voxtral_app.serving.app import create_app
 
 SILENCE = np.zeros(int(1.5 * SAMPLE_RATE), np.float32)
 
@@ -163,7 +163,7 @@ def test_websocket_turn_and_bad_messages(live_server, speech):
             token = json.loads(await ws.recv())
             assert token["event"] == "token"
             deadline = time.monotonic() + 10
-            while not transport.is_connected(live_server.app.state.stream, "ws-test-0001") and \
+            while not compat.is_connected(live_server.app.state.stream, "ws-test-0001") and \
                     time.monotonic() < deadline:
                 await asyncio.sleep(0.02)  # the token comes before fastrtc has the connection up (/outputs: 404)
             async with httpx.AsyncClient(timeout=60) as http:
@@ -179,7 +179,7 @@ def test_websocket_turn_and_bad_messages(live_server, speech):
                             event = json.loads(line[6:])
                             history = history[:event["start"]] + event["messages"]
                             starts.append(event["start"])
-                            if history and history[-1].get("metadata"):
+                            if event["final"]:
                                 break
             await ws.send(json.dumps({"event": "stop"}))
             return errors, history, starts
@@ -262,8 +262,10 @@ def test_event_loop_kind_tells_uvloop_from_asyncio():
     """What /health's event_loop says (an app on asyncio's own loop also gets a warning at its first offer)."""
     import uvloop
 
+    from voxtral_app.compat import fastrtc as compat
+
     async def kind():
-        return transport.event_loop_kind()
+        return compat.event_loop_kind()
 
     assert asyncio.run(kind()) == "asyncio"
     assert uvloop.run(kind()) == "uvloop"
@@ -274,18 +276,20 @@ def test_a_connection_keeps_at_most_the_newest_chat_updates(live_server):
     pile them up (each carries the whole chat): the app's setter keeps the newest OUTPUTS_KEPT."""
     from fastrtc import AdditionalOutputs
 
+    from voxtral_app.compat import fastrtc as compat
+
     stream = live_server.app.state.stream
 
     async def flood():
-        put = transport.bounded_outputs(stream, "never-read-0001")
-        for i in range(3 * transport.OUTPUTS_KEPT):
+        put = compat.bounded_outputs(stream, "never-read-0001")
+        for i in range(3 * compat.OUTPUTS_KEPT):
             put(AdditionalOutputs([{"role": "assistant", "content": str(i)}], {}))
-        pending = transport.output_queue(stream, "never-read-0001").queue
+        pending = compat.output_queue(stream, "never-read-0001").queue
         return pending.qsize(), pending.get_nowait().args[0][0]["content"]
 
     try:
         size, oldest = asyncio.run(flood())
     finally:
         stream.additional_outputs.pop("never-read-0001", None)
-    assert size == transport.OUTPUTS_KEPT
-    assert oldest == str(2 * transport.OUTPUTS_KEPT)  # the oldest kept is the first of the newest OUTPUTS_KEPT
+    assert size == compat.OUTPUTS_KEPT
+    assert oldest == str(2 * compat.OUTPUTS_KEPT)  # the oldest kept is the first of the newest OUTPUTS_KEPT

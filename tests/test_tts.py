@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from voxtral_app.tts import (
+from voxtral_app.conversation.speech import (
     MAX_SENTENCE_CHARS,
     EspeakSpeaker,
     SentenceSplitter,

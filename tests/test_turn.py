@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from conftest import espeak
 
-from voxtral_app.audio import SAMPLE_RATE
-from voxtral_app.denoise import CleanOptions
-from voxtral_app.endpoint import EndOfTurnOptions, shared_model
-from voxtral_app.turn import REASONS, TurnOptions, TurnTaker
-from voxtral_app.vad import WINDOW, WINDOW_S, VadOptions
+from voxtral_app.audio.denoise import CleanOptions
+from voxtral_app.audio.pcm import SAMPLE_RATE
+from voxtral_app.audio.vad import WINDOW, WINDOW_S, VadOptions
+from voxtral_app.turns.end_of_turn import EndOfTurnOptions, shared_model
+from voxtral_app.turns.taker import REASONS, TurnOptions, TurnTaker
 
 PAUSE_ONLY = TurnOptions(end_of_turn=EndOfTurnOptions(enabled=False))  # every pause_s of silence ends a turn
 MODEL = TurnOptions()  # with an end-of-turn model (the test passes a Scripted one)

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 from conftest import espeak
 
-from voxtral_app.audio import SAMPLE_RATE
-from voxtral_app.vad import KINDS, WINDOW, SileroPauseModel, SpeechDetector, VadOptions, detector
+from voxtral_app.audio.pcm import SAMPLE_RATE
+from voxtral_app.audio.vad import (
+    KINDS,
+    WINDOW,
+    SileroPauseModel,
+    SpeechDetector,
+    VadOptions,
+    detector,
+)
 
 
 @pytest.mark.parametrize("kind", KINDS)

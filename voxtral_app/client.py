@@ -20,7 +20,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 from av import AudioFrame
 
-from .audio import SAMPLE_RATE
+from .audio.pcm import SAMPLE_RATE
 
 RTC_RATE = 48_000  # Hz, what WebRTC (Opus) carries
 FRAME = 960  # samples per 20 ms frame at 48 kHz
@@ -132,13 +132,14 @@ class Client:
         return True
 
     async def read(self, response) -> None:
-        """/outputs events -> (arrival time, {"history": the whole chat, "status"}) on `events`."""
+        """/outputs events -> (arrival time, {"history": the whole chat, "status", "final"}) on `events`."""
         history: list[dict] = []
         async for line in response.aiter_lines():
             if line.startswith("data: "):
                 event = json.loads(line[6:])
                 history = history[:event["start"]] + event["messages"]  # the server sends what changed
-                self.events.put_nowait((time.perf_counter(), {"history": history, "status": event["status"]}))
+                self.events.put_nowait((time.perf_counter(), {"history": history, "status": event["status"],
+                                                              "final": event.get("final", False)}))
 
     def say(self, audio: np.ndarray, speech_end_s: float | None = None) -> asyncio.Future:
         """Speak float32 16 kHz audio; -> future: perf_counter time the end of speech was sent."""
@@ -150,16 +151,16 @@ class Client:
     async def reply(self, timeout: float = 60.0, quiet_s: float = 1.2) -> list[dict]:
         """Wait for a finished reply that stays (no retraction within `quiet_s`); -> the chat history."""
         deadline = time.perf_counter() + timeout
-        history = None
+        history, final = None, False
         while True:
-            finished = bool(history) and history[-1]["role"] == "assistant" and bool(history[-1].get("metadata"))
+            finished = final and bool(history) and history[-1]["role"] == "assistant"
             try:
                 _, event = await self.next_event(quiet_s if finished else max(0.1, deadline - time.perf_counter()))
             except TimeoutError:
                 if finished:
                     return history
                 raise
-            history = event["history"]
+            history, final = event["history"], event["final"]
 
     async def close(self) -> None:
         for task in (self.reader, self.listener):

@@ -110,14 +110,10 @@ def log_level(text: str) -> str:
 
 
 def backend_url(text: str) -> str:
-    """An OpenAI-compatible server's base URL: http(s)://host[:port][/path]; a bare host gets /v1."""
-    import urllib.parse
+    """--backend-url: an OpenAI-compatible server's base URL (backends.openai.base_url)."""
+    from .backends.openai import base_url
 
-    parts = urllib.parse.urlsplit(text.strip())
     try:
-        parts.port  # noqa: B018 - raises for a port that is not one
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an http(s) URL such as http://vllm:8000/v1, got {text!r}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise argparse.ArgumentTypeError(f"expected an http(s) URL such as http://vllm:8000/v1, got {text!r}")
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") or "/v1", "", ""))
+        return base_url(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None

@@ -12,13 +12,18 @@ run of slots: every prefill (one row), every batch-1 step, and batches whose slo
 (a full server). Only a batch of scattered slots gathers its rows' windows into a copy.
 """
 
-import inspect
 import logging
 import time
 
 import numpy as np
 import torch
 
+from ..compat.transformers import (
+    allow_recompiles,
+    cache_argument,
+    language_model,
+    mark_static,
+)
 from . import prompt as prompts
 
 logger = logging.getLogger(__name__)
@@ -37,15 +42,6 @@ def prefill_buckets(max_tokens: int) -> tuple[int, ...]:
     return small + tuple(range(PREFILL_STEP, max_tokens, PREFILL_STEP)) + (max_tokens,)
 
 
-def cache_argument(decoder) -> str:
-    """The decoder's keyword for its KV cache: transformers 5.24 says `cache`, 5.17 `past_key_values`."""
-    parameters = inspect.signature(decoder.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in parameters:
-            return name
-    raise TypeError(f"{type(decoder).__name__}.forward takes neither `cache` nor `past_key_values`")
-
-
 class SlotCache:
     """Static KV cache, one row per conversation: [slots + 1, kv_heads, max_tokens, head_dim] per layer.
 
@@ -62,7 +58,7 @@ class SlotCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         for tensor in self.keys + self.values:
-            torch._dynamo.mark_static_address(tensor)  # updated in place: no copies under CUDA graphs
+            mark_static(tensor)  # updated in place: no copies under CUDA graphs
         self.scratch_row = slots
         self.max_tokens = max_tokens
         self.route(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), 1, ROW_OFFSET)
@@ -134,7 +130,7 @@ class Decoder:
         self.extractor = extractor
         self.device = model.device
         compile = compile if compile is not None else self.device.type == "cuda"
-        self.text = model.model.language_model  # the Llama decoder
+        self.text = language_model(model)  # the Llama decoder
         self.cache_argument = cache_argument(self.text)
         self.embed = self.text.get_input_embeddings()
         self.audio_token_id = model.config.audio_token_id
@@ -182,9 +178,7 @@ class Decoder:
         """Let dynamo keep one graph per (batch bucket, window, rows contiguous or not).
         Its config is thread-local: call this on every thread that runs the compiled step."""
         variants = 4 * len(self.batch_buckets) * (self.max_tokens // MIN_WINDOW).bit_length() + 16
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, variants)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 4 * variants)
+        allow_recompiles(variants)
 
     def forward(self, **inputs):
         """The Llama decoder on this cache, whichever keyword the installed transformers uses for it."""

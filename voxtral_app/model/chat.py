@@ -14,12 +14,16 @@ import queue
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..backends.contract import CHAT, TRANSCRIBE, Sampling, Turns
 from . import prompt as prompts
-from .backend import Turns
-from .engine import CHAT, TRANSCRIBE, Engine, Generation, Sampling
+from .generation import Generation
+
+if TYPE_CHECKING:  # for annotations only: the engine imports this module
+    from .engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +33,7 @@ HOUSEKEEPING = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=1)  # a prefi
 
 
 def common_prefix(a: list, b: list) -> int:
-    """How many leading items `a` and `b` share (token ids here; chat messages in server.py)."""
+    """How many leading items `a` and `b` share (token ids here; chat messages in serving/app.py)."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -44,7 +48,7 @@ class Reply:
     Read by one thread (its reader); `cancel()` may come from any thread (it only sets an event).
     """
 
-    def __init__(self, engine: Engine, generation: Generation, record: bool, prompt_ids: list[int],
+    def __init__(self, engine: "Engine", generation: Generation, record: bool, prompt_ids: list[int],
                  prompt_clips: list[tuple[int, str]]):
         self.engine = engine
         self.generation = generation
@@ -117,7 +121,7 @@ class Chat(Turns):
     app, the test in tests). The decode thread is reached only through `Engine.submit` and events.
     """
 
-    def __init__(self, engine: Engine, slot: int):
+    def __init__(self, engine: "Engine", slot: int):
         super().__init__()
         self.engine = engine
         self.slot = slot

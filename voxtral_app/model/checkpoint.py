@@ -17,7 +17,7 @@ AUDIO_TOKEN_ID = 24  # [AUDIO]
 BEGIN_AUDIO_ID = 25  # [BEGIN_AUDIO]
 TRANSCRIBE_ID = 34  # [TRANSCRIBE]
 SPECIAL_TOKENS = 1000  # Tekken v7 reserves ids 0-999 for control tokens
-FULL_SIZE_CONFIG = os.path.join(os.path.dirname(__file__), "..", "assets", "voxtral-mini-3b-2507.json")
+FULL_SIZE_CONFIG = files(__package__).joinpath("voxtral-mini-3b-2507.json")  # shipped inside the package
 # What transformers loads from a hub repo: configs, processor/tokenizer files (tekken.json) and the
 # transformers weights (model.safetensors or model-0000X-of-0000N.safetensors + their index). The
 # Voxtral repos also hold Mistral's own consolidated.safetensors, the same weights again (~9.4 GB).
@@ -41,7 +41,11 @@ def tekken_json() -> dict:
 
 
 def save_processor(path: str) -> None:
-    from transformers import MistralCommonBackend, VoxtralProcessor, WhisperFeatureExtractor
+    from transformers import (
+        MistralCommonBackend,
+        VoxtralProcessor,
+        WhisperFeatureExtractor,
+    )
 
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "tekken.json"), "w") as f:
@@ -67,10 +71,10 @@ def tiny_config():
 
 
 def full_size_config():
-    """Voxtral-Mini-3B-2507's architecture (assets/voxtral-mini-3b-2507.json, its config.json)."""
+    """Voxtral-Mini-3B-2507's architecture (voxtral-mini-3b-2507.json beside this module: its config.json)."""
     from transformers import VoxtralConfig
 
-    return VoxtralConfig.from_json_file(FULL_SIZE_CONFIG)
+    return VoxtralConfig.from_dict(json.loads(FULL_SIZE_CONFIG.read_text()))
 
 
 def random_model(config, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0):
@@ -88,3 +92,18 @@ def build_tiny(path: str) -> str:
         save_processor(path)
         random_model(tiny_config()).save_pretrained(path)
     return path
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(path: str, device: torch.device):
+    """The Voxtral model from a checkpoint directory, on `device` (bfloat16 on CUDA), in eval mode."""
+    from transformers import VoxtralForConditionalGeneration
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = VoxtralForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=device)
+    return model.eval()

@@ -69,7 +69,7 @@ class ModelProcess:
                                "compile": compile, "log_level": logging.getLogger().getEffectiveLevel()})
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
-        self.process = subprocess.Popen([sys.executable, "-m", "voxtral_app.model_process", str(child.fileno()),
+        self.process = subprocess.Popen([sys.executable, "-m", "voxtral_app.model.model_process", str(child.fileno()),
                                          settings], pass_fds=[child.fileno()], env=env)
         child.close()
         self.closing = threading.Event()
@@ -172,8 +172,8 @@ def serve(pipe: Connection, path: str, device: str, slots: int, max_tokens: int,
     to close or the parent is gone."""
     from transformers import AutoFeatureExtractor
 
-    from .generate import Decoder
-    from .loading import load_model, resolve_device
+    from .checkpoint import load_model, resolve_device
+    from .decoder import Decoder
 
     try:
         model_device = resolve_device(device)

@@ -1,11 +1,11 @@
 """Turn-taking: when has the person finished speaking, and when do they cut in?
 
 fastrtc's default ReplyOnPause re-runs the VAD on whole 0.6 s chunks and waits for a silent one,
-so a reply starts 0.6-1.2 s after the person stops. Here a streaming VAD (vad.py: Silero, WebRTC or
-energy) runs over 32 ms windows, after optional noise suppression and gain (denoise.py; the level tests
+so a reply starts 0.6-1.2 s after the person stops. Here a streaming VAD (audio/vad.py: Silero, WebRTC or
+energy) runs over 32 ms windows, after optional noise suppression and gain (audio/denoise.py; the level tests
 below, new energy and the room's level, read the audio before it: suppression deepens the gaps between
 other voices more than the voices, and babble then stood out from the room as the speaker would):
-- after `end_of_turn.start_s` of silence (one window): Smart Turn (endpoint.py) starts deciding
+- after `end_of_turn.start_s` of silence (one window): Smart Turn (end_of_turn.py) starts deciding
   whether the person has finished;
 - after `speculate_s`: "pause", the reply is prepared unseen;
 - after `pause_s`: "end" (shown) if the model says finished ("complete"); otherwise the turn is held
@@ -30,10 +30,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .audio import SAMPLE_RATE
-from .denoise import Cleaner, CleanOptions
-from .endpoint import EndOfTurnModel, EndOfTurnOptions, shared_model
-from .vad import WINDOW, WINDOW_S, EnergyDetector, VadOptions, detector, level_dbfs
+from ..audio.denoise import Cleaner, CleanOptions
+from ..audio.pcm import SAMPLE_RATE
+from ..audio.vad import (
+    WINDOW,
+    WINDOW_S,
+    EnergyDetector,
+    VadOptions,
+    detector,
+    level_dbfs,
+)
+from .end_of_turn import EndOfTurnModel, EndOfTurnOptions, shared_model
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """What the server measures, for Prometheus (`GET /metrics`) and `/health`.
 
 The turn, token and timing metrics are process-wide prometheus-client objects that the code
-observes where things happen (conversation.py, handler.py, api.py; the engine's steps through its
-listener, `inference_timed`); each app's
+observes where things happen (handler.py, session_api.py; a conversation's events through
+`conversation_event`, the engine's steps through `inference_timed`); each app's
 registry (`registry(engine)`) serves them together with gauges read from its engine at scrape
 time (slots in use, readiness, GPU memory, open conversations by transport). Nothing is
 registered in prometheus-client's global registry, so several apps in one process (tests) never
@@ -12,9 +12,26 @@ clash. Thread-safe: prometheus-client's metrics lock themselves; `OPEN` is guard
 import threading
 
 import psutil
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ..conversation.events import (
+    Closed,
+    Event,
+    Opened,
+    ReplyFinished,
+    ReplyRetracted,
+    ReplyStarted,
+    ReplyStats,
+    TurnFailed,
+)
 
 # 10 ms .. 10 s: a real-time turn should land in the first few buckets; a stuck one in the last
 SECONDS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
@@ -47,35 +64,47 @@ for mode in ("chat", "transcribe"):  # conversation.MODES
     for transport in TRANSPORTS:
         TURNS.labels(mode, transport)
 
-OPEN: set = set()  # conversations holding a slot (they add and remove themselves)
+OPEN: set = set()  # conversations holding a slot (conversation_event adds and removes them)
 open_lock = threading.Lock()
 
 
-def opened(conversation) -> None:
+def open_conversations(backend) -> list:
     with open_lock:
-        OPEN.add(conversation)
+        return [c for c in OPEN if c.backend is backend]
 
 
-def closed(conversation) -> None:
-    with open_lock:
-        OPEN.discard(conversation)
+def conversation_event(conversation, event: Event) -> None:
+    """A conversation's listener (Conversation(listener=...)): count what its events say. On its worker thread."""
+    if isinstance(event, Opened):
+        with open_lock:
+            OPEN.add(conversation)
+    elif isinstance(event, Closed):
+        with open_lock:
+            OPEN.discard(conversation)
+    elif isinstance(event, ReplyStarted):
+        TURN_LATENCY.observe(event.latency_s)
+    elif isinstance(event, ReplyFinished):
+        turn_shown(conversation.name, event.stats)
+        if event.error is not None:
+            ERRORS.labels("turn").inc()
+    elif isinstance(event, ReplyRetracted):
+        RETRACTIONS.inc()
+        if event.stats is not None:  # it was still streaming: it never finished, so count it here
+            turn_shown(conversation.name, event.stats)
+    elif isinstance(event, TurnFailed) and event.kind in ("audio", "turn"):
+        ERRORS.labels(event.kind).inc()
 
 
-def open_conversations(engine) -> list:
-    with open_lock:
-        return [c for c in OPEN if c.engine is engine]
+def turn_shown(transport: str, stats: ReplyStats) -> None:
+    """A shown turn is over (finished, cancelled or retracted): count it and its tokens."""
+    TURNS.labels(stats.mode, transport).inc()
+    TOKENS.inc(stats.tokens)
+    if stats.backend_first_token_s is not None:
+        FIRST_TOKEN.observe(stats.backend_first_token_s)
 
 
-def turn_shown(transport: str, mode: str, stats: dict) -> None:
-    """A shown turn is over (finished, cancelled or taken back): count it and its tokens."""
-    TURNS.labels(mode, transport).inc()
-    TOKENS.inc(stats["tokens"])
-    if stats["first_token_s"] is not None:
-        FIRST_TOKEN.observe(stats["first_token_s"])
-
-
-def gpu_memory_bytes(engine) -> int:
-    return engine.decoder.memory_bytes()
+def gpu_memory_bytes(backend) -> int:
+    return backend.memory_bytes()
 
 
 class EngineCollector:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .audio import SAMPLE_RATE
+from .pcm import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from . import transport
+from ..compat import fastrtc as compat
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Connections:
         now = time.monotonic()
         present = set()
         for mixin in mixins:
-            for connection_id, state, handler in transport.peers(mixin):
+            for connection_id, state, handler in compat.peers(mixin):
                 present.add(connection_id)
                 claim = self.claims.get(connection_id)
                 age = now - (claim.claimed if claim else self.seen.setdefault(connection_id, now))
@@ -76,7 +76,7 @@ class Connections:
                     logger.info("dropping connection %s: its conversation has ended", connection_id)
                 else:
                     continue
-                await transport.drop_connection(mixin, connection_id)
+                await compat.drop_connection(mixin, connection_id)
         self.seen = {i: t for i, t in self.seen.items() if i in present}
         for connection_id, claim in list(self.claims.items()):  # a WebRTC claim lives as long as its peer
             if claim.transport == "webrtc" and connection_id not in present and not claim.readers and (

@@ -5,7 +5,8 @@
     WS /ws/audio/<id>      binary: raw little-endian int16 mono PCM at the session's rate, any chunk size
         client -> server (JSON): text_input {text}, config {mode, language, temperature, spoken}, cancel, clear
         server -> client (JSON): turn_start, text_delta {text}, text_response {text, timestamp, latency_ms,
-            status}, retracted, cleared, hush (stop playing), config {settings}, error {code, message};
+            mode, interrupted, status}, retracted, cleared, hush (stop playing), config {settings},
+            error {code, message};
             and, when `spoken`, binary PCM of each spoken sentence at the session's rate
 
 A session is one Conversation (one KV-cache slot, the same cap as every other route) from its
@@ -25,11 +26,27 @@ import numpy as np
 import soxr
 from fastapi import Request, WebSocket
 
+from ..audio.pcm import MAX_RATE, MIN_RATE, SAMPLE_RATE
+from ..backends.contract import EngineBusy, EngineFailed
+from ..conversation.conversation import (
+    MODES,
+    Conversation,
+    ConversationOptions,
+    Settings,
+)
+from ..conversation.events import (
+    Cleared,
+    Closed,
+    Hushed,
+    ReplyDelta,
+    ReplyFinished,
+    ReplyRetracted,
+    Speech,
+    TurnFailed,
+)
+from ..turns.taker import TurnTaker
 from . import metrics
-from .audio import MAX_RATE, MIN_RATE, SAMPLE_RATE
-from .conversation import CLOSED, HUSH, MODES, Conversation, ConversationOptions, Output, Settings
-from .engine import EngineBusy, EngineFailed
-from .turn import TurnTaker
+from .errors import busy, failed
 
 logger = logging.getLogger(__name__)
 
@@ -89,57 +106,51 @@ class Session:
 
 
 class Replies:
-    """A session's outbox -> socket messages, on its own thread (it alone owns `sent`).
+    """A session's conversation events -> socket messages, on its own thread (it alone owns `speaking`).
     Each message goes to `deliver` (thread-safe); None once the conversation has closed."""
 
     def __init__(self, session: Session, deliver):
         self.session = session
         self.deliver = deliver
-        self.sent: str | None = None  # the reply text already sent as deltas; None between turns
         self.speaking = False  # speech was sent since the last hush (the client may be playing it)
 
     def run(self) -> None:
         while True:
-            item = self.session.conversation.outbox.get()
-            if item == CLOSED:
-                return self.deliver(None)
-            if item == HUSH:
-                if self.speaking:
-                    self.speaking = False
-                    self.deliver({"type": "hush"})
-                continue
-            for message in self.messages(item):
+            event = self.session.conversation.outbox.get()
+            for message in self.messages(event):
                 self.deliver(message)
+            if isinstance(event, Closed):
+                return self.deliver(None)
 
-    def messages(self, output: Output) -> list:
-        status = output.status
-        if status.get("retracted") or status.get("cleared"):
-            self.sent = None
-            return [{"type": "retracted" if status.get("retracted") else "cleared"}]
-        if "mode" not in status:  # not a turn's update: a turn refused before it began, or a closing
-            return [error("turn_failed", status["error"])] if status.get("error") else []
-        text = output.history[-1]["content"]
-        if output.final and status.get("error"):
-            text = text.removesuffix(f"\n\n⚠️ {status['error']}")
-        elif output.final and text == "…" and not self.sent:  # the page's mark for an empty reply
-            text = ""
-        sent = self.sent or ""
-        out = [{"type": "text_delta", "text": text[len(sent):]}] if text.startswith(sent) and text != sent else []
-        self.sent = text
-        if output.audio is not None:
-            rate, samples = output.audio
-            if rate != self.session.rate:
-                samples = soxr.resample(samples, rate, self.session.rate)
-            out.append((np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes())
+    def messages(self, event) -> list:
+        if isinstance(event, ReplyDelta):
+            return [{"type": "text_delta", "text": event.delta}]
+        if isinstance(event, Speech):
+            samples = event.samples
+            if event.rate != self.session.rate:
+                samples = soxr.resample(samples, event.rate, self.session.rate)
             self.speaking = True
-        if output.final:
-            self.sent = None
-            out.append({"type": "text_response", "text": text, "timestamp": time.time(),
-                        "latency_ms": status.get("first_token_ms"), "mode": status["mode"],
-                        "interrupted": bool(status.get("interrupted")), "status": status})
-            if status.get("error"):
-                out.append(error("turn_failed", status["error"]))
-        return out
+            return [(np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()]
+        if isinstance(event, ReplyFinished):
+            status = asdict(event.stats) | ({"interrupted": True} if event.interrupted else {})
+            if event.error is not None:
+                status["error"] = event.error
+            out = [{"type": "text_response", "text": event.text, "timestamp": time.time(),
+                    "latency_ms": event.stats.first_token_ms, "mode": event.stats.mode,
+                    "interrupted": event.interrupted, "status": status}]
+            return out + ([error("turn_failed", event.error)] if event.error is not None else [])
+        if isinstance(event, ReplyRetracted):
+            return [{"type": "retracted"}]
+        if isinstance(event, Cleared):
+            return [{"type": "cleared"}]
+        if isinstance(event, TurnFailed):
+            return [error("turn_failed", event.message)]
+        if isinstance(event, Closed) and event.message:
+            return [error("closed", event.message)]
+        if isinstance(event, Hushed) and self.speaking:
+            self.speaking = False
+            return [{"type": "hush"}]
+        return []
 
 
 class Sessions:
@@ -156,7 +167,8 @@ class Sessions:
 
     def create(self, settings: Settings, rate: int) -> Session:
         """Take a slot (EngineBusy / EngineFailed); it is freed if nobody connects in time."""
-        conversation = Conversation(self.engine, self.chat_options, self.speaker, settings, name="session_ws").open()
+        conversation = Conversation(self.engine, self.chat_options, self.speaker, settings, name="session_ws",
+                                    listener=metrics.conversation_event).open()
         session = Session(conversation, rate, settings)
         self.sessions[session.id] = session
         session.expiry = asyncio.get_running_loop().call_later(self.options.connect_timeout_s, self.expire, session)
@@ -301,11 +313,8 @@ def add_session_routes(app, engine, chat_options: ConversationOptions, speaker,
                        options: SessionOptions = SessionOptions(), time_limit_s: float | None = None) -> Sessions:
     """Serve POST /session/create and WS /ws/audio/{session_id} on `app`; `time_limit_s`: the
     server's limit per connection (--session-time-limit)."""
-    from .server import failed  # the other routes' failure body (server.py imports this module)
-
     sessions = Sessions(engine, chat_options, speaker, options, time_limit_s)
     app.state.sessions = sessions
-    app.router.on_shutdown.append(sessions.end_all)
 
     @app.post("/session/create")
     async def create_session(request: Request):
@@ -322,9 +331,7 @@ def add_session_routes(app, engine, chat_options: ConversationOptions, speaker,
             session = sessions.create(settings, rate)
         except EngineBusy:
             metrics.REJECTED.inc()
-            slots = engine.options.slots
-            return failed(429, "concurrency_limit_reached", f"All {slots} conversations are in use; "
-                          "please try again in a minute.", limit=slots)
+            return busy(engine.options.slots)
         except EngineFailed as problem:
             metrics.REJECTED.inc()
             return failed(503, "engine_failed", f"The server cannot answer right now ({problem}).")

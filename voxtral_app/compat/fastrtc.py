@@ -1,32 +1,23 @@
 """The one place that touches fastrtc's and aiortc's private parts.
 
-Written for fastrtc 0.0.34 and aiortc 1.16 (checked at import): an upgrade that moves any of
-these internals should break here, in one module, and nowhere else.
+Written for fastrtc 0.0.34 and aiortc 1.16 (compat.WRITTEN_FOR, checked at import): an upgrade that
+moves any of these internals should break here, in one module, and nowhere else.
 """
 
 import asyncio
 import logging
-from importlib.metadata import version
 
 import av
 from fastrtc import Stream
 from fastrtc.utils import get_current_context
 from fastrtc.websocket import WebSocketHandler
 
+from . import WRITTEN_FOR, check_versions
+
 logger = logging.getLogger(__name__)
 
-WRITTEN_FOR = {"fastrtc": "0.0.34", "aiortc": "1.16.0"}
-
-
-def check_versions() -> None:
-    for package, expected in WRITTEN_FOR.items():
-        found = version(package)
-        if found != expected:
-            raise ImportError(f"voxtral_app/transport.py was written for {package} {expected}, but {found} is "
-                              f"installed: pin {package}=={expected} (requirements.txt) or port transport.py")
-
-
-check_versions()
+check_versions({package: WRITTEN_FOR[package] for package in ("fastrtc", "aiortc")})  # at import: nothing below
+# works on another version
 
 
 def buffer_less_audio(packets: int) -> None:

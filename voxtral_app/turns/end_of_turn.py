@@ -22,7 +22,7 @@ import librosa
 import numpy as np
 import onnxruntime
 
-from .audio import SAMPLE_RATE
+from ..audio.pcm import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 

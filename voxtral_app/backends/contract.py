@@ -1,7 +1,7 @@
 """The generation backend: what a Conversation and the server need from whatever generates replies.
 
-Two implementations: `engine.Engine` (local: the model in this process, a KV cache per
-conversation, batched decode) and `remote.OpenAIBackend` (streams from an OpenAI-compatible server
+Two implementations: `model.engine.Engine` (local: the model in this process, a KV cache per
+conversation, batched decode) and `backends.openai.OpenAIBackend` (streams from an OpenAI-compatible server
 such as vLLM). app.py picks one with `--backend local|openai`; nothing else knows which it got.
 These Protocols only write the contract down (typing, docs); nothing checks them at run time.
 """
@@ -9,13 +9,31 @@ These Protocols only write the contract down (typing, docs); nothing checks them
 import logging
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from .engine import Sampling
-
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.2  # Mistral's recommendation for Voxtral chat
+    top_p: float = 0.95
+    max_new_tokens: int = 512  # reply length cap, tokens
+
+
+CHAT = Sampling()
+TRANSCRIBE = Sampling(temperature=0.0, top_p=1.0)  # greedy, as recommended; its length: transcript_tokens
+
+
+class EngineBusy(RuntimeError):
+    """Every conversation slot is taken."""
+
+
+class EngineFailed(RuntimeError):
+    """The decode thread has died; nothing more can be generated until the process restarts."""
 
 
 class Reply(Protocol):
@@ -144,16 +162,26 @@ class Options(Protocol):
 
 
 class Backend(Protocol):
-    """Owned by the process; thread-safe. `open_chat()` raises engine.EngineBusy when `slots`
-    conversations are open, engine.EngineFailed when the backend cannot serve any more."""
+    """Owned by the process; thread-safe. `open_chat()` raises EngineBusy when `slots`
+    conversations are open, EngineFailed when the backend cannot serve any more."""
 
     options: Options
-    model_device: object  # str() names where generation runs; `.type` is "cuda", "cpu" or "remote"
-    decoder: object  # `.compiled`: whether the hot path is torch.compiled (False when remote); `.memory_bytes()`
+    device_kind: str  # where generation runs: "cuda", "cpu" or "remote" (the end-of-turn default reads it)
+    device_name: str  # the same for people: "cuda:0", "cpu", the remote server's URL
+    compiled: bool  # the hot path is torch.compiled (False when remote)
     ready: threading.Event  # set once the first turn can be served without a warm-up wait
     failure: BaseException | None
 
     def open_chat(self) -> Chat: ...
+
+    def memory_bytes(self) -> int:
+        """Accelerator memory the backend holds here (0 on CPU and when remote)."""
+
+    def describe(self) -> dict:
+        """What /health says about the backend: {"kind": "local"}, or the remote one's report."""
+
+    def listen(self, listener) -> None:
+        """Call `listener(phase, seconds)` after each model step ("prefill", "decode"), where there are any."""
 
     @property
     def free_slots(self) -> list: ...
@@ -172,7 +200,3 @@ class Backend(Protocol):
 
     def close(self) -> None: ...
 
-
-def describe(backend) -> dict:
-    """What /health says about the backend: {"kind": "local"} or the remote backend's own report."""
-    return backend.describe() if hasattr(backend, "describe") else {"kind": "local"}

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from mistral_common.protocol.transcription.request import TranscriptionRequest
 
-from .audio import SAMPLE_RATE, wav_bytes
+from ..audio.pcm import SAMPLE_RATE, wav_bytes
+from ..compat.transformers import text_tokens
 
 CHUNK_SAMPLES = 480_000  # 30 s at 16 kHz: Voxtral pads every clip to a multiple of this
 CHUNK_FRAMES = 3_000  # mel frames per 30 s chunk (the encoder's fixed input length)
@@ -81,8 +82,7 @@ def with_reply(processor, prompt: Prompt, reply: dict) -> Prompt:
     as mistral-common encodes an assistant turn (the engine stores replies stripped), or the reply's
     own tokens when it has them."""
     tokenizer = processor.tokenizer
-    reply_ids = reply["ids"] if "ids" in reply else (
-        tokenizer.tokenizer.instruct_tokenizer.tokenizer.encode(reply["content"], bos=False, eos=False))
+    reply_ids = reply["ids"] if "ids" in reply else text_tokens(processor, reply["content"])
     return Prompt(prompt.ids + reply_ids + [tokenizer.eos_token_id], prompt.audio, prompt.keys)
 
 

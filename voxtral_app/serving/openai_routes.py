@@ -31,9 +31,9 @@ import soundfile as sf
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from . import prompt as prompts
-from .audio import AudioError, prepare, wav_bytes
-from .engine import CHAT, EngineBusy, EngineFailed, Sampling
+from ..audio.pcm import AudioError, prepare, wav_bytes
+from ..backends.contract import CHAT, EngineBusy, EngineFailed, Sampling
+from ..model import prompt as prompts
 
 logger = logging.getLogger(__name__)
 

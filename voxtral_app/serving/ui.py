@@ -9,17 +9,19 @@ import gradio as gr
 import numpy as np
 from fastrtc import WebRTC
 
-from . import transport
-from .conversation import Conversation, Output, Settings, reply_kind
-from .engine import EngineBusy, EngineFailed
-from .handler import VoxtralHandler
+from ..backends.contract import EngineBusy, EngineFailed
+from ..compat import fastrtc as compat
+from ..conversation.conversation import Conversation, Settings
+from . import metrics
+from .chat_view import ChatView, Output, reply_kind
+from .handler import VoxtralHandler, settings_from_controls
 
 logger = logging.getLogger(__name__)
 
 LANGUAGES = ["auto", "en", "fr", "de", "es", "it", "pt", "nl", "hi"]  # Voxtral's languages
 
 # The browser snippets below are written against fastrtc 0.0.34's component (its DOM and its logging);
-# transport.py refuses any other fastrtc version at import.
+# compat.py refuses any other fastrtc version at import.
 # fastrtc's WebRTC component logs every data-channel message and connection state change: 3 lines per
 # chat update (83 lines in 30 s with one short reply from the tiny model; hundreds with real replies).
 # The page keeps warnings and errors; `python app.py --debug` keeps all.
@@ -64,15 +66,15 @@ BUTTON_LABELS = {"start": "Start talking", "stop": "Stop", "waiting": "Connectin
 
 
 def engine_status(engine) -> str:
-    where = f"`{engine.options.model}` on {engine.model_device.type}" + (" (compiled)" if engine.decoder.compiled else "")
+    where = f"`{engine.options.model}` on {engine.device_kind}" + (" (compiled)" if engine.compiled else "")
     busy = f"{engine.active_chats}/{engine.options.slots} conversations"
     if not engine.ready.is_set():
         return f"⏳ Warming up {where}… replies start once it is ready."
     return f"✅ Ready: {where} · {busy}"
 
 
-def show(history, status):
-    """AdditionalOutputs(history, status) -> chatbot and the turn line."""
+def show(history, status, final=False):
+    """AdditionalOutputs(history, status, final) -> chatbot and the turn line."""
     if status.get("error"):
         gr.Warning(status["error"])
     return history, turn_line(status)
@@ -98,38 +100,41 @@ UPLOAD_TURN_TIMEOUT_S = 600.0  # an uploaded turn's reply must finish within thi
 class Uploads:
     """The upload box's conversations, one per page session (Gradio's session_hash). Each takes a
     KV-cache slot like a microphone connection, and is closed when its page unloads (or, as a
-    backstop, after the conversation's idle timeout). `conversations` is guarded by `lock`."""
+    backstop, after the conversation's idle timeout). `conversations` (each with its ChatView, used by
+    the one request that streams its reply at a time) is guarded by `lock`."""
 
     def __init__(self, engine, handler: VoxtralHandler):
         self.engine = engine
         self.handler = handler
         self.lock = threading.Lock()
-        self.conversations: dict[str, Conversation] = {}
+        self.conversations: dict[str, tuple[Conversation, ChatView]] = {}
 
-    def get(self, session: str) -> Conversation | None:
+    def get(self, session: str) -> tuple[Conversation, ChatView] | None:
         with self.lock:
-            conversation = self.conversations.get(session)
-            if conversation is not None and conversation.closed.is_set():
+            entry = self.conversations.get(session)
+            if entry is not None and entry[0].closed.is_set():
                 del self.conversations[session]
-                conversation = None
-            return conversation
+                entry = None
+            return entry
 
-    def open(self, session: str) -> Conversation:
-        conversation = self.get(session)
-        if conversation is None:
+    def open(self, session: str) -> tuple[Conversation, ChatView]:
+        entry = self.get(session)
+        if entry is None:
             options = self.handler.options
             conversation = Conversation(self.engine, options, self.handler.speaker,
-                                        Settings(temperature=options.temperature), name="ui_upload")
+                                        Settings(temperature=options.temperature), name="ui_upload",
+                                        listener=metrics.conversation_event)
             conversation.open()  # EngineBusy when every slot is taken
+            entry = (conversation, ChatView(options, "ui_upload"))
             with self.lock:
-                self.conversations[session] = conversation
-        return conversation
+                self.conversations[session] = entry
+        return entry
 
     def close(self, session: str) -> None:
         with self.lock:
-            conversation = self.conversations.pop(session, None)
-        if conversation is not None:
-            conversation.close()
+            entry = self.conversations.pop(session, None)
+        if entry is not None:
+            entry[0].close()
 
 
 def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit: float | None,
@@ -172,11 +177,12 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
                     queue=False, show_progress="hidden")
 
         def live_conversation(value) -> Conversation | None:
-            conversation = getattr(transport.live_handler(microphone, webrtc_id(value) or ""), "conversation", None)
+            conversation = getattr(compat.live_handler(microphone, webrtc_id(value) or ""), "conversation", None)
             return None if conversation is None or conversation.closed.is_set() else conversation
 
         def clear_conversation(value, request: gr.Request):
-            for conversation in (live_conversation(value), uploads.get(request.session_hash)):
+            upload = uploads.get(request.session_hash)
+            for conversation in (live_conversation(value), upload and upload[0]):
                 if conversation is not None:
                     conversation.post("clear")
             return [], ""
@@ -184,42 +190,44 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
         clear.click(clear_conversation, inputs=[microphone], outputs=[chatbot, last_turn], queue=False)
         chatbot.clear(clear_conversation, inputs=[microphone], outputs=[chatbot, last_turn], queue=False)
 
-        def upload_conversation(session: str) -> Conversation | None:
+        def upload_conversation(session: str) -> tuple[Conversation, ChatView] | None:
             try:
                 return uploads.open(session)
             except (EngineBusy, EngineFailed) as error:
                 gr.Warning(f"The server is busy ({error}). Please try again in a minute.")
                 return None
 
-        def replies(conversation: Conversation):
-            """The conversation's outputs as chat updates, until its turn's last one."""
+        def replies(conversation: Conversation, view: ChatView):
+            """The conversation's events as chat updates, until its turn's last one."""
             while True:
                 try:
-                    output = conversation.outbox.get(timeout=UPLOAD_TURN_TIMEOUT_S)
+                    event = conversation.outbox.get(timeout=UPLOAD_TURN_TIMEOUT_S)
                 except queue.Empty:
                     gr.Warning("The reply took too long.")
                     return
-                if not isinstance(output, Output):
-                    if conversation.closed.is_set():
+                for output in view.render(event):
+                    if not isinstance(output, Output):
+                        if conversation.closed.is_set():
+                            return
+                        continue
+                    yield show(output.history, output.status)
+                    if output.final:
                         return
-                    continue
-                yield show(output.history, output.status)
-                if output.final:
-                    return
 
         def send_upload(audio, mode, language, temperature, request: gr.Request):  # uploads get text replies
             if audio is None:
                 gr.Warning("Choose an audio file first.")
                 yield gr.skip(), gr.skip()
                 return
-            conversation = upload_conversation(request.session_hash)
-            if conversation is None:
+            upload = upload_conversation(request.session_hash)
+            if upload is None:
                 yield gr.skip(), gr.skip()
                 return
+            conversation, view = upload
             rate, samples = audio
-            conversation.post("settings", Settings.from_values([mode, language, temperature, False]))
+            conversation.post("settings", settings_from_controls([mode, language, temperature, False]))
             conversation.post("audio", (rate, np.asarray(samples)))
-            yield from replies(conversation)
+            yield from replies(conversation, view)
 
         send.click(send_upload, inputs=[upload, mode, language, temperature], outputs=[chatbot, last_turn],
                    concurrency_limit=concurrency_limit)
@@ -239,14 +247,15 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
                 conversation.post("text", text)
                 yield gr.skip(), gr.skip(), ""
                 return
-            conversation = upload_conversation(request.session_hash)
-            if conversation is None:
+            upload = upload_conversation(request.session_hash)
+            if upload is None:
                 yield gr.skip(), gr.skip(), gr.skip()
                 return
-            conversation.post("settings", Settings.from_values([mode, language, temperature, False]))
+            conversation, view = upload
+            conversation.post("settings", settings_from_controls([mode, language, temperature, False]))
             conversation.post("text", text)
             yield gr.skip(), gr.skip(), ""
-            for history, line in replies(conversation):
+            for history, line in replies(conversation, view):
                 yield history, line, gr.skip()
 
         typed.submit(send_text, inputs=[typed, microphone, mode, language, temperature],

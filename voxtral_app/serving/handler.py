@@ -1,10 +1,11 @@
 """The fastrtc handler: one per WebRTC, WebSocket or phone connection (fastrtc copies it for each).
 
-Audio in -> turn events (turn.py) -> the connection's Conversation; the Conversation's outputs ->
-chat updates (AdditionalOutputs(history, status)) and spoken sentences out. The handler keeps no
+Audio in -> turn events (turns/taker.py) -> the connection's Conversation; the Conversation's outputs ->
+chat updates (AdditionalOutputs(history, status, final), chat_view.py) and spoken sentences out. The handler keeps no
 conversation state of its own, so a connection's messages and KV cache never reach another.
 """
 
+import collections
 import contextlib
 import logging
 import queue
@@ -16,12 +17,14 @@ import soxr
 from fastrtc import AdditionalOutputs, CloseStream, StreamHandler
 from fastrtc.utils import create_message
 
-from . import metrics, transport
-from .audio import SAMPLE_RATE
-from .conversation import CLOSED, HUSH, Conversation, ConversationOptions, Output, Settings
-from .engine import EngineBusy, EngineFailed
-from .turn import TurnTaker
-from .vad import to_16k
+from ..audio.pcm import SAMPLE_RATE
+from ..audio.vad import to_16k
+from ..backends.contract import EngineBusy, EngineFailed
+from ..compat import fastrtc as compat
+from ..conversation.conversation import Conversation, ConversationOptions, Settings
+from ..turns.taker import TurnTaker
+from . import metrics
+from .chat_view import CLOSED, HUSH, ChatView, Output
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +36,22 @@ HEARD_FRAMES_MAX = 250  # WebRTC frames (5 s) waiting for the hearing thread; mo
 HEARING_IDLE_S = 10.0  # the hearing thread ends after this long without a frame (it restarts on the next)
 
 
+def settings_from_controls(values: list) -> Settings:
+    """The page's control values (mode, language, temperature, spoken), tolerant of junk and short
+    lists; fastrtc puts the microphone's own value first."""
+    names = ("mode", "language", "temperature", "spoken")
+    values = [v for v in values if not hasattr(v, "webrtc_id") and v != "__webrtc_value__"][-len(names):]
+    return Settings.from_dict(dict(zip(names, values)))
+
+
 class VoxtralHandler(StreamHandler):
     """A connection's turn-taking in front of its Conversation.
 
     Threads: `receive()` alone owns `turns`: it runs on the connection's hearing thread for WebRTC
     (`resample()`, on the event loop, only queues frames for it) and on fastrtc's receive worker for
     WebSocket and phone. `emit()` runs on fastrtc's emit worker and alone reads the outbox;
-    start_up/set_args/shutdown only post messages. `hearing` belongs to the event loop. `settings`,
+    start_up/set_args/shutdown only post messages; `view` and `rendered` belong to the emit worker.
+    `hearing` belongs to the event loop. `settings`,
     `conversation` and `last_frame` are guarded by `lock` (set_args may come before start_up).
     """
 
@@ -56,6 +68,8 @@ class VoxtralHandler(StreamHandler):
         self.lock = threading.Lock()
         self.settings = Settings(temperature=options.temperature)
         self.conversation: Conversation | None = None
+        self.view = ChatView(options, transport_name)  # the conversation's events as chat updates
+        self.rendered: collections.deque = collections.deque()  # what the view made of the last event, in order
         self.refused: str | None = None  # why start_up refused the connection, until emit closes it
         self.last_frame: float | None = None  # clock() when the last WebRTC frame arrived (resample())
         self.heard: queue.Queue = queue.Queue(HEARD_FRAMES_MAX)  # WebRTC frames for the hearing thread, then None
@@ -98,7 +112,7 @@ class VoxtralHandler(StreamHandler):
             if frame is None or self.hung_up.is_set():
                 return
             try:
-                for piece in transport.resample_each_frame(self, frame):
+                for piece in compat.resample_each_frame(self, frame):
                     self.receive((piece.sample_rate, piece.to_ndarray()))
             except Exception:  # noqa: BLE001 - one bad frame must not end the connection's hearing
                 logger.exception("%s: a frame could not be heard", self.transport_name)
@@ -111,7 +125,8 @@ class VoxtralHandler(StreamHandler):
             if self.phone_mode:
                 settings = self.settings = Settings(spoken=self.options.phone_spoken,
                                                     temperature=self.options.temperature)
-            conversation = Conversation(self.engine, self.options, self.speaker, settings, name=self.transport_name)
+            conversation = Conversation(self.engine, self.options, self.speaker, settings, name=self.transport_name,
+                                        listener=metrics.conversation_event)
         try:
             conversation.open()
         except (EngineBusy, EngineFailed) as error:
@@ -144,7 +159,7 @@ class VoxtralHandler(StreamHandler):
 
     def set_args(self, args: list) -> None:
         super().set_args(args)
-        settings = Settings.from_values(list(args))
+        settings = settings_from_controls(list(args))
         if self.phone_mode:
             settings = Settings.from_dict({"spoken": self.options.phone_spoken}, settings)
         with self.lock:
@@ -184,10 +199,15 @@ class VoxtralHandler(StreamHandler):
         if self.peer_gone():  # don't wait ~30 s for ICE consent to notice: free the slot now
             logger.info("%s: no audio for %.0f s; closing the conversation", self.transport_name, PEER_SILENT_S)
             conversation.close()
-        try:
-            item = conversation.outbox.get(timeout=EMIT_WAIT_S)
-        except queue.Empty:
-            return None
+        if not self.rendered:
+            try:
+                event = conversation.outbox.get(timeout=EMIT_WAIT_S)
+            except queue.Empty:
+                return None
+            self.rendered.extend(self.view.render(event))
+            if not self.rendered:
+                return None
+        item = self.rendered.popleft()
         if item == HUSH:
             logger.debug("%s: hush", self.transport_name)
             self.stop_speaking()
@@ -206,7 +226,7 @@ class VoxtralHandler(StreamHandler):
     def to_fastrtc(self, output: Output):
         if self.transport_name == "webrtc" and self.channel is not None and self.channel.readyState != "open":
             return None  # the page has gone: fastrtc would tell it on the closed data channel (InvalidStateError)
-        outputs = AdditionalOutputs(output.history, output.status)
+        outputs = AdditionalOutputs(output.history, output.status, output.final)
         if output.final:
             self.send_message_sync(create_message("log", "response_starting"))
         if output.audio is None:
@@ -220,4 +240,4 @@ class VoxtralHandler(StreamHandler):
         if self.clear_queue is not None:  # fastrtc's playback queue, once the connection has one
             self.clear_queue()
         if self.phone_mode:
-            transport.tell_twilio_to_clear(self)
+            compat.tell_twilio_to_clear(self)

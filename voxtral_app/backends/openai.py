@@ -1,6 +1,6 @@
 """Generation on an OpenAI-compatible server: vLLM serving Voxtral, or another copy of this app.
 
-`OpenAIBackend` stands where the local `Engine` stands (backend.py's contract): `open_chat()`
+`OpenAIBackend` stands where the local `Engine` stands (contract.py): `open_chat()`
 gives a `RemoteChat` that keeps the conversation's messages itself and streams each reply from
 `POST /v1/chat/completions` (the user's audio as an `input_audio` part, a base64 WAV; earlier turns
 as messages) or, in transcribe mode, `POST /v1/audio/transcriptions`. The server keeps no state
@@ -14,7 +14,6 @@ are guarded by `lock`. A server that is down or slow fails the reply with a mess
 (connect and read timeouts: never a hang); /health reads a reachability check made in the background.
 """
 
-import argparse
 import asyncio
 import base64
 import collections
@@ -23,7 +22,7 @@ import logging
 import queue
 import threading
 import time
-import types
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -33,10 +32,8 @@ import numpy as np
 import openai
 import soundfile as sf
 
-from . import config
-from .audio import SAMPLE_RATE
-from .backend import Turns
-from .engine import CHAT, EngineBusy, EngineFailed, Sampling
+from ..audio.pcm import SAMPLE_RATE
+from .contract import CHAT, EngineBusy, EngineFailed, Sampling, Turns
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +61,18 @@ class BackendUnavailable(RuntimeError):
     """The server at --backend-url does not answer like an OpenAI-compatible server."""
 
 
-def base_url(url: str) -> str:
-    """Check the URL's form -> the API's base URL; ValueError saying what is expected."""
+def base_url(text: str) -> str:
+    """An OpenAI-compatible server's base URL: http(s)://host[:port][/path]; a bare host gets /v1.
+    ValueError saying what is expected."""
+    parts = urllib.parse.urlsplit(text.strip())
+    expected = f"expected an http(s) URL such as http://vllm:8000/v1, got {text!r}"
     try:
-        return config.backend_url(url)
-    except argparse.ArgumentTypeError as error:
-        raise ValueError(str(error)) from None
+        parts.port  # noqa: B018 - raises for a port that is not one
+    except ValueError:
+        raise ValueError(expected) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(expected)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") or "/v1", "", ""))
 
 
 def wav_base64(audio: np.ndarray) -> str:
@@ -264,25 +267,15 @@ class RemoteChat(Turns):
                 self.drop_last_turn()
 
 
-@dataclass(frozen=True)
-class Remote:
-    """Where generation runs, as /health and the page name it."""
-
-    url: str
-    type: str = "remote"
-
-    def __str__(self) -> str:
-        return self.url
-
-
 class OpenAIBackend:
-    """A generation backend on an OpenAI-compatible server (backend.py's contract); thread-safe."""
+    """A generation backend on an OpenAI-compatible server (contract.py); thread-safe."""
 
     def __init__(self, options: RemoteOptions):
         self.url = base_url(options.url)
         self.options = options
-        self.model_device = Remote(self.url)
-        self.decoder = types.SimpleNamespace(compiled=False, memory_bytes=lambda: 0)  # what /health and the page show
+        self.device_kind = "remote"  # the contract's view of where generation runs (contract.Backend)
+        self.device_name = self.url
+        self.compiled = False
         self.failure: BaseException | None = None  # never set: a remote failure fails turns, not the process
         self.ready = threading.Event()  # set once the server has answered
         self.lock = threading.Lock()
@@ -364,6 +357,10 @@ class OpenAIBackend:
         return False  # a slow server fails its turns by the read timeout
 
     # -- conversations --------------------------------------------------------------------------
+
+    def memory_bytes(self) -> int:
+        """Accelerator memory held here: none, the model runs elsewhere."""
+        return 0
 
     def listen(self, listener) -> None:
         """The engine's step timings (Engine.listen): no model steps run here, so nothing is ever told."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime
 
-from .audio import SAMPLE_RATE, to_float, to_mono
+from .pcm import SAMPLE_RATE, to_float, to_mono
 
 logger = logging.getLogger(__name__)
 

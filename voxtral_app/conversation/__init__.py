@@ -1,0 +1,1 @@
+"""One conversation: its state machine (conversation), the typed events it emits (events), spoken replies (speech)."""

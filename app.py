@@ -73,7 +73,7 @@ def parse_args(argv=None, environ=None) -> argparse.Namespace:
     add("--end-of-turn", action=argparse.BooleanOptionalAction, env_type=switch, env=("ENABLE_END_OF_TURN",),
         help="Smart Turn decides at each pause whether the person has finished (default: on when the model runs "
         "on a GPU or a remote backend; off when it shares this machine's CPU, where Smart Turn's ~0.1 s of CPU "
-        "per pause slows every turn, see the README's turn-taking tables)")
+        "per pause slows every turn, see docs/turn-taking.md)")
     add("--voice", default="auto", choices=["auto", "kokoro", "espeak"], env=("VOXTRAL_VOICE",),
         help="text-to-speech for spoken replies")
     add("--auth-token", env=("VOXTRAL_AUTH_TOKEN",),

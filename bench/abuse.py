@@ -23,6 +23,7 @@ import websockets
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import results  # noqa: E402  (bench/results.py)
 from soak import ROOT, app_process, percentile, speech_clips, talk  # noqa: E402
 
 
@@ -93,7 +94,7 @@ async def junk(ws_url: str, until: float, tally: Counter) -> None:
 
 async def run(url: str, seconds: float, flood: bool) -> tuple[list, Counter]:
     until = time.monotonic() + seconds
-    results: dict = {}
+    heard: dict = {}
     tally: Counter = Counter()
     ws_url = url.replace("http", "ws")
 
@@ -103,11 +104,11 @@ async def run(url: str, seconds: float, flood: bool) -> tuple[list, Counter]:
                              ghost_offers(url, until, tally), big_bodies(url, until, tally),
                              token_guesses(url, until, tally), junk(ws_url, until, tally))
 
-    live = talk(url, speech_clips(), 6.0, until, "live", results)
+    live = talk(url, speech_clips(), 6.0, until, "live", heard)
     outcome = await asyncio.gather(live, *([floods()] if flood else []), return_exceptions=True)
     if isinstance(outcome[0], Exception):  # the live client could not even connect: refused
         tally[f"live client refused: {outcome[0]}"] += 1
-    return results.get("live", []), tally
+    return heard.get("live", []), tally
 
 
 def main() -> None:
@@ -123,13 +124,15 @@ def main() -> None:
             answered = [x for x in latencies if x is not None]
             refused = any(key.startswith("live client refused") for key in tally)
             rows.append((name, len(latencies), len(answered), answered, refused, tally))
-    print(f"\nlive client: a turn every 6 s for {args.seconds:g} s; --max-sessions {args.sessions}; tiny-random\n")
-    print("| live client | turns | answered | first text p50 / p90 (ms) | ever refused | what the floods got |")
-    print("|---|---|---|---|---|---|")
-    for name, turns, answered, latencies, refused, tally in rows:
-        got = ", ".join(f"{key} x{count}" for key, count in sorted(tally.items())) or "-"
-        print(f"| {name} | {turns} | {answered} | {percentile(latencies, 50)} / {percentile(latencies, 90)} | "
-              f"{'yes' if refused else 'no'} | {got} |")
+    with results.recording() as printed:
+        print(f"\nlive client: a turn every 6 s for {args.seconds:g} s; --max-sessions {args.sessions}; tiny-random\n")
+        print("| live client | turns | answered | first text p50 / p90 (ms) | ever refused | what the floods got |")
+        print("|---|---|---|---|---|---|")
+        for name, turns, answered, latencies, refused, tally in rows:
+            got = ", ".join(f"{key} x{count}" for key, count in sorted(tally.items())) or "-"
+            print(f"| {name} | {turns} | {answered} | {percentile(latencies, 50)} / {percentile(latencies, 90)} | "
+                  f"{'yes' if refused else 'no'} | {got} |")
+    results.write("abuse", printed.text, {"rows": rows})
 
 
 if __name__ == "__main__":

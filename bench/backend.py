@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # servers.py
 
 import httpx  # noqa: E402
+import results  # noqa: E402  (bench/results.py)
 
 from voxtral_app.audio.pcm import SAMPLE_RATE, prepare, read_wav  # noqa: E402
 from voxtral_app.backends.contract import Sampling  # noqa: E402
@@ -134,18 +135,21 @@ def main(argv=None) -> None:
     try:
         for backend in backends.values():
             conversation(backend, audio, 0)  # untimed: first-request costs
-        results = measure(backends, audio, args.turns)
+        timings = measure(backends, audio, args.turns)
     finally:
         remote.close()
         process.terminate()
         process.wait(30)
         engine.close()
-    print(f"{cpu_name()}; torch {torch.__version__} CPU float32, tiny random Voxtral, {CLIP_S} s speech turns, "
-          f"{REPLY_TOKENS}-token sampled replies, median of {args.turns}\n")
-    print("| path | first turn: first token | decode tok/s | turn 4: first token | decode tok/s | tokens per reply |")
-    print("|---|---|---|---|---|---|")
-    for name, ((first, rate, tokens), (later, later_rate, _)) in results.items():
-        print(f"| {name} | {first * 1000:.1f} ms | {rate:.0f} | {later * 1000:.1f} ms | {later_rate:.0f} | {tokens:.0f} |")
+    with results.recording() as printed:
+        print(f"{cpu_name()}; torch {torch.__version__} CPU float32, tiny random Voxtral, {CLIP_S} s speech turns, "
+              f"{REPLY_TOKENS}-token sampled replies, median of {args.turns}\n")
+        print("| path | first turn: first token | decode tok/s | turn 4: first token | decode tok/s | tokens per reply |")
+        print("|---|---|---|---|---|---|")
+        for name, ((first, rate, tokens), (later, later_rate, _)) in timings.items():
+            print(f"| {name} | {first * 1000:.1f} ms | {rate:.0f} | {later * 1000:.1f} ms | {later_rate:.0f} | "
+                  f"{tokens:.0f} |")
+    results.write("backend", printed.text, {"timings": timings}, argv)
 
 
 if __name__ == "__main__":

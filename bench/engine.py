@@ -2,7 +2,7 @@
 
     python bench/engine.py --config tiny   # tiny random Voxtral on CPU, about half a minute
     python bench/engine.py --config full   # Voxtral-Mini-3B-2507 shapes, random bf16 weights, GPU
-    bench/gpu/run.sh --config full         # the same on the GPU machine, with the wheels it lacks (README)
+    bench/gpu/run.sh --config full         # the same on the GPU machine, with the wheels it lacks (bench/gpu/README.md)
 
 Prints one markdown table: audio encode, time to first token, decode speed against the memory
 bandwidth floor, peak memory, KV reuse across turns and throughput of concurrent conversations.
@@ -363,10 +363,14 @@ def main(argv=None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**raw, "rows": rows}, f, indent=1)
-    print(header + "\n")
-    print("| measurement | eager generate | ours |\n|---|---|---|")
-    for name, eager_cell, ours_cell in rows:
-        print(f"| {name} | {eager_cell} | {ours_cell} |")
+    import results  # bench/results.py; here, not at the top, where tests/test_gpu_kit.py would take it for a package
+
+    with results.recording() as printed:
+        print(header + "\n")
+        print("| measurement | eager generate | ours |\n|---|---|---|")
+        for name, eager_cell, ours_cell in rows:
+            print(f"| {name} | {eager_cell} | {ours_cell} |")
+    results.write(f"engine-{args.config}", printed.text, {**raw, "rows": rows}, argv)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import results  # noqa: E402  (bench/results.py)
+
 from voxtral_app.audio.pcm import SAMPLE_RATE, prepare, read_wav  # noqa: E402
 from voxtral_app.backends.contract import Sampling  # noqa: E402
 from voxtral_app.model.engine import EngineOptions
@@ -63,12 +65,14 @@ def main() -> None:
         first = np.array([s["first_token_s"] for s in stats]) * 1000
         rows.append((name, *np.percentile(first, [50, 90, 99]), first.max(), max(s["prefill_tokens"] for s in stats)))
     engine.close()
-    print(f"\n{args.turns} turns of 5 s speech, {args.max_tokens}-token cache, tiny random Voxtral, CPU, "
-          f"{os.cpu_count()} CPUs\n")
-    print("| trim | first token p50 / p90 / p99 / max (ms) | largest prefill waited for (tokens) |")
-    print("|---|---|---|")
-    for name, p50, p90, p99, worst, prefill in rows:
-        print(f"| {name} | {p50:.0f} / {p90:.0f} / {p99:.0f} / {worst:.0f} | {prefill} |")
+    with results.recording() as printed:
+        print(f"\n{args.turns} turns of 5 s speech, {args.max_tokens}-token cache, tiny random Voxtral, CPU, "
+              f"{os.cpu_count()} CPUs\n")
+        print("| trim | first token p50 / p90 / p99 / max (ms) | largest prefill waited for (tokens) |")
+        print("|---|---|---|")
+        for name, p50, p90, p99, worst, prefill in rows:
+            print(f"| {name} | {p50:.0f} / {p90:.0f} / {p99:.0f} / {worst:.0f} | {prefill} |")
+    results.write("flat-tail", printed.text, {"rows": rows})
 
 
 if __name__ == "__main__":

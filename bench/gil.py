@@ -22,6 +22,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import numpy as np  # noqa: E402
+import results  # noqa: E402  (bench/results.py)
 import torch  # noqa: E402
 
 from voxtral_app.model import prompt  # noqa: E402
@@ -89,17 +90,19 @@ def main() -> None:
         spinner.join()
     mel_rows = log_mel_rows(engine.processor.feature_extractor)
     engine.close()
-    print(f"\nbatch-8 decode step, tiny random Voxtral, torch {__import__('torch').__version__}, "
-          f"{os.cpu_count()} CPUs\n")
-    print("| decode thread | switch interval | ms per step |")
-    print("|---|---|---|")
-    for who, interval, ms in rows:
-        print(f"| {who} | {interval} | {ms:.1f} |")
-    print("\n3 s turn's log-mel features, 1 torch thread, switch interval 0.5 ms\n")
-    print("| Python threads busy next to it | median ms | max ms |")
-    print("|---|---|---|")
-    for busy, median, top in mel_rows:
-        print(f"| {busy} | {median:.1f} | {top:.1f} |")
+    with results.recording() as printed:
+        print(f"\nbatch-8 decode step, tiny random Voxtral, torch {__import__('torch').__version__}, "
+              f"{os.cpu_count()} CPUs\n")
+        print("| decode thread | switch interval | ms per step |")
+        print("|---|---|---|")
+        for who, interval, ms in rows:
+            print(f"| {who} | {interval} | {ms:.1f} |")
+        print("\n3 s turn's log-mel features, 1 torch thread, switch interval 0.5 ms\n")
+        print("| Python threads busy next to it | median ms | max ms |")
+        print("|---|---|---|")
+        for busy, median, top in mel_rows:
+            print(f"| {busy} | {median:.1f} | {top:.1f} |")
+    results.write("gil", printed.text, {"decode_step_ms": rows, "log_mel_ms": mel_rows})
 
 
 if __name__ == "__main__":

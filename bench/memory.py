@@ -19,6 +19,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
+import results  # noqa: E402  (bench/results.py)
 import torch  # noqa: E402
 
 from app import steady_memory  # noqa: E402
@@ -49,6 +50,13 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=40)
     parser.add_argument("--fixed-mmap", action="store_true")
     args = parser.parse_args()
+    with results.recording() as printed:
+        data = run(args)
+    results.write("memory", printed.text, data)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Turn after turn, printing RSS every 10; -> those samples."""
     if args.fixed_mmap:
         steady_memory()
     engine = load_engine(EngineOptions(model=checkpoint.build_tiny(os.path.join(ROOT, "test-output", "tiny")),
@@ -58,6 +66,7 @@ def main() -> None:
     conversation = Conversation(engine, ConversationOptions(reply_tokens=16), Settings(temperature=0.0)).open()
     print(f"| turns | RSS (MB) | arrays/tensors > 500 kB alive |  ({'fixed' if args.fixed_mmap else 'default'} mmap)")
     print("|---|---|---|")
+    samples = []
     for turn in range(1, args.turns + 1):
         conversation.post("pause", TurnEvent("pause", speech, time.perf_counter()))
         conversation.post("end", TurnEvent("end", speech, time.perf_counter()))
@@ -65,10 +74,12 @@ def main() -> None:
             pass
         if turn % 10 == 0:
             gc.collect()
-            print(f"| {turn} | {rss_mb()} | {alive()} |", flush=True)
+            samples.append({"turn": turn, "rss_mb": rss_mb(), "alive": alive()})
+            print(f"| {turn} | {samples[-1]['rss_mb']} | {samples[-1]['alive']} |", flush=True)
     conversation.close()
     conversation.closed.wait(30)
     engine.close()
+    return {"fixed_mmap": args.fixed_mmap, "samples": samples}
 
 
 if __name__ == "__main__":

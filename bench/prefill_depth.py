@@ -25,6 +25,8 @@ import transformers  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import results  # noqa: E402  (bench/results.py)
+
 from voxtral_app.model import checkpoint  # noqa: E402
 from voxtral_app.model.checkpoint import load_model  # noqa: E402
 from voxtral_app.model.decoder import Decoder, window_for  # noqa: E402
@@ -48,6 +50,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the model process uses half the cores)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    with results.recording() as printed:
+        data = run(args)
+    results.write("prefill-depth", printed.text, data)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Time each start position both ways, printing the table; -> its rows (ms)."""
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as workdir:
@@ -64,10 +73,12 @@ def main() -> None:
 
     print(f"tiny random Voxtral, eager, {args.threads} torch thread(s), {os.cpu_count()} cores, torch "
           f"{torch.__version__}; median of {args.repeats}\n")
-    print(f"audio encoder, one 30 s clip: {median_ms(lambda: decoder.encode_audio(features), args.repeats):.1f} ms\n")
+    encoder_ms = median_ms(lambda: decoder.encode_audio(features), args.repeats)
+    print(f"audio encoder, one 30 s clip: {encoder_ms:.1f} ms\n")
     print("| start position | window read (exact / padded) | 380-token turn prefill, exact / padded (ms) "
           "| 512-token piece, exact / padded (ms) | batch-8 decode step, exact / padded (ms) |")
     print("|---|---|---|---|---|")
+    rows = []
     for start in STARTS:
         row = []
         for window in (exact, padded):
@@ -78,8 +89,10 @@ def main() -> None:
                                                        [0.2] * SLOTS, [0.95] * SLOTS), args.repeats)))
         decoder.window = exact
         (turn_e, piece_e, step_e), (turn_p, piece_p, step_p) = row
+        rows.append({"start": start, "exact": row[0], "padded": row[1]})
         print(f"| {start} | {start + len(turn)} / {padded(start + len(turn))} | {turn_e:.1f} / {turn_p:.1f} | "
               f"{piece_e:.1f} / {piece_p:.1f} | {step_e:.1f} / {step_p:.1f} |")
+    return {"audio_encoder_ms": encoder_ms, "rows": rows}  # exact / padded: (turn prefill, piece, decode step)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import results  # noqa: E402  (bench/results.py)
+
 from voxtral_app.model import checkpoint
 from voxtral_app.model.decoder import ROW_OFFSET, Decoder, SlotCache, causal_mask
 
@@ -87,8 +89,16 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
+    with results.recording() as printed:
+        data = run(args)
+    results.write("slot-cache", printed.text, data, argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Time both reads at each batch and window, printing the table; -> its rows (seconds)."""
     device = torch.device(args.device)
     windows = (256, 2048, 8192)
+    rows = []
     print(f"**{device}** · torch {torch.__version__} · {torch.get_num_threads()} threads · median of {args.repeats}\n")
     print("| what | batch | window | view (in place) | gathered copy | copy / view |\n|---|---|---|---|---|---|")
     with torch.no_grad():
@@ -97,6 +107,8 @@ def main(argv=None) -> None:
         for batch in (1, SLOTS):
             for window in windows:
                 view, copy = compare(device, args.repeats, *step_rows(decoder, batch, window))
+                rows.append({"what": "tiny model, decode step", "batch": batch, "window": window, "view_s": view,
+                             "copy_s": copy})
                 print(f"| tiny model, decode step | {batch} | {window} | {view * 1e3:.2f} ms | {copy * 1e3:.2f} ms "
                       f"| {copy / view:.2f} |")
         text = copying.deepcopy(checkpoint.full_size_config().text_config)
@@ -105,8 +117,11 @@ def main(argv=None) -> None:
         for batch in (1, SLOTS):
             for window in windows:
                 view, copy = compare(device, args.repeats, *layer_rows(text, device, dtype, batch, window))
+                rows.append({"what": "full-size shapes, one layer", "batch": batch, "window": window, "view_s": view,
+                             "copy_s": copy})
                 print(f"| full-size shapes, one layer | {batch} | {window} | {view * 1e3:.2f} ms | "
                       f"{copy * 1e3:.2f} ms | {copy / view:.2f} |")
+    return {"device": str(device), "rows": rows}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Soak: N WebRTC clients take turns for M minutes against `python app.py` on 127.0.0.1.
 
-    python bench/soak.py --clients 8 --minutes 10      # the README's table
+    python bench/soak.py --clients 8 --minutes 10      # the full run (results: docs/benchmarks/)
     python bench/soak.py --clients 2 --minutes 1       # a quick look
     python bench/soak.py --clients 4 --minutes 3 --stagger   # turns that do not all end at once
 
@@ -31,6 +31,7 @@ import uvloop
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import results  # noqa: E402  (bench/results.py)
 import turn_latency  # noqa: E402  (bench/, next to this script)
 
 from voxtral_app.audio.pcm import SAMPLE_RATE  # noqa: E402
@@ -125,7 +126,7 @@ def users(history: list[dict]) -> int:
     return sum(m["role"] == "user" for m in history)
 
 
-async def talk(url: str, clips: list[np.ndarray], every_s: float, until: float, name: str, results: dict,
+async def talk(url: str, clips: list[np.ndarray], every_s: float, until: float, name: str, heard: dict,
                delay_s: float = 0.0) -> None:
     """One client: after `delay_s`, a turn every `every_s` until `until`. Records, per turn, end of speech
     -> the first text of its reply (s), None if none came within `every_s` + 10 s, "cut" if a reply came
@@ -145,7 +146,7 @@ async def talk(url: str, clips: list[np.ndarray], every_s: float, until: float, 
                 sent = await asyncio.wait_for(client.say(np.concatenate([clip, silence]), len(clip) / SAMPLE_RATE),
                                               len(clip) / SAMPLE_RATE + 10)
             except (TimeoutError, asyncio.TimeoutError):
-                results.setdefault(name, []).append("lost")
+                heard.setdefault(name, []).append("lost")
                 return
             outcome = None
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
@@ -155,7 +156,7 @@ async def talk(url: str, clips: list[np.ndarray], every_s: float, until: float, 
                     seen = users(history)
                     if seen > before and history[-1]["role"] == "assistant" and history[-1]["content"]:
                         outcome = at - sent if at >= sent else "cut"
-            results.setdefault(name, []).append(outcome)
+            heard.setdefault(name, []).append(outcome)
             turn += 1
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 history = await client.reply(timeout=max(0.1, started + every_s - time.monotonic()), quiet_s=0.3)
@@ -173,7 +174,7 @@ async def soak(url: str, pid: int, clients: int, minutes: float, every_s: float,
                stagger: bool = False) -> tuple[dict, list[dict]]:
     clips = speech_clips()
     until = time.monotonic() + minutes * 60
-    results: dict = {}
+    heard: dict = {}
     samples = [{"t": 0, **usage(pid, url)}]
     started = time.monotonic()
 
@@ -186,11 +187,11 @@ async def soak(url: str, pid: int, clients: int, minutes: float, every_s: float,
 
     watcher = asyncio.create_task(monitor())
     delays = [i * every_s / clients if stagger else 0.0 for i in range(clients)]
-    await asyncio.gather(*[talk(url, clips, every_s, until, f"client{i}", results, delay)
+    await asyncio.gather(*[talk(url, clips, every_s, until, f"client{i}", heard, delay)
                            for i, delay in enumerate(delays)])
     watcher.cancel()
     samples.append({"t": round(time.monotonic() - started), **usage(pid, url)})
-    return results, samples
+    return heard, samples
 
 
 def main() -> None:
@@ -205,13 +206,20 @@ def main() -> None:
     parser.add_argument("--nice", type=int, default=0, help="run the clients at this niceness (the app keeps 0)")
     parser.add_argument("--app-args", default="", help="more flags for app.py, in one string")
     args = parser.parse_args()
+    with results.recording() as printed:
+        data = run(args)
+    results.write("soak", printed.text, data)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The soak itself: prints the samples as they come and the table; -> the raw numbers."""
     os.makedirs(os.path.join(ROOT, "test-output"), exist_ok=True)
     with app_process(args.model, args.clients, shlex.split(args.app_args)) as (url, pid):
         if args.nice:
             os.nice(args.nice)  # the clients yield the CPU to the server (started first, it keeps its priority)
         # the clients' loop too: 8 aiortc peers in one process on asyncio's loop queue their packets the same way
-        results, samples = uvloop.run(soak(url, pid, args.clients, args.minutes, args.every_s, args.stagger))
-    outcomes = [x for values in results.values() for x in values]
+        heard, samples = uvloop.run(soak(url, pid, args.clients, args.minutes, args.every_s, args.stagger))
+    outcomes = [x for values in heard.values() for x in values]
     latencies = [x for x in outcomes if isinstance(x, float)]
     cuts = sum(x == "cut" for x in outcomes)
     lost = sum(x == "lost" for x in outcomes)
@@ -228,6 +236,9 @@ def main() -> None:
           f"{percentile(latencies, 99)} | {samples[0]['rss_mb']:.0f} -> {warm['rss_mb']:.0f} -> {settled['rss_mb']:.0f} -> "
           f"{samples[-1]['rss_mb']:.0f} | {warm['threads']} -> {samples[-1]['threads']} | "
           f"{warm['fds']} -> {samples[-1]['fds']} |")
+    return {"clients": args.clients, "minutes": args.minutes, "every_s": args.every_s, "stagger": args.stagger,
+            "model": args.model, "sent": sent, "answered": len(latencies) + cuts, "early": cuts, "lost": lost,
+            "turns_by_client": heard, "samples": samples}  # a turn: seconds to first text, "cut", "lost" or None
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import results  # noqa: E402  (bench/results.py)
 from turn_latency import SENTENCES, espeak, machine  # noqa: E402
 
 from voxtral_app.audio.denoise import Cleaner, CleanOptions  # noqa: E402
@@ -53,6 +54,13 @@ def main(argv=None) -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="audio streamed through each part")
     parser.add_argument("--decisions", type=int, default=20, help="Smart Turn decisions timed")
     args = parser.parse_args(argv)
+    with results.recording() as printed:
+        data = run(args)
+    results.write("turn-cost", printed.text, data, argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Time each part and print the two tables; -> their numbers."""
     audio = speech(args.seconds)
     print(f"**{machine()}** · {args.seconds:g} s of espeak-ng speech in white noise (20 dB SNR), 20 ms frames\n")
     rows = []
@@ -92,6 +100,7 @@ def main(argv=None) -> None:
     for name, values in (("log-mel features, CPU", feature_cpu), ("features + ONNX model, CPU", cpu),
                          ("features + ONNX model, wall", wall)):
         print(f"| {name} | {1000 * np.percentile(values, 50):.0f} | {1000 * np.percentile(values, 90):.0f} |")
+    return {"percent_of_a_core": dict(rows), "smart_turn_s": {"features_cpu": feature_cpu, "cpu": cpu, "wall": wall}}
 
 
 if __name__ == "__main__":

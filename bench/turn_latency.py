@@ -50,6 +50,7 @@ import transformers
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # servers.py
 
+import results  # noqa: E402  (bench/results.py)
 from fastrtc import AdditionalOutputs, ReplyOnPause  # noqa: E402
 from servers import BackgroundServer  # noqa: E402  (tests/servers.py)
 
@@ -597,7 +598,13 @@ def main(argv=None) -> None:
     transformers.utils.logging.disable_progress_bar()  # checkpoint writing and loading
     if args.verbose:
         logging.getLogger("voxtral_app.model.chat").setLevel(logging.INFO)
+    with results.recording() as printed:
+        data = run(args)
+    results.write("turn-latency", printed.text, data, argv)
 
+
+def run(args: argparse.Namespace) -> dict:
+    """Measure every configuration and print the tables; -> the raw rows (and the profile)."""
     started = time.perf_counter()
     print(f"**{machine()}** · tiny random Voxtral on CPU · {args.reply_tokens}-token replies · "
           f"client in its own process\n", flush=True)
@@ -605,7 +612,7 @@ def main(argv=None) -> None:
     if profiler:
         profiler.install()
     utterances = plan(args.turns, args.gap_turns)
-    rows, results, events = [], {}, count_turn_events()
+    rows, heard, events = [], {}, count_turn_events()
     with tempfile.TemporaryDirectory() as workdir, \
             ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
         engine = app_engine(workdir, in_process=args.in_process)
@@ -617,11 +624,11 @@ def main(argv=None) -> None:
                 events.clear()
                 server = BackgroundServer(app)  # one app at a time: fastrtc's default emit loop polls without sleeping
                 try:
-                    results[name] = client.submit(run_client, server.url, utterances, name.split()[0],
-                                                  args.verbose).result()
+                    heard[name] = client.submit(run_client, server.url, utterances, name.split()[0],
+                                                args.verbose).result()
                 finally:
                     server.stop()
-                rows.append(summarize(name, results[name], events))
+                rows.append(summarize(name, heard[name], events))
         finally:
             engine.close()
 
@@ -631,13 +638,16 @@ def main(argv=None) -> None:
         if default and ours["first p50"]:
             print(f"\np50 first token at client, default / {ours['name']}: {default / ours['first p50']:.1f}x "
                   f"({default:.0f} ms / {ours['first p50']:.0f} ms)")
+    profile = {}
     if profiler:
-        for name, outcomes in results.items():
+        for name, outcomes in heard.items():
             print(f"\nWhere the time goes, {name}: median over the latency turns\n")
             print("| step | ms after the end of speech left the client | ms since the step before |\n|---|---|---|")
-            for step, at, delta in profiler.breakdown([o for o in outcomes if o.utterance.kind != "gap"]):
+            profile[name] = profiler.breakdown([o for o in outcomes if o.utterance.kind != "gap"])
+            for step, at, delta in profile[name]:
                 print(f"| {step} | {at:.0f} | {delta:.0f} |")
     print(f"\n{len(utterances)} utterances per configuration · wall time {time.perf_counter() - started:.0f} s")
+    return {"rows": rows, "profile": profile, "utterances": len(utterances)}
 
 
 if __name__ == "__main__":

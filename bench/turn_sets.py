@@ -1,6 +1,6 @@
 """Turn-taking in harder rooms, over real WebRTC: noise, babble, a quiet voice, a telephone, thinking pauses.
 
-    python bench/turn_sets.py --turns 2                # the short run in the README (~10 min on 2 cores)
+    python bench/turn_sets.py --turns 2                # a short run (~10 min on 2 cores)
     python bench/turn_sets.py --turns 10               # the full run
     python bench/turn_sets.py --sets clean thinking --configs ours-smart-turn
     python bench/turn_sets.py --sets clean thinking-um --configs ours-smart-turn@0.128 ours-smart-turn@0.192 \
@@ -56,6 +56,7 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import results  # noqa: E402  (bench/results.py)
 import turn_latency as tl  # noqa: E402 (sets the offline environment first)
 from fastrtc import AlgoOptions, SileroVadOptions  # noqa: E402
 from servers import BackgroundServer  # noqa: E402  (tests/servers.py, on the path via turn_latency)
@@ -289,17 +290,30 @@ def main(argv=None) -> None:
                      f"{', '.join([*FASTRTC, *ours_turns(args.pause_s)])}")
     started = time.perf_counter()
     utterances = [u for name in args.sets for u in make_set(name, args.turns)]
-    if args.offline is not None:
-        turns = {name: turns for name, turns in ours_turns(args.pause_s).items()
-                 if args.configs is None or name in args.configs}
-        print("| set | configuration | grid offset (ms) | turns | missed | flicker | false cuts | never ended |\n"
-              + "|---" * 8 + "|")
-        for offset_ms in args.offline or [0.0]:
-            for name, options in turns.items():
-                print(offline_table(name, offset_ms, offline(options, utterances, offset_ms), args.sets), flush=True)
-        print(f"\n{len(utterances)} utterances per configuration and offset · wall time "
-              f"{time.perf_counter() - started:.0f} s")
-        return
+    with results.recording() as printed:
+        data = (offline_run if args.offline is not None else run)(args, utterances, started)
+    results.write("turn-sets-offline" if args.offline is not None else "turn-sets", printed.text, data, argv)
+
+
+def offline_run(args: argparse.Namespace, utterances: list[tl.Utterance], started: float) -> dict:
+    """--offline: ours' turn-taking fed straight from the utterances; prints its table, -> the raw events."""
+    turns = {name: turns for name, turns in ours_turns(args.pause_s).items()
+             if args.configs is None or name in args.configs}
+    print("| set | configuration | grid offset (ms) | turns | missed | flicker | false cuts | never ended |\n"
+          + "|---" * 8 + "|")
+    events = {}
+    for offset_ms in args.offline or [0.0]:
+        for name, options in turns.items():
+            found = offline(options, utterances, offset_ms)
+            events[f"{name}@{offset_ms:g}ms"] = found
+            print(offline_table(name, offset_ms, found, args.sets), flush=True)
+    print(f"\n{len(utterances)} utterances per configuration and offset · wall time "
+          f"{time.perf_counter() - started:.0f} s")
+    return {"events": events, "utterances": len(utterances)}
+
+
+def run(args: argparse.Namespace, utterances: list[tl.Utterance], started: float) -> dict:
+    """Every configuration over real WebRTC; prints the table, -> its rows."""
     print(f"**{tl.machine()}** · tiny random Voxtral on CPU · {args.reply_tokens}-token replies · "
           f"client in its own process\n", flush=True)
     rows = []
@@ -326,6 +340,7 @@ def main(argv=None) -> None:
     rows.sort(key=lambda r: args.sets.index(r["set"]))
     print(table(rows))
     print(f"\n{len(utterances)} utterances per configuration · wall time {time.perf_counter() - started:.0f} s")
+    return {"rows": rows, "utterances": len(utterances)}
 
 
 if __name__ == "__main__":

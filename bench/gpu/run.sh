@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # There (the GPU machine; no registry): install .whl/ beside the image's own packages, then run
 # bench/engine.py with the given arguments. Writes to $OUT: engine.md (the table), engine.json (raw
-# timings), progress.log (timestamped progress: a run cut off still says how far it got).
-#   bench/gpu/run.sh --config full          # what the README's one `run` call does
+# timings), progress.log (timestamped progress: a run cut off still says how far it got) and
+# benchmarks/ (the result as bench/results.py files; copy them into docs/benchmarks/).
+#   BENCH_COMMIT=<commit> bench/gpu/run.sh --config full    # bench/gpu/README.md
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-bench-out}
@@ -13,6 +14,7 @@ stamp() { echo "[$(date -u +%T)] $*" | tee -a "$OUT/progress.log" >&2; }
 stamp "installing $(ls .whl/*.whl | wc -l) wheels from .whl/ into $SITE"
 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export BENCH_RESULTS=${BENCH_RESULTS:-$OUT/benchmarks}
 "$PYTHON" -c 'import sys, torch, transformers, numpy, mistral_common
 print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}, available: "
       f"{torch.cuda.is_available()}), transformers {transformers.__version__}, numpy {numpy.__version__}, "

@@ -195,7 +195,7 @@ class Chat(Turns):
     def trim(self, prompt: prompts.Prompt, target: int) -> prompts.Prompt:
         """Drop the oldest turns until `prompt` (the conversation's, closed or not) has at most `target`
         tokens. The prompt is cut, not encoded again: when it was encoded after each dropped turn, a soak's 4
-        conversations trimming at once held up every connection's audio for up to 2.5 s (README, soak)."""
+        conversations trimming at once held up every connection's audio for up to 2.5 s (bench/soak.py)."""
         encoded, count = self.encoded, len(self.messages)
         wanted, turns = prompts.turns_to_drop(prompt.ids, self.engine.inst_id, target), 0
         while turns < wanted and self.drop_oldest_turn():

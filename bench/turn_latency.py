@@ -211,12 +211,12 @@ class DefaultTurns(ReplyOnPause):
 
     def start_up(self) -> None:
         self.conversation = Conversation(self.engine, self.options, name="bench").open()
+        self.view = ChatView(self.options, "bench")  # the connection's chat, across its turns
 
     def reply(self, audio: tuple):
         self.conversation.post("audio", audio)
-        view = ChatView(self.options, "bench")
         while True:
-            for output in view.render(self.conversation.outbox.get()):
+            for output in self.view.render(self.conversation.outbox.get()):
                 if output == CLOSED:
                     return
                 if not isinstance(output, Output):  # hush

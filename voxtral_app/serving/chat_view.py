@@ -91,7 +91,7 @@ class ChatView:
         elif isinstance(event, ReplyStarted):
             self.status = asdict(event.stats)
         elif isinstance(event, ReplyDelta):
-            self.history[-1] = {"role": "assistant", "content": event.text}
+            self.set_reply({"role": "assistant", "content": event.text})
             return [self.output(self.status)]
         elif isinstance(event, Speech):
             return [self.output(self.status, audio=(event.rate, event.samples))]
@@ -122,8 +122,16 @@ class ChatView:
             status["error"] = event.error
         elif not text and not event.interrupted:
             text = "…"  # nothing generated (an immediate end of sequence)
-        self.history[-1] = {"role": "assistant", "content": text, "metadata": {"title": reply_title(status)}}
+        self.set_reply({"role": "assistant", "content": text, "metadata": {"title": reply_title(status)}})
         return self.output(status, final=True)
+
+    def set_reply(self, message: dict) -> None:
+        """The streaming reply's message: the chat's last, placed by its UserTurn (or added, if this
+        view began after that turn was shown)."""
+        if self.history and self.history[-1]["role"] == "assistant" and "metadata" not in self.history[-1]:
+            self.history[-1] = message
+        else:
+            self.history.append(message)
 
     def user_message(self, turn: UserTurn) -> str | dict:
         """A spoken turn is a playable clip (a gradio file message, its label as alt_text), a typed one

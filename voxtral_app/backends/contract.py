@@ -92,6 +92,16 @@ class Chat(Protocol):
         """End the reply in progress and free the conversation's place."""
 
 
+class Pieces:
+    """What every Reply implementation shares: iterating yields its text pieces (empty ones skipped)
+    until the reply is over; `next_piece()` is the implementation's."""
+
+    def __iter__(self) -> Iterator[str]:
+        while (piece := self.next_piece()) is not None:
+            if piece:
+                yield piece
+
+
 class Turns:
     """What every Chat shares: its messages, the reply in progress, and the turn lifecycle around
     them (discard, cancel, reset, close; dropping the newest or the oldest turn). A subclass says how

@@ -24,7 +24,6 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import httpx
@@ -33,7 +32,7 @@ import openai
 import soundfile as sf
 
 from ..audio.pcm import SAMPLE_RATE
-from .contract import CHAT, EngineBusy, EngineFailed, Sampling, Turns
+from .contract import CHAT, EngineBusy, EngineFailed, Pieces, Sampling, Turns
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +117,7 @@ def explain(error: BaseException, url: str, read_timeout_s: float) -> tuple[str,
     return "backend_error", f"the generation server's answer could not be read ({type(error).__name__}: {error})"
 
 
-class RemoteReply:
+class RemoteReply(Pieces):
     """A reply streaming from the server. Read by one thread; the loop thread writes pieces, usage
     and times before it ends the queue with None; `cancel()` may come from any thread."""
 
@@ -151,11 +150,6 @@ class RemoteReply:
         self.tokens.append(piece)
         self.text += piece
         return piece
-
-    def __iter__(self) -> Iterator[str]:
-        while (piece := self.next_piece()) is not None:
-            if piece:
-                yield piece
 
     def wait(self, timeout: float = SETTLE_TIMEOUT_S) -> bool:
         return self.ended.wait(timeout)

@@ -12,13 +12,12 @@ next turn's prompt continues exactly what the slot holds instead of the reply's 
 import logging
 import queue
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..backends.contract import CHAT, TRANSCRIBE, Sampling, Turns
+from ..backends.contract import CHAT, TRANSCRIBE, Pieces, Sampling, Turns
 from . import prompt as prompts
 from .generation import Generation
 
@@ -42,7 +41,7 @@ def common_prefix(a: list, b: list) -> int:
     return n
 
 
-class Reply:
+class Reply(Pieces):
     """A reply in progress: iterate for text pieces as tokens arrive; `cancel()` stops it.
 
     Read by one thread (its reader); `cancel()` may come from any thread (it only sets an event).
@@ -78,11 +77,6 @@ class Reply:
         self.clean = len(self.tokens)
         self.text += piece
         return piece
-
-    def __iter__(self) -> Iterator[str]:
-        while (piece := self.next_piece()) is not None:
-            if piece:
-                yield piece
 
     def cancel(self) -> None:
         self.engine.cancel(self.generation)

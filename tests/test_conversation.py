@@ -150,6 +150,8 @@ def test_interleaved_turn_events_keep_the_cache_exact(engine, shadowed, speech, 
     assert conversation.closed.wait(30)
     reader_stop.set()
     reader.join()
+    while not conversation.outbox.empty():  # what the reader left: Closed is in the outbox before `closed` is set
+        outputs.append(conversation.outbox.get_nowait())
 
     assert not shadowed.errors, shadowed.errors
     assert shadowed.checked >= 5

@@ -18,7 +18,7 @@ Glossary (one name per act, in every layer):
 - close: end the conversation and free its slot.
 """
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -105,6 +105,12 @@ class ReplyFinished(Event):
     stats: ReplyStats
     interrupted: bool = False  # cancelled (barge-in, the person pressed stop)
     error: str | None = None  # generation failed part-way: what to tell the person
+
+    def status(self) -> dict:
+        """The stats as one flat dict, with `interrupted` and `error` only when they happened: the
+        `status` every surface reports (the page's /outputs, the session API's text_response)."""
+        return asdict(self.stats) | ({"interrupted": True} if self.interrupted else {}) | (
+            {"error": self.error} if self.error is not None else {})
 
 
 @dataclass(frozen=True)

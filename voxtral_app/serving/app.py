@@ -197,8 +197,9 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
     async def outputs(request: Request, webrtc_id: str):
         """Server-sent events with the chat and the turn's status: one reader per connection, with its token.
         Each event is `{"start", "messages", "status", "final"}`: the chat is the first `start` messages the
-        reader has, then `messages` (the first event has them all); `final` marks a turn's last update. While a reply streams only its message is
-        sent, so an update costs the reply's length, not the whole conversation's."""
+        reader has, then `messages` (the first event has them all); `final` marks a turn's last update.
+        While a reply streams only its message is sent, so an update costs the reply's length, not the
+        whole conversation's."""
         if not connections.check(webrtc_id, token_of(request)):
             return failed(403, "forbidden", "This connection's token is missing or wrong.")
         claim = connections.claims[webrtc_id]

@@ -113,13 +113,10 @@ class ChatView:
         return []
 
     def finished(self, event: ReplyFinished) -> Output:
-        status = asdict(event.stats)
+        status = event.status()
         text = event.text
-        if event.interrupted:
-            status["interrupted"] = True
         if event.error is not None:
             text += f"\n\n⚠️ {event.error}"
-            status["error"] = event.error
         elif not text and not event.interrupted:
             text = "…"  # nothing generated (an immediate end of sequence)
         self.set_reply({"role": "assistant", "content": text, "metadata": {"title": reply_title(status)}})

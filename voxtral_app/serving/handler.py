@@ -1,8 +1,8 @@
 """The fastrtc handler: one per WebRTC, WebSocket or phone connection (fastrtc copies it for each).
 
-Audio in -> turn events (turns/taker.py) -> the connection's Conversation; the Conversation's outputs ->
-chat updates (AdditionalOutputs(history, status, final), chat_view.py) and spoken sentences out. The handler keeps no
-conversation state of its own, so a connection's messages and KV cache never reach another.
+Audio in -> turn events (turns/taker.py) -> the connection's Conversation; its events -> chat
+updates (AdditionalOutputs(history, status, final), chat_view.py) and spoken sentences out. The
+handler keeps no conversation state of its own, so a connection's messages and KV cache never reach another.
 """
 
 import collections
@@ -51,8 +51,8 @@ class VoxtralHandler(StreamHandler):
     (`resample()`, on the event loop, only queues frames for it) and on fastrtc's receive worker for
     WebSocket and phone. `emit()` runs on fastrtc's emit worker and alone reads the outbox;
     start_up/set_args/shutdown only post messages; `view` and `rendered` belong to the emit worker.
-    `hearing` belongs to the event loop. `settings`,
-    `conversation` and `last_frame` are guarded by `lock` (set_args may come before start_up).
+    `hearing` belongs to the event loop. `settings`, `conversation` and `last_frame` are guarded by
+    `lock` (set_args may come before start_up).
     """
 
     def __init__(self, engine, options: ConversationOptions = ConversationOptions(), speaker=None,

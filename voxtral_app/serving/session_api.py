@@ -132,12 +132,9 @@ class Replies:
             self.speaking = True
             return [(np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()]
         if isinstance(event, ReplyFinished):
-            status = asdict(event.stats) | ({"interrupted": True} if event.interrupted else {})
-            if event.error is not None:
-                status["error"] = event.error
             out = [{"type": "text_response", "text": event.text, "timestamp": time.time(),
                     "latency_ms": event.stats.first_token_ms, "mode": event.stats.mode,
-                    "interrupted": event.interrupted, "status": status}]
+                    "interrupted": event.interrupted, "status": event.status()}]
             return out + ([error("turn_failed", event.error)] if event.error is not None else [])
         if isinstance(event, ReplyRetracted):
             return [{"type": "retracted"}]

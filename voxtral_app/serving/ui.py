@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 LANGUAGES = ["auto", "en", "fr", "de", "es", "it", "pt", "nl", "hi"]  # Voxtral's languages
 
 # The browser snippets below are written against fastrtc 0.0.34's component (its DOM and its logging);
-# compat.py refuses any other fastrtc version at import.
+# voxtral_app/compat/fastrtc.py refuses any other fastrtc version at import.
 # fastrtc's WebRTC component logs every data-channel message and connection state change: 3 lines per
 # chat update (83 lines in 30 s with one short reply from the tiny model; hundreds with real replies).
 # The page keeps warnings and errors; `python app.py --debug` keeps all.

@@ -26,9 +26,12 @@ from voxtral_app.conversation.events import (
     ReplyDelta,
     ReplyFinished,
     ReplyRetracted,
+    ReplyStarted,
+    StateChanged,
     TurnFailed,
     UserTurn,
 )
+from voxtral_app.conversation.parking import Parking
 from voxtral_app.model import prompt as prompts
 from voxtral_app.model.chat import Chat
 from voxtral_app.model.engine import EngineOptions
@@ -199,6 +202,62 @@ def test_barge_in_and_retraction_through_the_conversation(engine, speech):
         conversation.close()
     assert conversation.closed.wait(30)
     assert [m["role"] for m in conversation.chat.messages] in (["user", "assistant"], [])
+
+
+def test_the_voice_state_follows_the_loop(engine, speech):
+    """listening -> hearing (speech) -> thinking (turn shown) -> speaking (first token) -> listening; speaking
+    over a reply goes straight to hearing."""
+    conversation = Conversation(engine, ConversationOptions(reply_tokens=400), settings=Settings(temperature=1.0),
+                                name="states").open()
+
+    def states(seen):
+        return [e.state for e in seen if isinstance(e, StateChanged)]
+
+    try:
+        conversation.post("speech", TurnEvent("speech"))
+        conversation.post("end", TurnEvent("end", speech[: 2 * SAMPLE_RATE], time.perf_counter()))
+        seen = events_until_finished(conversation)
+        seen.append(conversation.outbox.get(timeout=10))
+        assert states(seen) == ["listening", "hearing", "thinking", "speaking", "listening"]
+        conversation.post("end", TurnEvent("end", speech[: 2 * SAMPLE_RATE], time.perf_counter()))
+        more = [conversation.outbox.get(timeout=60)]
+        while not isinstance(more[-1], ReplyStarted):
+            more.append(conversation.outbox.get(timeout=60))
+        conversation.post("speech", TurnEvent("speech"))  # barge-in
+        more += events_until_finished(conversation)
+        assert states(more) == ["thinking", "speaking", "hearing"]
+    finally:
+        conversation.close()
+    assert conversation.closed.wait(30)
+
+
+class FakeConversation:
+    def __init__(self):
+        self.closed = threading.Event()
+
+    def close(self):
+        self.closed.set()
+
+
+def test_parked_conversations_wait_for_their_credential_then_close():
+    now = [0.0]
+    parking = Parking(resume_s=120, limit=2, clock=lambda: now[0])
+    a, b, c = FakeConversation(), FakeConversation(), FakeConversation()
+    parking.park("a", a)
+    parking.park("b", b)
+    assert parking.take("nobody") is None
+    assert parking.take("a") is a and not a.closed.is_set()
+    assert parking.take("a") is None  # taken once
+    parking.park("a", a)
+    parking.park("c", c)  # over the limit: the oldest (b) is closed
+    assert b.closed.is_set() and len(parking) == 2
+    now[0] = 121.0
+    assert parking.sweep() == 2 and a.closed.is_set() and c.closed.is_set()
+    assert parking.take("c") is None
+    off = Parking(resume_s=0)
+    d = FakeConversation()
+    off.park("d", d)
+    assert d.closed.is_set() and off.take("d") is None
 
 
 def test_a_dead_decode_thread_fails_turns_fast_and_refuses_new_ones(tiny_checkpoint, speech):

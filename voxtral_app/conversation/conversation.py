@@ -33,6 +33,7 @@ from .events import (
     ReplyStarted,
     ReplyStats,
     Speech,
+    StateChanged,
     TurnFailed,
     UserTurn,
 )
@@ -136,6 +137,7 @@ class Conversation:
         self.streaming: Pending | None = None  # the turn whose reply is streaming now
         self.deferred: collections.deque = collections.deque()  # messages that arrived while a reply streamed
         self.closing = False
+        self.voice_state = ""  # the last StateChanged emitted
 
     # -- any thread -----------------------------------------------------------------------------
 
@@ -143,6 +145,7 @@ class Conversation:
         """Take a slot (EngineBusy / EngineFailed if there is none) and start the worker."""
         self.chat = self.backend.open_chat()
         self.emit(Opened())
+        self.state("listening")
         self.worker.start()
         return self
 
@@ -165,6 +168,12 @@ class Conversation:
                 self.listener(self, event)
             except Exception:  # noqa: BLE001 - telemetry must not end a conversation
                 logger.exception("%s: the listener failed on %s", self.name, type(event).__name__)
+
+    def state(self, state: str) -> None:
+        """Tell the surfaces what the voice loop does now (once per change)."""
+        if state != self.voice_state:
+            self.voice_state = state
+            self.emit(StateChanged(state))
 
     def run(self) -> None:
         closed = Closed()
@@ -202,6 +211,8 @@ class Conversation:
             pending = pending or self.start_audio(value.audio, value.speech_end, "speech")
             if pending is not None:
                 pending.ended_by = getattr(value, "reason", "") or ""
+            if pending is None:  # it could not start: told by TurnFailed
+                self.state("listening")
             self.show(pending)
         elif kind == "audio":  # a whole turn at once (an upload)
             rate, samples = value
@@ -214,9 +225,11 @@ class Conversation:
             self.show(self.start_text(value))
         elif kind == "resume":  # the turn was not over: take its reply back
             self.emit(Hushed())
+            self.state("hearing")
             self.retract()
         elif kind == "speech":  # a new turn begins: the last one can no longer be retracted
             self.emit(Hushed())
+            self.state("hearing")
             self.shown = None
             if self.speculation is None:  # trim a full conversation now, while they speak, not at the turn's end
                 self.chat.tidy(replace(CHAT, max_new_tokens=self.options.reply_tokens))
@@ -286,6 +299,7 @@ class Conversation:
         pending.turn = turn = self.turns
         self.shown = pending
         self.emit(UserTurn(turn, pending.source, pending.text, pending.audio))
+        self.state("thinking")
         speak = pending.settings.spoken and self.speaker is not None
         splitter = SentenceSplitter() if speak else None
         last_delta, sent, retract, error = 0.0, "", False, None
@@ -305,6 +319,7 @@ class Conversation:
             if pending.first_token is None:
                 pending.first_token = now
                 self.emit(ReplyStarted(turn, now - pending.speech_end, pending.stats()))
+                self.state("speaking")
             sentences = splitter.push(piece) if splitter is not None and not reply.cancelled else []
             if sentences or last_delta == 0.0 or now - last_delta >= self.options.ui_interval_s:
                 if reply.text != sent:
@@ -316,7 +331,7 @@ class Conversation:
         if splitter is not None and not reply.cancelled:
             for sentence in splitter.flush():
                 self.speak(turn, sentence)
-        if retract:
+        if retract:  # speech resumed: the state is `hearing` already
             return self.retract(streaming=True)
         if reply.text != sent:  # the last pieces, held back by the delta interval
             self.emit(ReplyDelta(turn, reply.text, reply.text[len(sent):]))
@@ -327,6 +342,8 @@ class Conversation:
                     stats.prefill_tokens, stats.cached_tokens, stats.tokens, stats.tokens_per_s,
                     " (interrupted)" if reply.cancelled else "")
         self.emit(ReplyFinished(turn, reply.text, stats, interrupted=reply.cancelled, error=error))
+        if self.voice_state != "hearing":  # barged in on: they speak already
+            self.state("listening")
 
     def speak(self, turn: int, sentence: str) -> None:
         rate, samples = self.speaker.synthesize(sentence)
@@ -347,6 +364,8 @@ class Conversation:
                 self.settings = value
                 continue
             reply.cancel()
+            if kind in ("speech", "resume"):
+                self.state("hearing")
             if kind == "resume":
                 self.emit(Hushed())
                 retract = True

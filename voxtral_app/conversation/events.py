@@ -26,6 +26,7 @@ from ..audio.pcm import SAMPLE_RATE
 
 SOURCES = ("speech", "upload", "text")  # where a turn came from
 CLOSE_REASONS = ("closed", "idle", "failed")  # why a conversation ended
+STATES = ("listening", "hearing", "thinking", "speaking")  # what the voice loop is doing (StateChanged)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,23 @@ class UserTurn(Event):
     @property
     def seconds(self) -> float:
         return 0.0 if self.audio is None else len(self.audio) / SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class UserTranscript(Event):
+    """What Voxtral heard in a spoken or uploaded turn, as text (its caption): transcribed beside
+    the reply, so it may come before, during or after the reply's deltas."""
+
+    turn: int
+    text: str
+
+
+@dataclass(frozen=True)
+class StateChanged(Event):
+    """The voice loop moved on: `listening` (waiting for the person), `hearing` (they speak),
+    `thinking` (their turn ended; no reply token yet), `speaking` (the reply streams)."""
+
+    state: str  # one of STATES
 
 
 @dataclass(frozen=True)

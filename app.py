@@ -15,6 +15,7 @@ import sys
 
 from voxtral_app.cli import (
     EnvParser,
+    audio_turns,
     backend_url,
     log_level,
     port,
@@ -63,6 +64,11 @@ def parse_args(argv=None, environ=None) -> argparse.Namespace:
         help="chat temperature a conversation starts with (default: 0.2)")
     add("--reply-tokens", type=reply_tokens, env=("VOXTRAL_REPLY_TOKENS", "MAX_NEW_TOKENS"),
         help="longest chat reply, in tokens (default: 512)")
+    add("--audio-turns", type=audio_turns, default=3, env=("VOXTRAL_AUDIO_TURNS",),
+        help="spoken turns a prompt keeps as audio, 1-5; older ones go as their transcripts (vLLM takes at most 5)")
+    add("--captions", action=argparse.BooleanOptionalAction, env_type=switch, env=("VOXTRAL_CAPTIONS",),
+        help="show what Voxtral heard under each spoken turn, transcribed beside the reply (default: on when the "
+        "model runs on a GPU or a remote backend; off next to a CPU model, see docs/benchmarks)")
     # turn-taking: VAD, noise suppression / gain before it, Smart Turn at the pause
     add("--vad", default="silero", choices=("silero", "webrtc", "energy"), env=("VAD",),
         help="voice activity detector (VAD_AGGRESSIVENESS=0-3 for webrtc)")
@@ -174,7 +180,8 @@ def main(argv=None) -> None:
     else:
         try:
             engine = load_engine(EngineOptions(**given(model=args.model), device=args.device, compile=args.compile,
-                                               slots=args.max_sessions, model_process=args.model_process),
+                                               slots=args.max_sessions, model_process=args.model_process,
+                                               audio_turns=args.audio_turns),
                                  background_warmup=True,
                                  on_failure=stop_serving)
         except ModelLoadError as error:
@@ -210,7 +217,8 @@ def conversation_options(args: argparse.Namespace, engine):
 
     turns = turn_options(args, given(pause_s=None if args.pause_ms is None else args.pause_ms / 1000),
                          end_of_turn=smart_turn_on(args.end_of_turn, engine.device_kind))
-    return ConversationOptions(turns=turns, max_audio_s=engine.options.max_audio_s,
+    captions = args.captions if args.captions is not None else engine.device_kind != "cpu"
+    return ConversationOptions(turns=turns, max_audio_s=engine.options.max_audio_s, captions=captions,
                                **given(temperature=args.temperature, reply_tokens=args.reply_tokens))
 
 
@@ -250,7 +258,8 @@ def open_backend(args):
     )
 
     backend = OpenAIBackend(RemoteOptions(url=args.backend_url, api_key=args.backend_api_key or "",
-                                          model=args.backend_model or "", slots=args.max_sessions))
+                                          model=args.backend_model or "", slots=args.max_sessions,
+                                          audio_turns=args.audio_turns))
     try:
         return backend.connect()
     except BackendUnavailable as error:

@@ -5,6 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 
 import glob
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from servers import BackgroundServer
 
 from voxtral_app.audio.pcm import SAMPLE_RATE, prepare, read_wav
 from voxtral_app.model import checkpoint, loading
+from voxtral_app.model import prompt as prompts
+from voxtral_app.model.chat import Chat
 from voxtral_app.model.engine import EngineOptions
 from voxtral_app.model.loading import load_engine
 
@@ -100,3 +103,52 @@ def espeak(text: str, voice: str = "en-us") -> np.ndarray:
                                 "tests/data/make_fixtures.py, run it, and commit the WAV it writes")
     rate, samples = read_wav(path)
     return prepare(rate, samples, max_seconds=300)
+
+
+class SlotShadow:
+    """What each slot physically holds, rebuilt from the replies as they start and settle,
+    independent of the Chat's own booking."""
+
+    def __init__(self):
+        self.slots: dict[int, list[int]] = {}
+        self.checked = 0
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+
+    def launched(self, reply) -> None:
+        """The reply's whole prompt must continue exactly what the slot holds up to its start."""
+        g = reply.generation
+        with self.lock:
+            held = self.slots.get(g.slot, [])
+            if g.start > len(held) or held[:g.start] != reply.prompt_ids[:g.start]:
+                self.errors.append(f"slot {g.slot}: the kept prefix is not what the slot holds")
+            self.checked += 1
+
+    def finished(self, reply) -> None:
+        g = reply.generation
+        with self.lock:
+            self.slots[g.slot] = reply.prompt_ids + g.fed if g.error is None else []
+
+
+@pytest.fixture
+def shadowed(engine, monkeypatch):
+    """Every reply a Chat launches is checked against the slot shadow when it starts and settles."""
+    shadow = SlotShadow()
+    launch, settle = Chat.launch, Chat.settle
+
+    def launched(chat, prompt, sampling, record, started, **kwargs):
+        reply = launch(chat, prompt, sampling, record, started, **kwargs)
+        shadow.launched(reply)
+        if record and prompt.ids != prompts.chat_prompt(engine.processor, chat.messages).ids:
+            shadow.errors.append("the incremental prompt differs from a re-encode of the messages")
+        return reply
+
+    def settled(chat, cancel=False):
+        reply = chat.current
+        settle(chat, cancel)
+        if reply is not None:
+            shadow.finished(reply)
+
+    monkeypatch.setattr(Chat, "launch", launched)
+    monkeypatch.setattr(Chat, "settle", settled)
+    return shadow

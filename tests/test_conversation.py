@@ -32,8 +32,6 @@ from voxtral_app.conversation.events import (
     UserTurn,
 )
 from voxtral_app.conversation.parking import Parking
-from voxtral_app.model import prompt as prompts
-from voxtral_app.model.chat import Chat
 from voxtral_app.model.engine import EngineOptions
 from voxtral_app.model.loading import load_engine
 from voxtral_app.serving.app import create_app
@@ -60,55 +58,6 @@ def page(events, options=ConversationOptions()):
     view = ChatView(options)
     outputs = [o for event in events for o in view.render(event) if not isinstance(o, str)]
     return outputs[-1]
-
-
-class SlotShadow:
-    """What each slot physically holds, rebuilt from the replies as they start and settle,
-    independent of the Chat's own booking."""
-
-    def __init__(self):
-        self.slots: dict[int, list[int]] = {}
-        self.checked = 0
-        self.errors: list[str] = []
-        self.lock = threading.Lock()
-
-    def launched(self, reply) -> None:
-        """The reply's whole prompt must continue exactly what the slot holds up to its start."""
-        g = reply.generation
-        with self.lock:
-            held = self.slots.get(g.slot, [])
-            if g.start > len(held) or held[:g.start] != reply.prompt_ids[:g.start]:
-                self.errors.append(f"slot {g.slot}: the kept prefix is not what the slot holds")
-            self.checked += 1
-
-    def finished(self, reply) -> None:
-        g = reply.generation
-        with self.lock:
-            self.slots[g.slot] = reply.prompt_ids + g.fed if g.error is None else []
-
-
-@pytest.fixture
-def shadowed(engine, monkeypatch):
-    """Every reply a Chat launches is checked against the slot shadow when it starts and settles."""
-    shadow = SlotShadow()
-    launch, settle = Chat.launch, Chat.settle
-
-    def launched(chat, prompt, sampling, record, started, **kwargs):
-        reply = launch(chat, prompt, sampling, record, started, **kwargs)
-        shadow.launched(reply)
-        if record and prompt.ids != prompts.chat_prompt(engine.processor, chat.messages).ids:
-            shadow.errors.append("the incremental prompt differs from a re-encode of the messages")
-        return reply
-
-    def settled(chat, cancel=False):
-        reply = chat.current
-        settle(chat, cancel)
-        if reply is not None:
-            shadow.finished(reply)
-
-    monkeypatch.setattr(Chat, "launch", launched)
-    monkeypatch.setattr(Chat, "settle", settled)
-    return shadow
 
 
 def test_interleaved_turn_events_keep_the_cache_exact(engine, shadowed, speech, other_speech):

@@ -241,3 +241,16 @@ def test_the_package_builds_with_its_layers_its_data_and_the_apps_requirements(t
     pinned = {line.split("#")[0].split(";")[0].strip().replace(" ", "") for line in open(os.path.join(ROOT, "requirements.txt"))
               if line.split("#")[0].strip()}
     assert required == pinned
+
+
+def test_vllm_runs_a_pinned_image_with_its_audio_extra_and_reports_cached_tokens():
+    """The official vLLM image lacks vllm[audio], without which vLLM cannot read input_audio parts."""
+    steps = instructions(read("deploy/vllm/Dockerfile"))
+    version = next(arguments.split("=", 1)[1] for name, arguments in steps if name == "ARG" and "=" in arguments)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version)
+    assert ("FROM", "vllm/vllm-openai:v${VLLM_VERSION}") in steps
+    assert any(name == "RUN" and '"vllm[audio]==${VLLM_VERSION}"' in arguments for name, arguments in steps)
+    services = yaml.safe_load(read("deploy/vllm/docker-compose.yml"))["services"]
+    assert services["vllm"]["build"] == "." and "image" in services["vllm"]
+    assert {"--enable-prefix-caching", "--enable-prompt-tokens-details"} <= set(services["vllm"]["command"])
+    assert not any(str(service.get("image", "")).endswith(":latest") for service in services.values())

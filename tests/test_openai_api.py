@@ -3,6 +3,7 @@ as the local engine under greedy sampling, and OpenAI-shaped errors for hostile 
 
 import base64
 import io
+import json
 import time
 
 import httpx
@@ -166,6 +167,7 @@ def test_oversized_and_malformed_uploads(api, app_engine, client):
     for files, data in [({"file": ("a.wav", b"not audio", "audio/wav")}, {"model": model}),
                         ({}, {"model": model}),
                         ({"file": ("a.wav", b"x", "audio/wav")}, {"model": model, "language": "12345678901"}),
+                        ({"file": ("a.wav", b"x", "audio/wav")}, {"model": model, "stream": "maybe"}),
                         ({"file": ("a.wav", b"x", "audio/wav")}, {"model": model, "response_format": "srt"})]:
         response = httpx.post(f"{api.url}/v1/audio/transcriptions", files=files, data=data, timeout=30)
         assert response.status_code == 400, response.text
@@ -187,3 +189,47 @@ def test_busy_engine_gives_429(api, app_engine):
     finally:
         for chat in chats:
             chat.close()
+
+
+def test_six_clips_get_vllms_400_and_five_are_answered(api, client, app_engine, speech, other_speech):
+    """vLLM refuses a Voxtral prompt with more than 5 audio clips; so does this server, in vLLM's words."""
+    clips = [speech[:SAMPLE_RATE], other_speech[:SAMPLE_RATE]] * 3
+    history = []
+    for clip in clips[:5]:
+        history += [audio_turn(clip), {"role": "assistant", "content": "Yes."}]
+    five = client.chat.completions.create(model=app_engine.options.model, messages=history[:-1], **greedy())
+    assert five.choices[0].message.content and five.usage.prompt_tokens > 5 * 375
+    response = httpx.post(f"{api.url}/v1/chat/completions", timeout=30, json={
+        "model": app_engine.options.model, "messages": history + [audio_turn(clips[5])]})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "At most 5 audio(s) may be provided in one prompt."
+
+
+def test_max_completion_tokens_wins_over_max_tokens(client, app_engine):
+    answer = client.chat.completions.create(
+        model=app_engine.options.model, messages=[{"role": "user", "content": "Count to fifty."}],
+        temperature=1.0, max_tokens=40, max_completion_tokens=2)
+    assert answer.usage.completion_tokens <= 2 and answer.choices[0].finish_reason == "length"
+
+
+def test_transcriptions_stream_as_vllm_streams_them_and_take_iso_codes(api, client, app_engine, speech):
+    model = app_engine.options.model
+    upload = ("turn.wav", base64.b64decode(wav_b64(speech[: 2 * SAMPLE_RATE])), "audio/wav")
+    whole = client.audio.transcriptions.create(model=model, language="en", file=upload).text
+    chunks = []
+    with httpx.stream("POST", f"{api.url}/v1/audio/transcriptions", files={"file": upload}, timeout=60,
+                      data={"model": model, "language": "en", "stream": "true"}) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    assert {c["object"] for c in chunks} == {"transcription.chunk"}
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == whole and whole
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    short = httpx.post(f"{api.url}/v1/audio/transcriptions", files={"file": upload}, timeout=60,
+                       data={"model": model, "max_completion_tokens": "3"}).json()
+    assert short["usage"]["output_tokens"] <= 3
+    for code in ("en-us", "EN", "xx", "english"):
+        refused = httpx.post(f"{api.url}/v1/audio/transcriptions", files={"file": upload}, timeout=30,
+                             data={"model": model, "language": code})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "language", code

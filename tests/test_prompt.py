@@ -13,6 +13,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from transformers import AutoProcessor
 
 from voxtral_app.audio.pcm import wav_bytes
+from voxtral_app.backends.contract import as_text
 from voxtral_app.model import prompt
 from voxtral_app.model.checkpoint import AUDIO_TOKEN_ID, BEGIN_AUDIO_ID, TRANSCRIBE_ID
 
@@ -41,6 +42,19 @@ def test_multi_turn_audio_chat_matches_mistral_common(tiny_checkpoint, speech, o
     assert ours.ids.count(BEGIN_AUDIO_ID) == 2
     assert ours.ids.count(AUDIO_TOKEN_ID) == 2 * 375
     assert len(ours.audio) == 2 and all(len(clip) % prompt.CHUNK_SAMPLES == 0 for clip in ours.audio)
+
+
+def test_a_spoken_turn_aged_into_its_transcript_matches_mistral_common(tiny_checkpoint, speech, other_speech):
+    """An old spoken turn becomes a text turn (contract.as_text): the prompt is mistral-common's encoding
+    of the conversation with that turn as text, the newer turn still audio."""
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    messages = [as_text(prompt.user_message(speech, "Listen."), "what was heard"), prompt.assistant_message("Yes."),
+                prompt.user_message(other_speech)]
+    reference = MistralTokenizer.from_file(os.path.join(tiny_checkpoint, "tekken.json")).encode_chat_completion(
+        ChatCompletionRequest(messages=[UserMessage(content="what was heard\nListen."), AssistantMessage(content="Yes."),
+                                        UserMessage(content=[AudioChunk(input_audio=raw_audio(other_speech))])]))
+    assert prompt.chat_prompt(processor, messages).ids == reference.tokens
+    assert reference.tokens.count(BEGIN_AUDIO_ID) == 1
 
 
 def test_transcription_request_matches_mistral_common(tiny_checkpoint, speech):

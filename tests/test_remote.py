@@ -14,11 +14,11 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import app_options
+from conftest import app_options, serving
 from servers import BackgroundServer
 
 from voxtral_app.audio.pcm import SAMPLE_RATE
-from voxtral_app.backends.contract import EngineBusy, Sampling
+from voxtral_app.backends.contract import EngineBusy, Sampling, is_spoken
 from voxtral_app.backends.openai import (
     BackendUnavailable,
     OpenAIBackend,
@@ -26,8 +26,15 @@ from voxtral_app.backends.openai import (
     wav_base64,
 )
 from voxtral_app.client import Client
+from voxtral_app.conversation.conversation import (
+    Conversation,
+    ConversationOptions,
+    Settings,
+)
+from voxtral_app.conversation.events import ReplyFinished, TurnFailed
 from voxtral_app.conversation.speech import VoiceOptions, load_speaker
 from voxtral_app.serving.app import create_app
+from voxtral_app.turns.taker import TurnEvent
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=12)
@@ -96,6 +103,44 @@ def test_replies_equal_the_local_engine(backend, app_engine, speech, other_speec
     assert wait_for(lambda: app_engine.active_chats == 0, 5)
 
 
+@pytest.mark.slow
+def test_seven_spoken_turns_over_the_hop_keep_within_vllms_clip_limit(tiny_checkpoint, speaker, speech, other_speech):
+    """A front end's conversation on `--backend openai`, against this app's own /v1 (which refuses a 6th clip,
+    as vLLM does): seven spoken turns are all answered; older turns travel as their captions. The server
+    has room for the reply and the captions beside it (vLLM has no slot cap)."""
+    engine = next(serving_engine := serving(tiny_checkpoint, slots=6, max_tokens=4096))
+    server = BackgroundServer(create_app(engine, app_options(engine, reply_tokens=6), speaker=speaker))
+    backend = OpenAIBackend(RemoteOptions(url=server.url, slots=1, audio_turns=3, transcript_tokens=16)).connect()
+    conversation = Conversation(backend, ConversationOptions(reply_tokens=6, captions=True),
+                                settings=Settings(temperature=0.0), name="hop").open()
+    sent = []
+    stream_chat = backend.stream_chat
+
+    async def recording(reply, messages, sampling, chat_id):
+        sent.append(sum(is_spoken(m) for m in messages))
+        await stream_chat(reply, messages, sampling, chat_id)
+
+    backend.stream_chat = recording
+    try:
+        for k in range(7):
+            clip = (speech if k % 2 else other_speech)[: int((1.0 + 0.2 * k) * SAMPLE_RATE)]
+            conversation.post("speech", TurnEvent("speech"))
+            conversation.post("end", TurnEvent("end", clip, time.perf_counter()))
+            seen = []
+            while not seen or not isinstance(seen[-1], (ReplyFinished, TurnFailed)):
+                seen.append(conversation.outbox.get(timeout=60))
+            assert isinstance(seen[-1], ReplyFinished) and seen[-1].error is None and seen[-1].text, seen[-1]
+        assert len(sent) == 7 and max(sent) <= 3 and sent[-1] >= 2
+        texts = [m for m in conversation.chat.messages if m["role"] == "user" and not is_spoken(m)]
+        assert len(texts) >= 4
+    finally:
+        conversation.close()
+        assert conversation.closed.wait(30)
+        backend.close()
+        server.stop()
+        next(serving_engine, None)  # closes the engine
+
+
 def test_slots_cap_conversations(backend):
     chats = [backend.open_chat(), backend.open_chat()]
     with pytest.raises(EngineBusy):
@@ -145,8 +190,10 @@ def streaming(turns: int):
 def test_turn_and_barge_in_over_webrtc(app_engine, speaker, speech, other_speech):
     """A (openai backend) -> B (local engine): a turn streams, then a barge-in stops B's generation."""
     b = BackgroundServer(create_app(app_engine, app_options(app_engine), speaker=speaker))
-    backend = OpenAIBackend(RemoteOptions(url=b.url, slots=2)).connect()
-    a = BackgroundServer(create_app(backend, app_options(backend, reply_tokens=2000), speaker=speaker))
+    # B generates this reply alone: no captions, and no old turn's transcript asked for early (audio_turns 5)
+    backend = OpenAIBackend(RemoteOptions(url=b.url, slots=2, audio_turns=5)).connect()
+    a = BackgroundServer(create_app(backend, app_options(backend, reply_tokens=2000, captions=False),
+                                    speaker=speaker))
 
     async def run():
         client = await Client.connect(a.url, temperature=1.0)  # sampled: a long reply, no early end
@@ -180,7 +227,8 @@ def test_server_gone_mid_reply_is_a_message_and_a_keeps_serving(app_engine, spea
     b = BackgroundServer(create_app(app_engine, app_options(app_engine), speaker=speaker))
     port = int(b.url.rsplit(":", 1)[1])
     backend = OpenAIBackend(RemoteOptions(url=b.url, slots=2, read_timeout_s=5, check_interval_s=0.5)).connect()
-    a = BackgroundServer(create_app(backend, app_options(backend, reply_tokens=2000), speaker=speaker))
+    a = BackgroundServer(create_app(backend, app_options(backend, reply_tokens=2000, captions=False),
+                                      speaker=speaker))  # B generates this reply alone
 
     async def run():
         nonlocal b

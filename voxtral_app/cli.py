@@ -76,6 +76,9 @@ reply_tokens = whole_number("number of tokens", 1, 4096)  # longest chat reply
 port = whole_number("port number", 1, 65535)
 
 
+audio_turns = whole_number("number of spoken turns", 1, 5)  # vLLM's limit for Voxtral: 5 clips a prompt
+
+
 def seconds(text: str) -> float:
     """A duration: a number >= 0."""
     try:

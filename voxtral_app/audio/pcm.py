@@ -85,6 +85,12 @@ def wav_bytes(audio: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
     return buffer.getvalue()
 
 
+def wav_samples(data: bytes) -> np.ndarray:
+    """A WAV file this app wrote (`wav_bytes`, or 16-bit mono at 16 kHz) -> float32 samples."""
+    samples, _ = sf.read(io.BytesIO(data), dtype="float32")
+    return samples
+
+
 def read_wav(path: str) -> tuple[int, np.ndarray]:
     """A sound file -> (rate, float32 samples [N] or [N, C])."""
     samples, rate = sf.read(path, dtype="float32")

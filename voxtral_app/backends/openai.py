@@ -3,8 +3,10 @@
 `OpenAIBackend` stands where the local `Engine` stands (contract.py): `open_chat()`
 gives a `RemoteChat` that keeps the conversation's messages itself and streams each reply from
 `POST /v1/chat/completions` (the user's audio as an `input_audio` part, a base64 WAV; earlier turns
-as messages) or, in transcribe mode, `POST /v1/audio/transcriptions`. The server keeps no state
-between requests; prefix caching on it (vLLM's --enable-prefix-caching) spares re-encoding history.
+as messages, at most `audio_turns` of them as audio and older ones as their transcripts: vLLM takes
+at most 5 clips a prompt) or, in transcribe mode, a streamed `POST /v1/audio/transcriptions`. The
+server keeps no state between requests; its prefix cache (vLLM's --enable-prefix-caching) spares
+the history's prefill only while the history's start is unchanged.
 
 Threads: the backend owns ONE asyncio loop on its own thread ("voxtral-openai"); every request
 runs there through one AsyncOpenAI client on one httpx connection pool. A RemoteChat belongs to the
@@ -18,12 +20,14 @@ import asyncio
 import base64
 import collections
 import io
+import json
 import logging
 import queue
 import threading
 import time
 import urllib.parse
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
 import httpx
@@ -32,13 +36,28 @@ import openai
 import soundfile as sf
 
 from ..audio.pcm import SAMPLE_RATE
-from .contract import CHAT, EngineBusy, EngineFailed, Pieces, Sampling, Turns
+from .contract import (
+    CHAT,
+    MAX_AUDIO_TURNS,
+    EngineBusy,
+    EngineFailed,
+    Pieces,
+    Sampling,
+    Turns,
+)
 
 logger = logging.getLogger(__name__)
 
 SETTLE_TIMEOUT_S = 30.0  # a cancelled stream closes at once; this is a backstop
+ASIDE_TRIES = 6  # a background transcript refused as busy (429) is asked for this often (0.5 s, 1 s, ... apart)
 CONVERSATION_HEADER = "X-Voxtral-Conversation"  # deploy/vllm/nginx.conf pins a conversation to a replica by it
 WAV_BYTES_PER_S = 2 * SAMPLE_RATE  # 16-bit mono: what a turn's audio costs on the wire
+# ISO 639-1: the language codes vLLM's transcription endpoint takes (it refuses "en-us")
+ISO_639_1 = frozenset("""aa ab ae af ak am an ar as av ay az ba be bg bh bi bm bn bo br bs ca ce ch co cr cs cu cv cy
+da de dv dz ee el en eo es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he hi ho hr ht hu hy hz ia id ie ig ii ik io
+is it iu ja jv ka kg ki kj kk kl km kn ko kr ks ku kv kw ky la lb lg li ln lo lt lu lv mg mh mi mk ml mn mr ms mt my na
+nb nd ne ng nl nn no nr nv ny oc oj om or os pa pi pl ps pt qu rm rn ro ru rw sa sc sd se sg si sk sl sm sn so sq sr ss
+st su sv sw ta te tg th ti tk tl tn to tr ts tt tw ty ug uk ur uz ve vi vo wa wo xh yi yo za zh zu""".split())
 
 
 @dataclass(frozen=True)
@@ -54,10 +73,20 @@ class RemoteOptions:
     read_timeout_s: float = 30.0  # longest wait for the first token (prefill) or between two tokens
     check_interval_s: float = 10.0  # /health's reachability answer is at most this old
     max_connections: int = 64  # the httpx pool
+    audio_turns: int = 3  # spoken turns a request keeps as audio; older ones go as their transcripts (vLLM
+    # refuses more than MAX_AUDIO_TURNS clips in one prompt)
+    transcript_tokens: int = 1024  # longest transcript asked of the server (max_completion_tokens)
+    age_wait_s: float = 5.0  # at a turn's start, how long an old spoken turn's transcript is waited for
 
 
 class BackendUnavailable(RuntimeError):
     """The server at --backend-url does not answer like an OpenAI-compatible server."""
+
+
+def iso_639_1(language: str | None) -> str | None:
+    """A language setting ("en", "en-US", "fr_FR") -> the ISO 639-1 code vLLM takes, or None (detect it)."""
+    code = (language or "").strip().lower().replace("_", "-").split("-")[0]
+    return code if code in ISO_639_1 else None
 
 
 def base_url(text: str) -> str:
@@ -110,6 +139,10 @@ def explain(error: BaseException, url: str, read_timeout_s: float) -> tuple[str,
     if isinstance(error, httpx.TransportError):  # mid-stream: the connection broke
         return "backend_unavailable", f"the generation server at {url} went away mid-reply ({error})"
     if isinstance(error, openai.APIStatusError):
+        if "may be provided in one prompt" in str(error.message):
+            return "backend_error", (f"the generation server refused the turn: it takes at most {MAX_AUDIO_TURNS} "
+                                     f"audio clips in one prompt (vLLM's limit for Voxtral); lower --audio-turns "
+                                     f"({error.status_code}: {error.message})")
         if error.status_code == 429 or error.status_code >= 500:
             return "backend_unavailable", (f"the generation server at {url} is busy or failing "
                                            f"({error.status_code}: {error.message})")
@@ -219,23 +252,31 @@ class RemoteChat(Turns):
         """`speculative` changes nothing here: the server schedules its own requests."""
         self.settle()
         self.messages.append(user_message(audio, text))
+        self.age(self.backend.options.audio_turns, wait_s=self.backend.options.age_wait_s)
         self.trim()
         reply = RemoteReply(self.backend, record=True)
         self.current = self.backend.submit(reply, self.backend.stream_chat(reply, list(self.messages), sampling, self.id))
         return reply
 
-    def transcribe(self, audio: np.ndarray, language: str | None = None, speculative: bool = False) -> RemoteReply:
+    def transcribe(self, audio: np.ndarray, language: str | None = None, speculative: bool = False,
+                   max_tokens: int | None = None) -> RemoteReply:
         self.settle()
         reply = RemoteReply(self.backend, record=False)
-        self.current = self.backend.submit(reply, self.backend.transcribe(reply, audio, language, self.id))
+        limit = min(max_tokens or self.backend.options.transcript_tokens, self.backend.options.transcript_tokens)
+        self.current = self.backend.submit(reply, self.backend.transcribe(reply, audio, language, self.id, limit))
         return reply
+
+    def transcribe_aside(self, audio: np.ndarray, language: str | None):
+        return self.backend.transcribe_aside(audio, language, self.id)
 
     def release(self) -> None:
         self.backend.release()
 
     def tidy(self, sampling: Sampling = CHAT) -> bool:
-        """Nothing to do early: the server re-reads the history each turn (its prefix cache, if any, is its own)."""
-        return False
+        """Old spoken turns become their transcripts (the server re-reads the history each turn; its
+        prefix cache, if any, is its own, and helps only while the history's start is unchanged)."""
+        self.settle()
+        return self.age(self.backend.options.audio_turns)
 
     def trim(self) -> None:
         """Drop the oldest turns while the history holds more audio than the server should re-read."""
@@ -282,6 +323,7 @@ class OpenAIBackend:
         self.thread = threading.Thread(target=self.loop.run_forever, name="voxtral-openai", daemon=True)
         self.thread.start()
         self.client: openai.AsyncOpenAI = self.call(self.make_client(), timeout=10)
+        self.streams_transcripts = True  # until the server refuses a streamed transcription (loop-owned)
         self.checker: asyncio.Task | None = None
 
     async def make_client(self) -> openai.AsyncOpenAI:
@@ -450,7 +492,7 @@ class OpenAIBackend:
         try:
             stream = await self.client.chat.completions.create(
                 model=self.options.model, messages=messages, stream=True, stream_options={"include_usage": True},
-                temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature, top_p=sampling.top_p, max_completion_tokens=sampling.max_new_tokens,
                 extra_headers={CONVERSATION_HEADER: chat_id})
             async with stream:  # leaving it closes the response: a cancel reaches the server
                 async for chunk in stream:
@@ -464,16 +506,76 @@ class OpenAIBackend:
         except Exception as error:  # noqa: BLE001 - every failure ends the turn with a message
             self.failed(reply, error)
 
-    async def transcribe(self, reply: RemoteReply, audio: np.ndarray, language: str | None, chat_id: str) -> None:
-        wav = base64.b64decode(wav_base64(audio))
+    async def transcribe(self, reply: RemoteReply, audio: np.ndarray, language: str | None, chat_id: str,
+                         max_tokens: int) -> None:
+        """A transcription, streamed as vLLM streams one (`transcription.chunk` deltas; OpenAI's
+        `transcript.text.delta` events read too). A server that refuses to stream gets asked once more
+        without streaming, and is not asked to stream again."""
         try:
-            result = await self.client.audio.transcriptions.create(
-                model=self.options.model, file=("turn.wav", wav, "audio/wav"), temperature=0.0,
-                response_format="json", extra_headers={CONVERSATION_HEADER: chat_id},
-                **({"language": language} if language else {}))
-            if result.text:
-                reply.put(result.text)
+            if self.streams_transcripts:
+                try:
+                    return await self.stream_transcript(reply, audio, language, chat_id, max_tokens)
+                except openai.BadRequestError as error:
+                    if "stream" not in str(error.message).lower() or reply.chunks:
+                        raise
+                    self.streams_transcripts = False
+            text = await self.whole_transcript(audio, language, chat_id, max_tokens)
+            if text:
+                reply.put(text)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001
             self.failed(reply, error)
+
+    def transcription_request(self, audio: np.ndarray, language: str | None, chat_id: str, max_tokens: int) -> dict:
+        language = iso_639_1(language)
+        return {"model": self.options.model, "file": ("turn.wav", base64.b64decode(wav_base64(audio)), "audio/wav"),
+                "temperature": 0.0, "extra_headers": {CONVERSATION_HEADER: chat_id},
+                "extra_body": {"max_completion_tokens": max_tokens}, **({"language": language} if language else {})}
+
+    async def stream_transcript(self, reply: RemoteReply, audio: np.ndarray, language: str | None, chat_id: str,
+                                max_tokens: int) -> None:
+        request = self.transcription_request(audio, language, chat_id, max_tokens)
+        async with self.client.audio.transcriptions.with_streaming_response.create(
+                stream=True, response_format="json", **request) as response:
+            async for line in response.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise RuntimeError((chunk["error"] or {}).get("message") or "the transcription failed")
+                if chunk.get("type") == "transcript.text.delta":  # OpenAI's own streaming format
+                    piece = chunk.get("delta") or ""
+                else:
+                    piece = "".join((choice.get("delta") or {}).get("content") or "" for choice in chunk.get("choices") or [])
+                if piece:
+                    reply.put(piece)
+
+    async def whole_transcript(self, audio: np.ndarray, language: str | None, chat_id: str, max_tokens: int) -> str:
+        result = await self.client.audio.transcriptions.create(
+            response_format="json", **self.transcription_request(audio, language, chat_id, max_tokens))
+        return result.text.strip()
+
+    async def transcript_aside(self, audio: np.ndarray, language: str | None, chat_id: str) -> str:
+        """Nobody waits on it: a busy server (429) is asked again, a little later each time."""
+        for attempt in range(ASIDE_TRIES):
+            try:
+                return await self.whole_transcript(audio, language, chat_id, self.options.transcript_tokens)
+            except openai.RateLimitError:
+                if attempt == ASIDE_TRIES - 1:
+                    raise
+                await asyncio.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def transcribe_aside(self, audio: np.ndarray, language: str | None, chat_id: str) -> Future:
+        """A Future of what was said in `audio` (a caption, or an old spoken turn's text), from the server."""
+        coroutine = self.transcript_aside(audio, language, chat_id)
+        if self.loop.is_closed():
+            coroutine.close()
+            future: Future = Future()
+            future.set_exception(RuntimeError("the backend is closed"))
+            return future
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)

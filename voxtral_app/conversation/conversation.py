@@ -35,6 +35,7 @@ from .events import (
     Speech,
     StateChanged,
     TurnFailed,
+    UserTranscript,
     UserTurn,
 )
 from .speech import SentenceSplitter
@@ -85,6 +86,8 @@ class ConversationOptions:
     temperature: float = CHAT.temperature  # chat temperature a new conversation starts with (--temperature)
     clips: int = 8  # the page plays back the last 8 spoken turns (older ones show their label; 0: labels only)
     clip_s: float = 30.0  # a turn's clip keeps its last 30 s (960 KB of 16-bit 16 kHz audio)
+    captions: bool = False  # transcribe each spoken chat turn beside its reply (UserTranscript); app.py turns
+    # it on where the model has a GPU (or is remote), see docs/benchmarks for what it costs on a CPU
 
 
 @dataclass
@@ -138,6 +141,7 @@ class Conversation:
         self.deferred: collections.deque = collections.deque()  # messages that arrived while a reply streamed
         self.closing = False
         self.voice_state = ""  # the last StateChanged emitted
+        self.captioning: dict = {}  # turn -> the Future of its caption, until it is told
 
     # -- any thread -----------------------------------------------------------------------------
 
@@ -151,7 +155,8 @@ class Conversation:
 
     def post(self, kind: str, value=None) -> None:
         """kind: "pause" / "continue" / "end" / "resume" / "speech" (TurnEvents), "audio" ((rate, samples),
-        a whole turn), "text" (a typed turn), "settings", "cancel" (stop the reply), "clear", "close"."""
+        a whole turn), "text" (a typed turn), "settings", "cancel" (stop the reply), "clear", "close";
+        and "caption" ((turn, Future)), posted by a caption as it is done."""
         if not self.closed.is_set():
             self.inbox.put((kind, value))
 
@@ -201,6 +206,8 @@ class Conversation:
             self.closing = True
         elif kind == "settings":
             self.settings = value
+        elif kind == "caption":
+            self.captioned(*value)
         elif kind == "pause":  # maybe the end: prepare the reply now, unseen
             self.drop_speculation()
             self.speculation = self.start_audio(value.audio, value.speech_end, "speech", speculative=True)
@@ -235,6 +242,7 @@ class Conversation:
                 self.chat.tidy(replace(CHAT, max_new_tokens=self.options.reply_tokens))
         elif kind == "clear":
             self.drop_speculation()
+            self.captioning.clear()
             self.chat.reset()
             self.shown = None
             self.emit(Cleared())
@@ -274,6 +282,26 @@ class Conversation:
             return None
         return Pending(reply, settings, time.perf_counter(), "text", text=text)
 
+    def caption(self, pending: Pending) -> None:
+        """Transcribe a shown spoken chat turn beside its reply; UserTranscript follows when it is done."""
+        if not self.options.captions or pending.audio is None or pending.settings.mode != "chat":
+            return
+        try:
+            future = self.chat.caption(pending.settings.language or None)
+        except Exception:  # noqa: BLE001 - a caption is a nicety: the turn goes on without one
+            logger.exception("%s: a caption could not be asked for", self.name)
+            return
+        if future is not None:
+            self.captioning[pending.turn] = future
+            future.add_done_callback(lambda done, turn=pending.turn: self.post("caption", (turn, done)))
+
+    def captioned(self, turn: int, future) -> None:
+        if self.captioning.get(turn) is not future:
+            return  # retracted or cleared meanwhile
+        del self.captioning[turn]
+        if not future.cancelled() and future.exception() is None and future.result():
+            self.emit(UserTranscript(turn, future.result()))
+
     def drop_speculation(self) -> None:
         if self.speculation is not None:
             self.chat.discard(self.speculation.reply)
@@ -284,6 +312,7 @@ class Conversation:
         pending, self.shown = self.shown, None
         if pending is None:
             return
+        self.captioning.pop(pending.turn, None)
         self.chat.discard(pending.reply)
         self.emit(ReplyRetracted(pending.turn, pending.stats() if streaming else None))
 
@@ -300,6 +329,7 @@ class Conversation:
         self.shown = pending
         self.emit(UserTurn(turn, pending.source, pending.text, pending.audio))
         self.state("thinking")
+        self.caption(pending)
         speak = pending.settings.spoken and self.speaker is not None
         splitter = SentenceSplitter() if speak else None
         last_delta, sent, retract, error = 0.0, "", False, None
@@ -357,6 +387,9 @@ class Conversation:
                 kind, value = self.inbox.get_nowait()
             except queue.Empty:
                 return retract
+            if kind == "caption":  # told now, beside the reply
+                self.captioned(*value)
+                continue
             if kind not in INTERRUPTS:
                 self.deferred.append((kind, value))
                 continue

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 SETTLE_TIMEOUT_S = 30.0  # a cancelled reply leaves the decode thread within one step; this is a backstop
 ROOM_FOR_A_TURN = 400  # prompt tokens a usual next turn adds: one 30 s audio chunk (375) and its markers
 HOUSEKEEPING = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=1)  # a prefill whose one token is dropped
+AGE_WAIT_S = 5.0  # at a turn's start, how long an old spoken turn's transcript is waited for (asked for a turn ago)
 
 
 def common_prefix(a: list, b: list) -> int:
@@ -122,6 +123,7 @@ class Chat(Turns):
         self.encoded: tuple[int, prompts.Prompt] | None = None  # (messages encoded, their prompt)
         self.cached: list[int] = []  # token ids whose keys/values are in the slot, in order
         self.cached_clips: list[tuple[int, str]] = []  # (block start, clip hash) for audio in the slot
+        self.audio_turns = engine.options.audio_turns  # clips a prompt keeps (/v1 keeps what it is sent)
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -142,29 +144,38 @@ class Chat(Turns):
             self.drop_last_turn()  # atomic: no reply, no turn
             raise
 
-    def transcribe(self, audio: np.ndarray, language: str | None = None, speculative: bool = False) -> Reply:
-        """Start a transcription of `audio`; it is not added to the conversation."""
+    def transcribe(self, audio: np.ndarray, language: str | None = None, speculative: bool = False,
+                   max_tokens: int | None = None) -> Reply:
+        """Start a transcription of `audio` (at most `max_tokens`, or the engine's transcript_tokens); it
+        is not added to the conversation."""
         started = time.perf_counter()
         self.settle()
         prompt = prompts.transcription_prompt(self.engine.processor, audio, language, self.engine.options.model)
-        sampling = replace(TRANSCRIBE, max_new_tokens=self.engine.options.transcript_tokens)
+        limit = self.engine.options.transcript_tokens
+        sampling = replace(TRANSCRIBE, max_new_tokens=min(max_tokens or limit, limit))
         return self.launch(prompt, sampling, record=False, started=started, speculative=speculative)
 
     def tidy(self, sampling: Sampling = CHAT) -> bool:
-        """Housekeeping between turns, once the last one is final (it can no longer be taken back): if
-        the next turn would have to drop the oldest turns (at ~ROOM_FOR_A_TURN more tokens), drop them
-        now and prefill what stays in the background. The next turn then prefills only itself instead
-        of the whole conversation while the person waits. -> whether it did."""
+        """Housekeeping between turns, once the last one is final (it can no longer be taken back): old
+        spoken turns become text (`Turns.age`), and if the next turn would have to drop the oldest turns
+        (at ~ROOM_FOR_A_TURN more tokens), they go now. What stays is prefilled in the background, so
+        the next turn prefills only itself instead of the conversation while the person waits.
+        -> whether it did anything."""
         self.settle()
         if not self.messages or self.messages[-1]["role"] != "assistant":
             return False
+        aged = self.age(self.audio_turns)
         limit = self.engine.options.max_tokens - sampling.max_new_tokens
         prompt = self.closed_prompt()
-        if len(prompt.ids) + ROOM_FOR_A_TURN <= limit:
+        if len(prompt.ids) + ROOM_FOR_A_TURN > limit:
+            prompt = self.trim(prompt, limit // 2)
+        elif not aged:
             return False
-        prompt = self.trim(prompt, limit // 2)
         self.launch(prompt, HOUSEKEEPING, record=False, started=time.perf_counter(), speculative=True)
         return True
+
+    def transcribe_aside(self, audio: np.ndarray, language: str | None):
+        return self.engine.transcribe_aside(audio, language)
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -175,10 +186,12 @@ class Chat(Turns):
         self.encoded = None  # the cache itself is overwritten by the next turn
 
     def fit(self, sampling: Sampling) -> prompts.Prompt:
-        """Prompt for the conversation, dropping its oldest turns until prompt + reply fit the cache.
+        """Prompt for the conversation, with at most `self.audio_turns` clips (older spoken turns become text),
+        dropping its oldest turns until prompt + reply fit the cache.
         Once over the limit it drops down to half of it: the whole cache is re-prefilled after a
         drop, so that happens once every few turns, not every turn (and `tidy` does it early)."""
         limit = self.engine.options.max_tokens - sampling.max_new_tokens
+        self.age(self.audio_turns, wait_s=AGE_WAIT_S)  # a no-op when tidy aged them already
         prompt = self.encode()
         if len(prompt.ids) > limit:
             prompt = self.trim(prompt, limit // 2)

@@ -24,6 +24,7 @@ from . import prompt as prompts
 from .chat import Chat
 from .decoder import Decoder, sample
 from .generation import Generation
+from .transcripts import Transcriber
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,14 @@ class EngineOptions:
     # only this often: 4 turns ending at once each waited for the others' decode steps too
     model_process: bool = False  # the model in a child process with its own GIL (model_process.py); app.py's default
     transcript_tokens: int = 1024  # longest transcript, tokens (a chat reply's cap: ConversationOptions.reply_tokens)
+    side_slots: int = 1  # KV rows beyond `slots` for transcripts beside the conversations (transcripts.py)
+    audio_turns: int = 3  # spoken turns a prompt keeps as audio; older ones become their transcripts (chat.py).
+    # Voxtral's authors see quality degrade past 5 clips in a prompt (vLLM refuses a 6th)
+
+    @property
+    def rows(self) -> int:
+        """KV-cache rows the decoder holds: the conversations' slots and the side rows."""
+        return self.slots + self.side_slots
 
 
 class Engine:
@@ -62,7 +71,7 @@ class Engine:
         self.processor = processor
         self.options = options
         if decoder is None:
-            decoder = Decoder(model, options.slots, options.max_tokens, options.compile,
+            decoder = Decoder(model, options.rows, options.max_tokens, options.compile,
                               extractor=processor.feature_extractor)
         self.decoder = decoder
         self.model_device = decoder.device  # where the model runs
@@ -89,6 +98,7 @@ class Engine:
         self.thread = threading.Thread(target=self.run, name="voxtral-decode", daemon=True)
         self.thread.start()
         decoder.watch(self.fail)  # a model process that exits is the engine's failure
+        self.transcriber = Transcriber(self, list(range(options.slots, options.rows)))
 
     # -- what the server shows (backends.contract.Backend) ---------------------------------------
 
@@ -131,6 +141,11 @@ class Engine:
             if not self.free_slots:
                 raise EngineBusy(f"all {self.options.slots} conversation slots are in use; try again shortly")
             return Chat(self, self.free_slots.pop(0))
+
+    def transcribe_aside(self, audio, language: str | None = None):
+        """A Future of what was said in `audio`, transcribed on a side row (transcripts.py): a caption,
+        or the text an old spoken turn becomes. Served after the replies someone waits for."""
+        return self.transcriber.transcribe(audio, language)
 
     def release(self, slot: int) -> None:
         with self.wake:
@@ -180,6 +195,7 @@ class Engine:
         with self.wake:
             self.closed = True
             self.wake.notify()
+        self.transcriber.close()
         self.thread.join(timeout_s)
         self.decoder.close()
 

@@ -2,7 +2,8 @@
 
     GET  /v1/models
     POST /v1/chat/completions      stream or not; text, `input_audio` (base64 WAV) and `audio_url` (data:) parts
-    POST /v1/audio/transcriptions  multipart: file, model, language, response_format (json | text)
+    POST /v1/audio/transcriptions  multipart: file, model, language (ISO 639-1), response_format (json | text),
+                                   stream (vLLM's transcription.chunk events), max_completion_tokens
 
 Shapes follow OpenAI's API (ids, `choices[].delta.content`, `finish_reason`, `usage`, error bodies
 {"error": {"message", "type", "param", "code"}}), so the official `openai` client works unmodified,
@@ -32,7 +33,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..audio.pcm import AudioError, prepare, wav_bytes
-from ..backends.contract import CHAT, EngineBusy, EngineFailed, Sampling
+from ..backends.contract import (
+    CHAT,
+    MAX_AUDIO_TURNS,
+    EngineBusy,
+    EngineFailed,
+    Sampling,
+)
+from ..backends.openai import ISO_639_1
 from ..model import prompt as prompts
 
 logger = logging.getLogger(__name__)
@@ -41,17 +49,17 @@ MAX_BODY_BYTES = 26_214_400  # 25 MB per chat request (guard.py's cap too): 5 mi
 MAX_UPLOAD_BYTES = 26_214_400  # 25 MB per transcription upload, OpenAI's own limit
 MAX_MESSAGES = 256
 MAX_TEXT_CHARS = 32_000  # per message
-MAX_REPLY_TOKENS = 2_048  # max_tokens is capped here
+MAX_REPLY_TOKENS = 2_048  # max_completion_tokens (or max_tokens) is capped here
+MAX_CLIPS = MAX_AUDIO_TURNS  # audio parts per prompt, as vLLM allows for Voxtral
 PIECE_TIMEOUT_S = 60.0  # no token for this long: the reply is failed (the engine's watchdog says why)
 POLL_S = 0.5  # a waiting pool thread looks up this often (a cancelled reply ends within one decode step)
-LANGUAGE_CHARS = set("abcdefghijklmnopqrstuvwxyz-")
 
 
 class ApiError(Exception):
     """An OpenAI-shaped error answer."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | int | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -165,13 +173,19 @@ def parse_chat(raw: bytes, model: str, max_audio_s: float) -> ChatRequest:
         raise ApiError(400, f"messages must be a list of 1-{MAX_MESSAGES} messages", param="messages")
     if body.get("n", 1) != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    limit = body.get(name)  # max_tokens is OpenAI's deprecated spelling; vLLM prefers the other too
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ApiError(400, "max_tokens must be a whole number from 1", param="max_tokens")
+        raise ApiError(400, f"{name} must be a whole number from 1", param=name)
     stream = body.get("stream") or False
     options = body.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise ApiError(400, "stream must be true or false, stream_options an object", param="stream")
+    clips = sum(isinstance(part, dict) and part.get("type") in ("input_audio", "audio_url")
+                for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list) for part in m["content"])
+    if clips > MAX_CLIPS:  # vLLM's answer, word for word, so a client built against this server works against vLLM
+        raise ApiError(400, f"At most {MAX_CLIPS} audio(s) may be provided in one prompt.", type="BadRequestError",
+                       code=400)
     parsed = [parse_message(m, i, max_audio_s) for i, m in enumerate(messages)]
     role, last = parsed[-1]
     if role != "user":
@@ -276,6 +290,7 @@ def add_openai_routes(app: FastAPI, engine, pool_threads: int | None = None) -> 
 
     def start(chat, request: ChatRequest):
         chat.messages = request.history
+        chat.audio_turns = MAX_CLIPS  # every clip sent is heard (parse_chat refused more)
         try:
             return chat.start(request.audio, request.text, request.sampling)
         except EngineFailed as error:
@@ -368,19 +383,31 @@ def add_openai_routes(app: FastAPI, engine, pool_threads: int | None = None) -> 
             raise ApiError(400, "file is required (multipart/form-data)", param="file")
         check_model(form.get("model"), model)
         language = form.get("language") or None
-        if language is not None and (not isinstance(language, str) or not 2 <= len(language) <= 8
-                                     or not set(language.lower()) <= LANGUAGE_CHARS):
-            raise ApiError(400, "language must be a language code such as 'en' or 'fr'", param="language")
+        if language is not None and (not isinstance(language, str) or language not in ISO_639_1):
+            raise ApiError(400, f"Unsupported language: {str(language)[:16]!r}. Send an ISO 639-1 code such as "
+                           "'en' or 'fr' (as vLLM does), or none to detect it", param="language")
         response_format = form.get("response_format") or "json"
         if response_format not in ("json", "text"):
             raise ApiError(400, "response_format must be json or text", param="response_format")
-        if str(form.get("stream", "false")).lower() == "true":
-            raise ApiError(400, "streaming transcriptions are not offered; leave stream unset", param="stream")
+        stream = str(form.get("stream", "false")).lower()
+        if stream not in ("true", "false"):
+            raise ApiError(400, "stream must be true or false", param="stream")
+        limit = form.get("max_completion_tokens")
+        if limit is not None and (not isinstance(limit, str) or not limit.isdigit() or int(limit) < 1):
+            raise ApiError(400, "max_completion_tokens must be a whole number from 1", param="max_completion_tokens")
+        tokens = min(int(limit), engine.options.transcript_tokens) if limit else None
         data = await upload.read()
         audio = await run(decode_audio, data, engine.options.max_audio_s, "file")
         chat = open_chat()
         try:
-            reply = await run(transcribe, chat, audio, language and language.lower())
+            reply = await run(transcribe, chat, audio, language, tokens)
+        except BaseException:
+            close(chat)
+            raise
+        if stream == "true":
+            return StreamingResponse(transcription_chunks(reply, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
             text = await run(whole_reply, reply)
         except RuntimeError as error:
             raise ApiError(500, f"transcription failed: {error}", type="server_error") from None
@@ -393,9 +420,40 @@ def add_openai_routes(app: FastAPI, engine, pool_threads: int | None = None) -> 
                                         "output_tokens": stats["tokens"],
                                         "total_tokens": len(reply.prompt_ids) + stats["tokens"]}}
 
-    def transcribe(chat, audio: np.ndarray, language: str | None):
+    async def transcription_chunks(reply, chat):
+        """A streamed transcription as vLLM streams one: `transcription.chunk` deltas, then [DONE]."""
+        ident, now = f"trsc-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(content: str, reason: str | None = None) -> str:
+            return "data: " + json.dumps({"id": ident, "object": "transcription.chunk", "created": now, "model": model,
+                                          "choices": [{"delta": {"content": content}, "finish_reason": reason,
+                                                       "stop_reason": None}]}) + "\n\n"
+
         try:
-            return chat.transcribe(audio, language)
+            while True:
+                try:
+                    piece = await run(next_pieces, reply)
+                except RuntimeError as error:
+                    failure = ApiError(500, f"transcription failed: {error}", type="server_error")
+                    yield f"data: {json.dumps(failure.body())}\n\n"
+                    return
+                if piece is None:
+                    break
+                if piece:
+                    yield chunk(piece)
+            yield chunk("", "length" if reply.stats["tokens"] >= reply_limit(reply) else "stop")
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client went away: stop transcribing
+            reply.cancel()
+            close(chat)
+
+    def reply_limit(reply) -> int:
+        sampling = getattr(getattr(reply, "generation", None), "sampling", None)
+        return sampling.max_new_tokens if sampling is not None else engine.options.transcript_tokens
+
+    def transcribe(chat, audio: np.ndarray, language: str | None, tokens: int | None):
+        try:
+            return chat.transcribe(audio, language, max_tokens=tokens)
         except EngineFailed as error:
             raise ApiError(503, str(error), type="server_error", code="engine_failed") from None
         except Exception as error:  # noqa: BLE001 - e.g. a language mistral-common does not know

@@ -5,8 +5,8 @@
     WS /ws/audio/<id>      binary: raw little-endian int16 mono PCM at the session's rate, any chunk size
         client -> server (JSON): text_input {text}, config {mode, language, temperature, spoken}, cancel, clear
         server -> client (JSON): turn_start, text_delta {text}, text_response {text, timestamp, latency_ms,
-            mode, interrupted, status}, retracted, cleared, hush (stop playing), config {settings},
-            error {code, message};
+            mode, interrupted, status}, user_transcript {turn, text} (what was heard, when captions are
+            on), retracted, cleared, hush (stop playing), config {settings}, error {code, message};
             and, when `spoken`, binary PCM of each spoken sentence at the session's rate
 
 A session is one Conversation (one KV-cache slot, the same cap as every other route) from its
@@ -43,6 +43,7 @@ from ..conversation.events import (
     ReplyRetracted,
     Speech,
     TurnFailed,
+    UserTranscript,
 )
 from ..turns.taker import TurnTaker
 from . import metrics
@@ -136,6 +137,8 @@ class Replies:
                     "latency_ms": event.stats.first_token_ms, "mode": event.stats.mode,
                     "interrupted": event.interrupted, "status": event.status()}]
             return out + ([error("turn_failed", event.error)] if event.error is not None else [])
+        if isinstance(event, UserTranscript):
+            return [{"type": "user_transcript", "turn": event.turn, "text": event.text}]
         if isinstance(event, ReplyRetracted):
             return [{"type": "retracted"}]
         if isinstance(event, Cleared):

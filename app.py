@@ -125,6 +125,8 @@ def port_taken(host: str, port: int) -> str | None:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
             probe.bind(address)
+    except socket.gaierror as error:
+        return f"cannot listen on {host}: {error.strerror}: change --host (or HOST / GRADIO_SERVER_NAME)"
     except OSError as error:
         return (f"cannot listen on {host}:{port} ({error.strerror or error}): choose another port with --port "
                 "(or PORT / GRADIO_SERVER_PORT), or stop what holds it")

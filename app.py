@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 
 from voxtral_app.cli import (
@@ -122,6 +123,22 @@ def configure_logging(level: str) -> None:
             logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
+def port_taken(host: str, port: int) -> str | None:
+    """Why uvicorn could not listen on host:port, found now rather than after minutes of model loading."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                            flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+            probe.bind(address)
+    except socket.gaierror as error:
+        return f"cannot listen on {host}: {error.strerror}: change --host (or HOST / GRADIO_SERVER_NAME)"
+    except OSError as error:
+        return (f"cannot listen on {host}:{port} ({error.strerror or error}): choose another port with --port "
+                "(or PORT / GRADIO_SERVER_PORT), or stop what holds it")
+    return None
+
+
 def steady_memory() -> None:
     """glibc raises its mmap threshold each time a big buffer is freed; after that, every turn's few MB
     of audio and log-mel buffers come from the heap and fragment it: the server's RSS grew ~4 MB per
@@ -158,6 +175,8 @@ def main(argv=None) -> None:
     configure_logging(args.log_level)
     if problem := missing_credentials(args.ice):
         logging.getLogger("app").warning(problem)
+    if problem := port_taken(args.host, args.port):
+        sys.exit(f"error: {problem}")
 
     import uvicorn
 

@@ -176,3 +176,19 @@ def test_temperature_is_where_conversations_start(app_engine):
     assert served.state.stream.event_handler.copy().settings.temperature == 0.7
     sliders = [block for block in served.state.ui.blocks.values() if isinstance(block, gr.Slider)]
     assert [slider.value for slider in sliders if slider.label == "Temperature"] == [0.7]
+
+
+def test_a_busy_port_is_a_one_line_error_before_the_model_loads(tmp_path):
+    """Another process listens on the port: app.py says so at once, naming the port and how to change it,
+    instead of loading the model first (minutes for the real one) and failing in uvicorn."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        result = run_app("--model", "tiny-random", "--port", str(busy), env={"VOXTRAL_CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot listen on 127.0.0.1:{busy}"), result.stderr
+    assert "--port" in lines[0] and "PORT" in lines[0]
+    assert not os.listdir(tmp_path)  # the tiny model was never built
+    assert app.port_taken("127.0.0.1", free_port()) is None

@@ -2,7 +2,10 @@
 
 import json
 import os
+import re
+import shlex
 
+import pytest
 import torch
 from huggingface_hub.utils import filter_repo_objects
 
@@ -47,3 +50,23 @@ def test_hub_files_keep_the_transformers_shards_and_drop_consolidated(tmp_path):
     finally:
         engine.close()
 
+
+
+def test_the_offline_error_gives_the_filtered_download_command(monkeypatch, tmp_path):
+    """Offline with nothing cached, the default model fails with the `hf download` command that fetches exactly
+    HUB_FILES (~9.4 GB, not the repo's ~19 GB) and the way to run with no download at all."""
+    from huggingface_hub import constants
+
+    from voxtral_app.model.engine import DEFAULT_MODEL
+    from voxtral_app.model.loading import ModelLoadError, checkpoint_path
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache, as HF_HUB_CACHE sets it
+    with pytest.raises(ModelLoadError) as failed:
+        checkpoint_path(DEFAULT_MODEL)
+    message = str(failed.value)
+    command = shlex.split(re.search(r"`(hf download [^`]+)`", message).group(1))
+    assert command[:3] == ["hf", "download", DEFAULT_MODEL]
+    includes = [command[i + 1] for i, word in enumerate(command) if word == "--include"]
+    assert includes == list(checkpoint.HUB_FILES)
+    assert command[command.index("--local-dir") + 1] == "models/voxtral" and "`--model models/voxtral`" in message
+    assert "`--model tiny-random`" in message

@@ -3,7 +3,8 @@
 Dockerfile: non-root USER before the entry point, HEALTHCHECK on /health (run here against a real
 server), HF_HOME on a VOLUME, the entry point is `python app.py`, only the app's requirements.
 .dockerignore: the venv, checkpoints and history stay out; the app's files stay in.
-README front matter: a Gradio Space at our pinned gradio, on GPU hardware.
+README front matter: a Gradio Space at our pinned gradio, on GPU hardware, preloading only the model files
+the app downloads (HUB_FILES).
 """
 
 import json
@@ -19,6 +20,8 @@ import yaml
 from conftest import app_options
 from servers import BackgroundServer
 
+from voxtral_app.model import checkpoint
+from voxtral_app.model.engine import DEFAULT_MODEL
 from voxtral_app.serving.app import create_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,6 +210,26 @@ def test_readme_front_matter_makes_a_gradio_gpu_space():
     assert meta["app_file"] == "app.py" and os.path.exists(os.path.join(ROOT, meta["app_file"]))
     assert str(meta["python_version"]) == "3.11"
     assert meta["suggested_hardware"] in GPU_FLAVORS  # not ZeroGPU, not a CPU: see the README
+
+
+# mistralai/Voxtral-Mini-3B-2507's files on the hub: transformers' shards and configs, and Mistral's own
+# params.json and consolidated.safetensors (the same weights again, ~9.4 GB)
+VOXTRAL_REPO_FILES = (".gitattributes", "README.md", "config.json", "consolidated.safetensors", "generation_config.json",
+                      "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                      "model.safetensors.index.json", "params.json", "preprocessor_config.json", "tekken.json")
+
+
+def test_the_space_preloads_only_the_files_the_app_downloads():
+    """preload_from_hub takes `repo file1,file2,...` (the whole repo without a list): the files must be the ones
+    HUB_FILES lets snapshot_download fetch, or the Space downloads consolidated.safetensors too (~19 GB)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    (entry,) = front_matter()["preload_from_hub"]
+    repo, files = entry.split()
+    assert repo == DEFAULT_MODEL and DEFAULT_MODEL in front_matter()["models"]
+    wanted = sorted(filter_repo_objects(VOXTRAL_REPO_FILES, allow_patterns=list(checkpoint.HUB_FILES)))
+    assert files.split(",") == wanted
+    assert "consolidated.safetensors" not in wanted and "tekken.json" in wanted
 
 
 def test_readme_commands_install_what_they_need():

@@ -1,5 +1,7 @@
 """Streamed reply text becomes sentences as soon as they are complete, and real espeak-ng speech."""
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -135,8 +137,14 @@ def test_sentences_are_ready_before_the_rest_of_the_reply_arrives(espeak):
 
 
 def test_auto_falls_back_to_espeak_here(caplog):
+    """The default start (kokoro is not in requirements.txt): espeak-ng, with kokoro's absence at DEBUG only;
+    asking for kokoro by name (--voice kokoro) makes its absence a warning."""
+    caplog.set_level(logging.DEBUG, logger="voxtral_app.conversation.speech")
     speaker = load_speaker(VoiceOptions(engine="auto"))
     assert speaker.engine == "espeak" and speaker.sample_rate == 22_050
-    assert [r.levelname for r in caplog.records if "kokoro" in r.getMessage()] == ["WARNING"]
+    assert [r.levelname for r in caplog.records if "kokoro" in r.getMessage()] == ["DEBUG"]
     rate, samples = speaker.synthesize("Fallback works.")
     assert rate == 22_050 and len(samples) > 0
+    caplog.clear()
+    assert load_speaker(VoiceOptions(engine="kokoro")).engine == "espeak"
+    assert [r.levelname for r in caplog.records if "kokoro" in r.getMessage()] == ["WARNING"]

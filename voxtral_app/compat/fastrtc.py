@@ -32,6 +32,30 @@ def buffer_less_audio(packets: int) -> None:
     rtcrtpreceiver.JitterBuffer = AudioJitterBuffer
 
 
+def end_tracks_quietly() -> None:
+    """A track that has ended says so the way aiortc expects (MediaStreamError), not with None.
+
+    fastrtc's AudioCallback.recv returns None once its stream has ended (a CloseStream, such as the
+    one for a peer gone silent when a tab closes without Stop); aiortc's sender then packs None as an
+    encoded frame and logs an AttributeError traceback at WARNING for every such hang-up. A None from
+    a track still live (a fault inside fastrtc) is left as it was, traceback and all."""
+    from aiortc.mediastreams import MediaStreamError
+    from fastrtc.tracks import AudioCallback
+
+    if getattr(AudioCallback.recv, "ends_quietly", False):
+        return
+    recv = AudioCallback.recv
+
+    async def recv_or_end(self):
+        frame = await recv(self)
+        if frame is None and self.readyState != "live":
+            raise MediaStreamError
+        return frame
+
+    recv_or_end.ends_quietly = True
+    AudioCallback.recv = recv_or_end
+
+
 def event_loop_kind() -> str:
     """"uvloop" or "asyncio": which event loop serves the WebRTC connections.
 

@@ -169,8 +169,10 @@ def load_speaker(options: VoiceOptions) -> Speaker:
             logger.info("tts: kokoro voice %s", options.kokoro_voice)
             return speaker
         except Exception as error:  # noqa: BLE001
-            # not installed, weights not cached while offline, no espeak for its G2P, ...: all mean espeak-ng
-            logger.warning("tts: kokoro unavailable (%s: %s); using espeak-ng", type(error).__name__, error)
+            # not installed, weights not cached while offline, no espeak for its G2P, ...: all mean espeak-ng.
+            # A warning only if Kokoro was asked for: "auto" without it (the default install) is no fault.
+            logger.log(logging.WARNING if options.engine == "kokoro" else logging.DEBUG,
+                       "tts: kokoro unavailable (%s: %s); using espeak-ng", type(error).__name__, error)
     speaker = EspeakSpeaker(options.voice, options.words_per_minute)
     speaker.synthesize("Ready.")
     logger.info("tts: espeak-ng voice %s at %s wpm", options.voice, options.words_per_minute)

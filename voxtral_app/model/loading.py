@@ -24,8 +24,12 @@ class ModelLoadError(RuntimeError):
 
 
 def download_hint(model: str) -> str:
-    return (f"Download the checkpoint once, e.g. `hf download {DEFAULT_MODEL} --local-dir models/voxtral`, "
-            "then start with `--model models/voxtral` (or VOXTRAL_MODEL=models/voxtral).")
+    """What to run: the download filtered to HUB_FILES (the whole repo is ~19 GB), or no download at all."""
+    repo = model if model.count("/") == 1 and not model.startswith((".", "/", "~")) else DEFAULT_MODEL
+    include = " ".join(f'--include "{pattern}"' for pattern in checkpoint.HUB_FILES)
+    return (f"Download the checkpoint once: `hf download {repo} {include} --local-dir models/voxtral`, "
+            f"then start with `--model models/voxtral` (or VOXTRAL_MODEL=models/voxtral); "
+            f"`--model {checkpoint.TINY}` runs the app with a tiny random model and no download.")
 
 
 def cache_dir() -> str:

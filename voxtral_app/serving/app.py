@@ -24,6 +24,7 @@ from fastrtc import Stream
 from pydantic import BaseModel, ValidationError
 
 from ..compat import fastrtc as compat
+from ..compat import gradio as gradio_compat
 from ..conversation.conversation import ConversationOptions
 from ..conversation.speech import VoiceOptions, load_speaker_or_none
 from ..model.chat import common_prefix
@@ -96,6 +97,8 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
         speaker = load_speaker_or_none(VoiceOptions())
     handler = handler or VoxtralHandler(engine, chat_options, speaker)
     compat.buffer_less_audio(options.jitter_prefetch)
+    compat.end_tracks_quietly()  # no aiortc traceback when a tab closes without Stop
+    gradio_compat.quiet_debug_prints()  # gradio's stray print()s on the server console
     slots = engine.options.slots
     stream = Stream(handler, modality="audio", mode="send-receive", concurrency_limit=slots,
                     time_limit=options.session_time_limit_s, rtc_configuration=options.rtc_configuration)

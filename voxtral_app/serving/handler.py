@@ -199,6 +199,8 @@ class VoxtralHandler(StreamHandler):
         if self.peer_gone():  # don't wait ~30 s for ICE consent to notice: free the slot now
             logger.info("%s: no audio for %.0f s; closing the conversation", self.transport_name, PEER_SILENT_S)
             conversation.close()
+            with self.lock:  # once: emit() runs again (every EMIT_WAIT_S) until the conversation has closed
+                self.last_frame = None
         if not self.rendered:
             try:
                 event = conversation.outbox.get(timeout=EMIT_WAIT_S)

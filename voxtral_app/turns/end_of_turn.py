@@ -4,7 +4,9 @@ Pipecat's Smart Turn v3.2 (BSD-2, 8.7 MB ONNX, a Whisper-tiny encoder and a clas
 8 s of 16 kHz audio as Whisper log-mel features and gives the probability that the speaker is done.
 The ONNX file comes from the pipecat-ai 1.14.0 wheel, installed without its dependencies
 (`pip install --no-deps -r requirements-models.txt`: pipecat pins soundfile and soxr below ours); it is
-located on disk and never imported, so none of pipecat's dependencies are needed.
+located on disk and never imported, so none of pipecat's dependencies are needed. Where the wheel is
+absent (a Space installs requirements.txt only), the same file comes from the Hub repo
+pipecat-ai/smart-turn-v3 into the Hugging Face cache, as the Voxtral model does.
 
 One decision costs ~100 ms of one core on a 2-core Xeon VM (the encoder over 8 s; features are ~5
 ms), too long for the audio thread: `EndOfTurnModel.check()` runs it on a small shared thread pool
@@ -26,7 +28,9 @@ from ..audio.pcm import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = ("audio", "turn", "smart_turn", "data", "smart-turn-v3.2-cpu.onnx")  # inside the pipecat package
+MODEL_NAME = "smart-turn-v3.2-cpu.onnx"
+MODEL_FILE = ("audio", "turn", "smart_turn", "data", MODEL_NAME)  # inside the pipecat package
+HUB_REPO = "pipecat-ai/smart-turn-v3"  # holds MODEL_NAME at its root: the fallback without the wheel
 INPUT_SAMPLES = 8 * SAMPLE_RATE  # 128000 samples = 8 s: the model reads the last 8 s, zero-padded in front
 N_FFT, HOP, N_MELS = 400, 160, 80  # Whisper's log-mel: 25 ms windows every 10 ms, 80 mel bands
 MEL_FILTERS = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS, norm="slaney").astype(np.float64)
@@ -47,12 +51,19 @@ class EndOfTurnOptions:
 
 
 def model_path() -> str:
+    """The pipecat wheel's file, else the Hugging Face cache's copy (fetched unless HF_HUB_OFFLINE is set)."""
     spec = importlib.util.find_spec("pipecat")  # locate without importing (pipecat's dependencies are absent)
     path = os.path.join(os.path.dirname(spec.origin), *MODEL_FILE) if spec and spec.origin else ""
-    if not os.path.exists(path):
-        raise RuntimeError("Smart Turn's model file is missing: pip install --no-deps -r requirements-models.txt "
-                           "(or turn the end-of-turn model off: --no-end-of-turn)")
-    return path
+    if os.path.exists(path):
+        return path
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(HUB_REPO, MODEL_NAME)
+    except Exception as error:  # offline and not cached, no network, hub down: all end the same way
+        raise RuntimeError(f"Smart Turn's model file is missing ({HUB_REPO} {MODEL_NAME} is not in the Hugging Face "
+                           f"cache and could not be fetched: {type(error).__name__}): pip install --no-deps -r "
+                           "requirements-models.txt (or turn the end-of-turn model off: --no-end-of-turn)") from error
 
 
 def features(audio: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ from . import prompt as prompts
 from .chat import Chat
 from .decoder import Decoder, sample
 from .generation import Generation
+from .rows import Rows
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,11 @@ class EngineOptions:
     model: str = DEFAULT_MODEL  # hub id or local checkpoint directory
     device: str = "auto"  # "auto": CUDA when available, else CPU
     compile: bool | None = None  # torch.compile the hot path; None: on with CUDA, off on CPU
-    slots: int = 8  # conversations held at once, each with its own KV cache
+    slots: int = 8  # conversations open at once (--max-sessions)
+    kv_slots: int | None = None  # KV-cache rows on the device (--kv-slots); None: one per conversation. Fewer
+    # rows than conversations make the rows a cache: an idle conversation's rows move to host memory (rows.py)
+    kv_host_gb: float = 8.0  # host memory for offloaded rows, GB; past it the oldest is re-prefilled when it returns
+    turn_queue: int = 4  # turns that may wait for a row while every row has a reply in flight; then EngineBusy
     max_tokens: int = 8192  # KV cache per conversation (~16 turns of 30 s audio); older turns are dropped
     max_audio_s: float = 300.0  # per-turn audio cap, 5 min; longer speech keeps its last 5 min
     warmup: bool = True  # run (and compile) the hot path once at load so no user waits on it
@@ -51,8 +56,8 @@ class EngineOptions:
 class Engine:
     """The model, its slot cache and the decode thread that serves every conversation.
 
-    Ownership: `pending`, `free_slots`, `failure` and `in_flight` are guarded by `self.wake` (a
-    Condition); `active`, `filling`, `stepped` and the decoder's cache belong to the decode thread alone.
+    Ownership: `pending`, `free_slots`, `closed_seats`, `failure` and `in_flight` are guarded by `self.wake`
+    (a Condition); `active`, `filling`, `stepped`, `rows` and the decoder's cache belong to the decode thread.
     """
 
     def __init__(self, model, processor, options: EngineOptions, on_failure: Callable[[BaseException], None] | None = None,
@@ -62,7 +67,7 @@ class Engine:
         self.processor = processor
         self.options = options
         if decoder is None:
-            decoder = Decoder(model, options.slots, options.max_tokens, options.compile,
+            decoder = Decoder(model, options.kv_slots or options.slots, options.max_tokens, options.compile,
                               extractor=processor.feature_extractor)
         self.decoder = decoder
         self.model_device = decoder.device  # where the model runs
@@ -73,7 +78,9 @@ class Engine:
         self.inst_id = tokenizer.convert_tokens_to_ids("[INST]")  # each user turn begins with it
         self.structure = {tokenizer.convert_tokens_to_ids(token) for token in prompts.STRUCTURE}
         self.on_failure = on_failure  # called once, on the dying thread, if the decode thread dies
-        self.free_slots = list(range(options.slots))
+        self.free_slots = list(range(options.slots))  # seats: a conversation's key, not a KV row
+        self.closed_seats: list[int] = []  # released since the decode thread last looked (under `wake`)
+        self.rows = Rows(decoder, options.kv_slots or options.slots, int(options.kv_host_gb * 1e9), self.timed)
         self.pending: list[Generation] = []
         self.active: list[Generation] = []
         self.filling: list[Generation] = []  # taken from `pending`, being prefilled (decode thread)
@@ -124,7 +131,8 @@ class Engine:
     # -- conversations --------------------------------------------------------------------------
 
     def open_chat(self):
-        """A new conversation on a free KV-cache slot (a session.Chat); EngineBusy when none is free."""
+        """A new conversation on a free seat (a chat.Chat); EngineBusy when --max-sessions are open. It
+        takes a KV row only for each turn (rows.py)."""
         with self.wake:
             if self.failure is not None:
                 raise EngineFailed(f"the model server has failed ({self.failure}); it needs a restart")
@@ -135,7 +143,19 @@ class Engine:
     def release(self, slot: int) -> None:
         with self.wake:
             if slot not in self.free_slots:
+                self.closed_seats.append(slot)  # before the seat is reopened: serve() forgets its rows first
                 self.free_slots.append(slot)
+                self.wake.notify()
+
+    @property
+    def kv_rows_in_use(self) -> int:
+        """KV rows holding a conversation (written by the decode thread; a snapshot)."""
+        return self.rows.in_use
+
+    @property
+    def kept_on_host(self) -> int:
+        """Conversations whose KV cache waits in host memory (a snapshot)."""
+        return self.rows.kept_count
 
     @property
     def active_chats(self) -> int:
@@ -147,6 +167,8 @@ class Engine:
         with self.wake:
             if self.failure is not None:
                 raise EngineFailed(f"the model server has failed ({self.failure}); it needs a restart")
+            if self.in_flight >= (self.options.kv_slots or self.options.slots) + self.options.turn_queue:
+                raise EngineBusy("every KV slot is busy with a reply and the queue is full; try again shortly")
             self.pending.append(generation)
             self.in_flight += 1
             self.wake.notify()
@@ -227,28 +249,42 @@ class Engine:
         while True:
             with self.wake:
                 while (not self.pending and not self.filling and not self.active and not self.closed
-                       and self.failure is None):
+                       and self.failure is None and not self.closed_seats):
                     self.beat = time.monotonic()
                     self.wake.wait(1.0)
                 if self.closed or self.failure is not None:
                     return
+                closed_seats, self.closed_seats = self.closed_seats, []
                 wanted = [g for g in self.pending if g.wanted.is_set()]
                 unseen = [g for g in self.pending if not g.wanted.is_set()]
                 self.filling += wanted + unseen[:1]
                 self.pending = unseen[1:]
             self.beat = time.monotonic()
+            for seat in closed_seats:
+                self.rows.forget(seat)
             for generation in [g for g in self.filling if g.cancelled.is_set()]:
                 self.finish(generation)
             self.filling = sorted((g for g in self.filling if not g.done.is_set()), key=lambda g: not g.wanted.is_set())
-            if self.filling and self.prefill(self.filling[0]):
-                self.filling.pop(0)
+            seated = self.next_seated()
+            if seated is not None and self.prefill(seated):
+                self.filling.remove(seated)
             for generation in self.active:
                 if generation.cancelled.is_set():
                     self.finish(generation)
             self.active = [g for g in self.active if not g.done.is_set()]
-            if self.active and (not self.turn_waits() or time.perf_counter() - self.stepped >= self.options.decode_gap_s):
+            blocked = seated is None and bool(self.filling)  # waiting for a row: decoding frees one
+            if self.active and (blocked or not self.turn_waits()
+                                or time.perf_counter() - self.stepped >= self.options.decode_gap_s):
                 self.decode(self.active)
                 self.active = [g for g in self.active if not g.done.is_set()]
+
+    def next_seated(self) -> Generation | None:
+        """The first prompt in line that has a KV row or gets one now (rows.Rows.seat); None while every
+        row is busy with a reply in flight (the prompts wait; decoding goes on)."""
+        for generation in self.filling:
+            if generation.row >= 0 or self.rows.seat(generation):
+                return generation
+        return None
 
     def turn_waits(self) -> bool:
         """A prompt someone waits for is next in line or was just submitted (decode thread)."""
@@ -271,7 +307,7 @@ class Engine:
                 count = sum(token == self.decoder.audio_token_id for token in piece)
                 audio = generation.audio[generation.audio_used: generation.audio_used + count]
                 generation.audio_used += count
-            logits = self.decoder.prefill(generation.slot, piece, generation.start + generation.filled, None, audio)
+            logits = self.decoder.prefill(generation.row, piece, generation.start + generation.filled, None, audio)
             generation.filled += len(piece)
             if not last:
                 self.timed("prefill", time.perf_counter() - started)
@@ -297,7 +333,7 @@ class Engine:
         started = self.stepped = time.perf_counter()
         try:
             tokens = self.decoder.step(
-                [g.slot for g in batch], [g.next_token for g in batch], [g.position for g in batch],
+                [g.row for g in batch], [g.next_token for g in batch], [g.position for g in batch],
                 [g.sampling.temperature for g in batch], [g.sampling.top_p for g in batch])
         except Exception as error:  # fails only the generations of this step
             logger.exception("decode step failed")
@@ -328,6 +364,7 @@ class Engine:
     def finish(self, generation: Generation) -> None:
         if not generation.done.is_set():
             generation.finished = time.perf_counter()
+            self.rows.finished(generation)
             generation.tokens.put(None)
             with self.wake:
                 self.in_flight -= 1

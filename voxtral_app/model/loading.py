@@ -67,7 +67,7 @@ def load_engine(options: EngineOptions, background_warmup: bool = False,
             from .model_process import ModelProcess, ModelProcessError
 
             try:
-                decoder = ModelProcess(path, options.device, options.slots, options.max_tokens, options.compile)
+                decoder = ModelProcess(path, options.device, options.kv_slots or options.slots, options.max_tokens, options.compile)
             except ModelProcessError as error:
                 raise ModelLoadError(f"{error}. {download_hint(options.model)}") from error
             engine = Engine(None, processor, options, on_failure=on_failure, decoder=decoder)

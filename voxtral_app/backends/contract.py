@@ -193,8 +193,18 @@ class Backend(Protocol):
     def listen(self, listener) -> None:
         """Call `listener(phase, seconds)` after each model step ("prefill", "decode"), where there are any."""
 
+    def leave(self, chat: Chat) -> None:
+        """`chat`'s connection ended; its conversation is kept for a resume and stops counting against `slots`."""
+
+    def come_back(self, chat: Chat) -> None:
+        """`chat` has a connection again and counts again; EngineBusy when `slots` are connected already."""
+
     @property
     def free_slots(self) -> list: ...
+
+    @property
+    def kept_conversations(self) -> int:
+        """Open conversations that have left (kept for a resume)."""
 
     @property
     def active_chats(self) -> int: ...

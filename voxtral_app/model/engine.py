@@ -56,7 +56,7 @@ class EngineOptions:
 class Engine:
     """The model, its slot cache and the decode thread that serves every conversation.
 
-    Ownership: `pending`, `free_slots`, `closed_seats`, `failure` and `in_flight` are guarded by `self.wake`
+    Ownership: `pending`, `seats`, `away`, `closed_seats`, `failure` and `in_flight` are guarded by `self.wake`
     (a Condition); `active`, `filling`, `stepped`, `rows` and the decoder's cache belong to the decode thread.
     """
 
@@ -78,7 +78,8 @@ class Engine:
         self.inst_id = tokenizer.convert_tokens_to_ids("[INST]")  # each user turn begins with it
         self.structure = {tokenizer.convert_tokens_to_ids(token) for token in prompts.STRUCTURE}
         self.on_failure = on_failure  # called once, on the dying thread, if the decode thread dies
-        self.free_slots = list(range(options.slots))  # seats: a conversation's key, not a KV row
+        self.seats: set[int] = set()  # open conversations' keys (a Chat's `slot`; not a KV row: rows.py)
+        self.away: set[int] = set()  # seats of conversations kept for a resume without a connection (leave())
         self.closed_seats: list[int] = []  # released since the decode thread last looked (under `wake`)
         self.rows = Rows(decoder, options.kv_slots or options.slots, int(options.kv_host_gb * 1e9), self.timed)
         self.pending: list[Generation] = []
@@ -136,16 +137,47 @@ class Engine:
         with self.wake:
             if self.failure is not None:
                 raise EngineFailed(f"the model server has failed ({self.failure}); it needs a restart")
-            if not self.free_slots:
+            if len(self.seats) - len(self.away) >= self.options.slots:
                 raise EngineBusy(f"all {self.options.slots} conversation slots are in use; try again shortly")
-            return Chat(self, self.free_slots.pop(0))
+            seat = next(n for n in range(len(self.seats) + 1) if n not in self.seats)  # the lowest free
+            self.seats.add(seat)
+            return Chat(self, seat)
 
     def release(self, slot: int) -> None:
         with self.wake:
-            if slot not in self.free_slots:
+            if slot in self.seats:
                 self.closed_seats.append(slot)  # before the seat is reopened: serve() forgets its rows first
-                self.free_slots.append(slot)
+                self.seats.discard(slot)
+                self.away.discard(slot)
                 self.wake.notify()
+
+    def leave(self, chat: Chat) -> None:
+        """`chat`'s connection ended and its conversation is kept for a resume: it stops counting
+        against `slots` (--max-sessions caps connected people; whoever keeps it caps how many wait)."""
+        with self.wake:
+            if chat.slot in self.seats:
+                self.away.add(chat.slot)
+
+    def come_back(self, chat: Chat) -> None:
+        """`chat`'s conversation has a connection again; EngineBusy when `slots` are connected already."""
+        with self.wake:
+            if chat.slot not in self.away:
+                return
+            if len(self.seats) - len(self.away) >= self.options.slots:
+                raise EngineBusy(f"all {self.options.slots} conversation slots are in use; try again shortly")
+            self.away.discard(chat.slot)
+
+    @property
+    def free_slots(self) -> list[int]:
+        """Room for this many more connected conversations (a list, as the backend contract has it)."""
+        with self.wake:
+            return list(range(self.options.slots - len(self.seats) + len(self.away)))
+
+    @property
+    def kept_conversations(self) -> int:
+        """Conversations waiting, without a connection, for their owner to come back."""
+        with self.wake:
+            return len(self.away)
 
     @property
     def kv_rows_in_use(self) -> int:
@@ -160,7 +192,7 @@ class Engine:
     @property
     def active_chats(self) -> int:
         with self.wake:
-            return self.options.slots - len(self.free_slots)
+            return len(self.seats) - len(self.away)
 
     def submit(self, generation: Generation) -> Generation:
         generation.queued = time.perf_counter()

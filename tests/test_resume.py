@@ -4,6 +4,7 @@
 
 import asyncio
 import json
+import threading
 import time
 
 import httpx
@@ -31,8 +32,8 @@ def small_engine(tiny_checkpoint):
     engine.close()
 
 
-def serve(engine, **options):
-    return BackgroundServer(create_app(engine, app_options(engine, reply_tokens=8, temperature=0.0),
+def serve(engine, reply_tokens=8, **options):
+    return BackgroundServer(create_app(engine, app_options(engine, reply_tokens=reply_tokens, temperature=0.0),
                                        ServerOptions(**options), speaker=None))
 
 
@@ -167,3 +168,57 @@ def test_expired_and_timed_out_sessions_are_gone(small_engine):
         assert after == 4404
     finally:
         server.stop()
+
+
+def test_a_turn_waits_for_a_busy_slot_and_is_told(small_engine):
+    """One KV slot, busy with A's reply: B's turn waits in the queue, B hears that it is queued, and its
+    reply comes once A's is over. (A listener lets the decode thread take one step per permit, so A is
+    surely still speaking when B's turn arrives.)"""
+    gate, permits = threading.Event(), threading.Semaphore(0)
+
+    def hold(phase, seconds):
+        if phase == "decode" and gate.is_set():
+            permits.acquire(timeout=30)
+
+    small_engine.listen(hold)
+    server = serve(small_engine, reply_tokens=100)  # A's reply outlasts the wait: a token per permit
+    try:
+        async def run():
+            a_session, b_session = create(server), create(server)
+            async with websockets.connect(socket_url(server, a_session)) as a, \
+                    websockets.connect(socket_url(server, b_session)) as b:
+                gate.set()
+                await a.send(json.dumps({"type": "text_input", "text": "Tell me a long story."}))
+                while json.loads(await asyncio.wait_for(a.recv(), 30))["type"] != "text_delta":
+                    pass
+                await b.send(json.dumps({"type": "text_input", "text": "And me?"}))
+                told = []
+                deadline = time.monotonic() + 60
+                while not any(m["type"] == "queued" for m in told) and time.monotonic() < deadline:
+                    permits.release()  # one more step of A's reply
+                    try:
+                        told.append(json.loads(await asyncio.wait_for(b.recv(), 0.2)))
+                    except asyncio.TimeoutError:
+                        pass
+                await a.send(json.dumps({"type": "cancel"}))  # A stops: B's turn takes the slot
+                gate.clear()
+                permits.release(1000)
+                _, b_reply = await turn_end(b)
+                return told, b_reply
+
+        told, b_reply = asyncio.run(run())
+        assert told[-1]["type"] == "queued" and "busy" in told[-1]["message"]
+        assert b_reply["status"]["tokens"] > 0 and "error" not in b_reply["status"]
+    finally:
+        gate.clear()
+        permits.release(1000)
+        server.stop()
+
+
+async def turn_end(ws) -> tuple[list[dict], dict]:
+    seen = []
+    while True:
+        message = json.loads(await asyncio.wait_for(ws.recv(), 60))
+        if message["type"] == "text_response":
+            return seen, message
+        seen.append(message)

@@ -101,6 +101,11 @@ class Pieces:
             if piece:
                 yield piece
 
+    @property
+    def queued(self) -> bool:
+        """It waits for a slot: every one is busy with a reply (the local engine's KV rows, model/rows.py)."""
+        return False
+
 
 class Turns:
     """What every Chat shares: its messages, the reply in progress, and the turn lifecycle around

@@ -91,6 +91,10 @@ class Reply(Pieces):
         return self.generation.cancelled.is_set()
 
     @property
+    def queued(self) -> bool:
+        return self.generation.waiting.is_set() and self.generation.first_token is None
+
+    @property
     def done(self) -> bool:
         return self.generation.done.is_set()
 

@@ -316,6 +316,8 @@ class Engine:
         for generation in self.filling:
             if generation.row >= 0 or self.rows.seat(generation):
                 return generation
+        for generation in self.filling:
+            generation.waiting.set()  # the person is told (conversation: the `queued` state)
         return None
 
     def turn_waits(self) -> bool:

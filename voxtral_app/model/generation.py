@@ -25,6 +25,7 @@ class Generation:
     cancelled: threading.Event = field(default_factory=threading.Event)  # set by anyone: stop soon
     wanted: threading.Event = field(default_factory=threading.Event)  # someone waits for it (not speculative)
     done: threading.Event = field(default_factory=threading.Event)  # set by the decode thread, last
+    waiting: threading.Event = field(default_factory=threading.Event)  # set by the decode thread: it waits for a KV row
     fed: list[int] = field(default_factory=list)  # generated tokens whose keys/values are in the cache
     error: Exception | None = None
     prompt: list[int] = field(default_factory=list)  # the whole prompt (`ids` is its tail from `start`)

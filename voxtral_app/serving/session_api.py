@@ -44,6 +44,7 @@ from ..conversation.events import (
     ReplyFinished,
     ReplyRetracted,
     Speech,
+    StateChanged,
     TurnFailed,
 )
 from ..conversation.parking import Parking
@@ -193,6 +194,8 @@ class Replies:
             return [error("turn_failed", event.message)]
         if isinstance(event, Closed) and event.message:
             return [error("closed", event.message)]
+        if isinstance(event, StateChanged) and event.state == "queued":
+            return [{"type": "queued", "message": "Every slot is busy; your turn is next in line."}]
         if isinstance(event, Hushed) and self.speaking:
             self.speaking = False
             return [{"type": "hush"}]

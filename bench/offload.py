@@ -69,6 +69,11 @@ def bytes_per_token(path: str, device: str) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * (2 if "cuda" in device else 4)
 
 
+def rss_mib(process: psutil.Process) -> float:
+    """This process's resident memory and its children's (the model process, when there is one)."""
+    return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 2 ** 20
+
+
 def run(args) -> dict:
     path = loading.checkpoint_path(checkpoint.TINY) if args.model == "tiny-random" else args.model
     host_bytes = args.host_conversations * HISTORY_TOKENS * bytes_per_token(path, args.device)
@@ -91,7 +96,7 @@ def run(args) -> dict:
             "".join(chat.start(speech, text="What was said?", sampling=sampling))
             chat.settle()
         moves.take()
-        rss.append((0, process.memory_info().rss / 2 ** 20))
+        rss.append((0, rss_mib(process)))
         recent: deque[int] = deque(maxlen=args.slots)
         for turn in range(1, args.turns + 1):
             n = rng.choice(recent) if recent and rng.random() < args.hot_share else rng.randrange(len(chats))
@@ -103,7 +108,7 @@ def run(args) -> dict:
             kind = "restored" if counts.get("restore") else "re-prefilled" if counts.get("reprefill") else "hot"
             first[kind].append(reply.stats["first_token_s"])
             if turn % args.sample_every == 0:
-                rss.append((turn, process.memory_info().rss / 2 ** 20))
+                rss.append((turn, rss_mib(process)))
         elapsed = time.perf_counter() - started
         cached = [len(chat.cached) for chat in chats]
         kept = engine.kept_on_host
@@ -130,7 +135,7 @@ def run(args) -> dict:
                        "vs_hot": round(p50 / hot_p50, 2)}
         print(f"| {kind} | {len(values)} | {p50 * 1000:.1f} | {p90 * 1000:.1f} | {p50 / hot_p50:.2f}x |")
     print()
-    print("| after turn | RSS (MiB) |")
+    print("| after turn | RSS (MiB, the model process's included) |")
     print("|---|---|")
     for turn, mib in rss:
         print(f"| {turn} | {mib:.0f} |")

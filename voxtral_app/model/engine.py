@@ -36,7 +36,7 @@ class EngineOptions:
     model: str = DEFAULT_MODEL  # hub id or local checkpoint directory
     device: str = "auto"  # "auto": CUDA when available, else CPU
     compile: bool | None = None  # torch.compile the hot path; None: on with CUDA, off on CPU
-    slots: int = 8  # conversations open at once (--max-sessions)
+    slots: int = 8  # connected conversations at once (--max-sessions); kept ones (leave()) wait beyond it
     kv_slots: int | None = None  # KV-cache rows on the device (--kv-slots); None: one per conversation. Fewer
     # rows than conversations make the rows a cache: an idle conversation's rows move to host memory (rows.py)
     kv_host_gb: float = 8.0  # host memory for offloaded rows, GB; past it the oldest is re-prefilled when it returns
@@ -313,9 +313,15 @@ class Engine:
     def next_seated(self) -> Generation | None:
         """The first prompt in line that has a KV row or gets one now (rows.Rows.seat); None while every
         row is busy with a reply in flight (the prompts wait; decoding goes on)."""
-        for generation in self.filling:
-            if generation.row >= 0 or self.rows.seat(generation):
-                return generation
+        for generation in list(self.filling):
+            try:
+                if generation.row >= 0 or self.rows.seat(generation):
+                    return generation
+            except Exception as error:  # a failed copy (host memory, the model process): fail this turn
+                logger.exception("moving a KV cache failed")
+                generation.error = error
+                self.finish(generation)
+                self.filling.remove(generation)
         for generation in self.filling:
             generation.waiting.set()  # the person is told (conversation: the `queued` state)
         return None

@@ -27,7 +27,7 @@ class Rows:
         self.host_bytes = host_bytes  # budget for host copies (--kv-host-gb)
         self.timed = timed  # the engine's listeners: ("offload" | "restore" | "reprefill", seconds)
         self.resident: OrderedDict[int, int] = OrderedDict()  # seat -> row, least recently used first
-        self.busy: set[int] = set()  # seats with a reply in flight: never evicted
+        self.busy: set[int] = set()  # rows with a reply in flight: never evicted nor reused
         self.lengths: dict[int, int] = {}  # seat -> tokens written in its rows (what a copy must carry)
         self.kept: OrderedDict[int, object] = OrderedDict()  # seat -> its host copy, least recently used first
         self.kept_total = 0  # bytes in `kept`
@@ -59,7 +59,7 @@ class Rows:
                         generation.prompt, 0, generation.prompt_clips)
                     self.timed("reprefill", 0.0)
         self.resident[seat] = row  # most recently used
-        self.busy.add(seat)
+        self.busy.add(row)
         generation.row = row
         self.count()
         return True
@@ -67,11 +67,11 @@ class Rows:
     def free_row(self, seat: int) -> int | None:
         """A row nobody holds (the seat's own number first: with a row per conversation nothing moves),
         else the least recently used idle conversation's, offloaded; None when all are busy."""
-        taken = set(self.resident.values())
+        taken = set(self.resident.values()) | self.busy
         free = [row for row in range(self.rows) if row not in taken]
         if free:
             return seat % self.rows if seat % self.rows in free else free[0]
-        victim = next((s for s in self.resident if s not in self.busy), None)
+        victim = next((s for s, row in self.resident.items() if row not in self.busy), None)
         if victim is None:
             return None
         return self.offload(victim)
@@ -97,14 +97,15 @@ class Rows:
         """`generation` left the decode thread: its conversation is idle, its rows hold what it wrote."""
         if generation.row < 0:
             return
-        self.busy.discard(generation.slot)
-        written = generation.start + generation.filled + len(generation.fed)
-        self.lengths[generation.slot] = 0 if generation.error is not None else written
+        self.busy.discard(generation.row)
+        if self.resident.get(generation.slot) == generation.row:  # else its conversation closed meanwhile
+            written = generation.start + generation.filled + len(generation.fed)
+            self.lengths[generation.slot] = 0 if generation.error is not None else written
 
     def forget(self, seat: int) -> None:
-        """The conversation on `seat` closed: its row is free and its host copy goes."""
+        """The conversation on `seat` closed: its row is free (once a reply still in it is over) and its
+        host copy goes."""
         self.resident.pop(seat, None)
-        self.busy.discard(seat)
         self.lengths.pop(seat, None)
         kept = self.kept.pop(seat, None)
         if kept is not None:

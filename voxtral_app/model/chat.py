@@ -126,6 +126,7 @@ class Chat(Turns):
         self.encoded: tuple[int, prompts.Prompt] | None = None  # (messages encoded, their prompt)
         self.cached: list[int] = []  # token ids whose keys/values are in the slot, in order
         self.cached_clips: list[tuple[int, str]] = []  # (block start, clip hash) for audio in the slot
+        self.away = False  # kept for a resume without a connection (Engine.leave; written under its lock)
 
     @property
     def prompt_ids(self) -> list[int]:

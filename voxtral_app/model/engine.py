@@ -157,6 +157,7 @@ class Engine:
         with self.wake:
             if chat.slot in self.seats:
                 self.away.add(chat.slot)
+                chat.away = True
 
     def come_back(self, chat: Chat) -> None:
         """`chat`'s conversation has a connection again; EngineBusy when `slots` are connected already."""
@@ -166,6 +167,7 @@ class Engine:
             if len(self.seats) - len(self.away) >= self.options.slots:
                 raise EngineBusy(f"all {self.options.slots} conversation slots are in use; try again shortly")
             self.away.discard(chat.slot)
+            chat.away = False
 
     @property
     def free_slots(self) -> list[int]:

@@ -123,10 +123,12 @@ class EngineCollector:
 
     def collect(self):
         engine = self.engine
-        connections = GaugeMetricFamily("websocket_connections_active", "Open conversations (each holds a slot), "
-                                        "by transport", labels=["transport"])
+        connections = GaugeMetricFamily("websocket_connections_active", "Connected conversations (each holds a "
+                                        "slot), by transport", labels=["transport"])
         counts = dict.fromkeys(TRANSPORTS, 0)
         for conversation in open_conversations(engine):
+            if getattr(conversation.chat, "away", False):  # kept for a resume: no connection (conversations_kept)
+                continue
             counts[conversation.name] = counts.get(conversation.name, 0) + 1
         for transport, count in sorted(counts.items()):
             connections.add_metric([transport], count)

@@ -233,6 +233,7 @@ class Sessions:
     def park(self, session: Session) -> None:
         """The socket closed but the session did not end: keep it `resume_s` for a reconnect."""
         session.connected, session.parked = False, True
+        session.conversation.post("cancel")  # nobody hears the rest of a reply in progress; what it said stays
         self.engine.leave(session.conversation.chat)
         self.parking.park(session.id, session)  # ends it at once when resume is off or it has closed
         asyncio.get_running_loop().call_later(self.options.resume_s + 0.1, self.parking.sweep)

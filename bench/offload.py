@@ -2,6 +2,7 @@
 
     python bench/offload.py                      # the tiny random Voxtral on the CPU, ~1-2 min
     python bench/offload.py --turns 800 --model-process
+    python bench/offload.py --device cuda         # on a GPU: also the copy of a full-size 4k-token cache
 
 32 conversations (--conversations) share 4 KV slots (--slots), one turn at a time. Each first speaks a
 few seconds of real speech (its history: ~400 prompt tokens with the audio), then they take typed turns:
@@ -23,6 +24,7 @@ import time
 from collections import deque
 
 import psutil
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -31,6 +33,7 @@ import results  # noqa: E402  (bench/results.py)
 from voxtral_app.audio.pcm import prepare, read_wav  # noqa: E402
 from voxtral_app.backends.contract import Sampling  # noqa: E402
 from voxtral_app.model import checkpoint, loading  # noqa: E402
+from voxtral_app.model.decoder import Decoder, SlotCache  # noqa: E402
 from voxtral_app.model.engine import EngineOptions  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,6 +75,35 @@ def bytes_per_token(path: str, device: str) -> int:
 def rss_mib(process: psutil.Process) -> float:
     """This process's resident memory and its children's (the model process, when there is one)."""
     return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 2 ** 20
+
+
+def copy_times(device_name: str, tokens: int, repeats: int) -> dict:
+    """Offload and restore one conversation's cache of `tokens` at Voxtral-Mini-3B's size (bf16), through
+    Decoder.offload/restore on a one-row SlotCache: median milliseconds of `repeats`."""
+    device = torch.device(device_name)
+    config = checkpoint.full_size_config().text_config
+    cache = SlotCache(config, 1, tokens, torch.bfloat16, device)
+    decoder = Decoder.__new__(Decoder)  # only the cache and the device: no weights
+    decoder.cache, decoder.device = cache, device
+
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started, result
+
+    offloads, restores, kept = [], [], None
+    for _ in range(repeats + 1):  # the first is a warm-up (pinned memory, allocator)
+        seconds, kept = timed(lambda: decoder.offload(0, tokens))
+        offloads.append(seconds)
+        seconds, _ = timed(lambda: decoder.restore(0, kept))
+        restores.append(seconds)
+    return {"tokens": tokens, "mib": round(kept.nbytes / 2 ** 20, 1),
+            "offload_ms": round(statistics.median(offloads[1:]) * 1000, 2),
+            "restore_ms": round(statistics.median(restores[1:]) * 1000, 2)}
 
 
 def run(args) -> dict:
@@ -143,9 +175,19 @@ def run(args) -> dict:
     growth = half[-1] - half[0] if len(half) > 1 else 0.0
     print()
     print(f"RSS from turn {args.turns // 2} to the end: {growth:+.0f} MiB")
+    copies = None
+    if args.copy_tokens:
+        copies = copy_times(args.device, args.copy_tokens, args.copy_repeats)
+        print()
+        print(f"One cache at Voxtral-Mini-3B's size (bf16, {args.device}), median of {args.copy_repeats}:")
+        print()
+        print("| tokens | MiB | offload (ms) | restore (ms) |")
+        print("|---|---|---|---|")
+        print(f"| {copies['tokens']} | {copies['mib']} | {copies['offload_ms']} | {copies['restore_ms']} |")
     return {"conversations": args.conversations, "slots": args.slots, "turns": args.turns, "device": args.device,
             "model_process": args.model_process, "host_bytes": host_bytes, "first_token": table,
-            "rss_mib": rss, "rss_growth_second_half_mib": round(growth, 1), "seconds": round(elapsed, 1)}
+            "rss_mib": rss, "rss_growth_second_half_mib": round(growth, 1), "seconds": round(elapsed, 1),
+            "full_size_copy": copies}
 
 
 def main(argv=None) -> None:
@@ -160,8 +202,13 @@ def main(argv=None) -> None:
     parser.add_argument("--hot-share", type=float, default=0.5, help="share of turns by one of the last speakers")
     parser.add_argument("--reply-tokens", type=int, default=16)
     parser.add_argument("--sample-every", type=int, default=50, help="turns between RSS samples")
+    parser.add_argument("--copy-tokens", type=int, help="then time offloading and restoring one cache of this many "
+                        "tokens at full size (default: 4096 on CUDA; 0, not, on the CPU: 1.5 GB of memory)")
+    parser.add_argument("--copy-repeats", type=int, default=5)
     parser.add_argument("--model-process", action="store_true", help="the model in its own process (app.py's default)")
     args = parser.parse_args(argv)
+    if args.copy_tokens is None:
+        args.copy_tokens = 4096 if args.device.startswith("cuda") else 0
     with results.recording() as printed:
         data = run(args)
     results.write("offload", printed.text, data, argv)

@@ -175,3 +175,35 @@ def test_turns_past_the_queue_are_refused(tiny_checkpoint, speech):
         a.close()
         b.close()
         engine.close()
+
+
+def test_a_failed_copy_fails_one_turn_and_the_engine_goes_on(tiny_checkpoint, speech):
+    """Host memory can run out: a cache copy that raises fails the turn that needed it, not the decode
+    thread, and that conversation's next turn prefills its history again."""
+    engine = tiny(tiny_checkpoint, kv_slots=1)
+    phases = Phases(engine)
+    offload = engine.decoder.offload
+    calls = []
+
+    def failing_once(row, length):
+        calls.append(row)
+        if len(calls) == 1:
+            raise MemoryError("pinned host memory")
+        return offload(row, length)
+
+    engine.decoder.offload = failing_once
+    a, b = engine.open_chat(), engine.open_chat()
+    try:
+        "".join(a.start(speech, text="What was said?", sampling=GREEDY))
+        with pytest.raises(RuntimeError, match="pinned host memory"):
+            "".join(b.start(None, text="hello", sampling=GREEDY))  # needs A's row: A's copy fails
+        b.settle()
+        assert b.messages == [] and engine.healthy  # atomic: the failed turn is not kept
+        assert "".join(b.start(None, text="hello", sampling=GREEDY)) is not None  # the row is free now
+        assert "".join(a.start(None, text="And then?", sampling=GREEDY)) is not None  # A lost its cache:
+        a.settle()
+        assert phases["reprefill"] == 1 and not a.current  # ...its history was prefilled again
+    finally:
+        a.close()
+        b.close()
+        engine.close()

@@ -135,7 +135,8 @@ class EngineCollector:
         yield connections
         yield GaugeMetricFamily("engine_slots_in_use", "Connected conversations (each one of --max-sessions)",
                                 value=engine.active_chats)
-        yield GaugeMetricFamily("engine_slots_total", "Connected conversations at most (--max-sessions)", value=engine.options.slots)
+        yield GaugeMetricFamily("engine_slots_total", "Connected conversations at most (--max-sessions)",
+                                value=engine.options.slots)
         yield GaugeMetricFamily("kv_slots_in_use", "KV-cache rows on the device holding a conversation (--kv-slots)",
                                 value=getattr(engine, "kv_rows_in_use", 0))
         yield GaugeMetricFamily("kv_conversations_on_host", "Conversations whose KV cache waits in host memory",

@@ -165,7 +165,8 @@ class Replies:
 
     def count(self, event) -> None:
         with self.lock:
-            if isinstance(event, ReplyFinished) and event.error is None and event.text and event.stats.mode == "chat":
+            kept = isinstance(event, ReplyFinished) and event.error is None and event.text.strip()
+            if kept and event.stats.mode == "chat":  # as the chat keeps a turn (transcripts are not turns)
                 self.turns += 1
             elif isinstance(event, ReplyRetracted) and event.stats is None:  # it had finished: it was counted
                 self.turns = max(0, self.turns - 1)

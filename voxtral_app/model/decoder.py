@@ -3,8 +3,9 @@
 Each conversation's keys and values live in one row ("slot") of a static KV cache while it has one
 (rows.py moves idle conversations to host memory and back), so a new turn only prefills what is new.
 Decoding runs one step for all conversations that are generating at once (batched), reading each
-row's cache up to a bucketed window rather than its full length. The step samples on the device and is the unit that torch.compile (CUDA graphs on GPU) sees; the
-eager path runs the very same code, so CPU tests cover it. Compiled, the prefill runs too, its
+row's cache up to a bucketed window rather than its full length. The step samples on the device and
+is the unit that torch.compile (CUDA graphs on GPU) sees; the eager path runs the very same code, so
+CPU tests cover it. Compiled, the prefill runs too, its
 prompt padded to one of a few lengths (`prefill_buckets`), the padding written to the scratch row.
 
 Attention reads a slot's cache in place (a view) wherever the rows of a step are one contiguous

@@ -5,8 +5,8 @@ Each conversation's keys and values live in one row ("slot") of a static KV cach
 Decoding runs one step for all conversations that are generating at once (batched), reading each
 row's cache up to a bucketed window rather than its full length. The step samples on the device and
 is the unit that torch.compile (CUDA graphs on GPU) sees; the eager path runs the very same code, so
-CPU tests cover it. Compiled, the prefill runs too, its
-prompt padded to one of a few lengths (`prefill_buckets`), the padding written to the scratch row.
+CPU tests cover it. Compiled, the prefill runs too, its prompt padded to one of a few lengths
+(`prefill_buckets`), the padding written to the scratch row.
 
 Attention reads a slot's cache in place (a view) wherever the rows of a step are one contiguous
 run of slots: every prefill (one row), every batch-1 step, and batches whose slots are adjacent

@@ -60,6 +60,14 @@ def parse_args(argv=None, environ=None) -> argparse.Namespace:
         help="conversations at once (browser, WebSocket and phone together)")
     add("--session-time-limit", type=seconds, default=900, env=("VOXTRAL_SESSION_TIME_LIMIT",),
         help="seconds a connection may last (0: no limit)")
+    add("--resume-s", type=seconds, default=120, env=("VOXTRAL_RESUME_S",),
+        help="seconds a session-API conversation outlives its dropped socket, for a reconnect (0: off)")
+    add("--kv-slots", type=sessions, env=("VOXTRAL_KV_SLOTS",),
+        help="conversations whose KV cache stays on the device (default: --max-sessions); with fewer, idle "
+        "conversations move to host memory and back")
+    add("--kv-host-gb", type=seconds, default=8.0, env=("VOXTRAL_KV_HOST_GB",),
+        help="host memory for KV caches moved off the device, GB; past it a returning conversation is prefilled "
+        "again from its history")
     add("--pause-ms", type=seconds, env=("VOXTRAL_PAUSE_MS",), help="silence that ends a turn (default: 128)")
     add("--temperature", type=temperature, env=("VOXTRAL_TEMPERATURE", "TEMPERATURE"),
         help="chat temperature a conversation starts with (default: 0.2)")
@@ -192,6 +200,7 @@ def main(argv=None) -> None:
     from voxtral_app.model.loading import ModelLoadError, load_engine
     from voxtral_app.serving.app import ServerOptions, create_app
     from voxtral_app.serving.guard import GuardOptions
+    from voxtral_app.serving.session_api import SessionOptions
 
     light_torch(args.backend == "openai" or args.model_process)
     if args.backend == "openai":
@@ -199,7 +208,8 @@ def main(argv=None) -> None:
     else:
         try:
             engine = load_engine(EngineOptions(**given(model=args.model), device=args.device, compile=args.compile,
-                                               slots=args.max_sessions, model_process=args.model_process,
+                                               slots=args.max_sessions, kv_slots=args.kv_slots,
+                                               kv_host_gb=args.kv_host_gb, model_process=args.model_process,
                                                audio_turns=args.audio_turns),
                                  background_warmup=True,
                                  on_failure=stop_serving)
@@ -209,7 +219,7 @@ def main(argv=None) -> None:
     guard = GuardOptions(auth_token=args.auth_token or None, opens_per_minute=max(0, args.opens_per_minute))
     server_options = ServerOptions(guard=guard, session_time_limit_s=args.session_time_limit or None,
                                    twilio_auth_token=args.twilio_auth_token, rtc_configuration=args.rtc_configuration,
-                                   debug=args.log_level == "DEBUG")
+                                   debug=args.log_level == "DEBUG", sessions=SessionOptions(resume_s=args.resume_s))
     app = create_app(engine, chat_options, server_options, speaker=load_speaker_or_none(VoiceOptions(engine=args.voice)))
     if args.share:
         # the page again on the next port, reachable through a gradio.live link

@@ -127,7 +127,7 @@ class SlotShadow:
     def finished(self, reply) -> None:
         g = reply.generation
         with self.lock:
-            self.slots[g.slot] = reply.prompt_ids + g.fed if g.error is None else []
+            self.slots[g.slot] = reply.prompt_ids[:g.start + g.filled] + g.fed if g.error is None else []
 
 
 @pytest.fixture

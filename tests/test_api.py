@@ -268,14 +268,15 @@ def test_unknown_and_taken_ids_are_refused(api_server, app_engine):
             second = await close_code(socket_url(api_server, session))
             await first.send(json.dumps({"type": "config", "spoken": True}))  # the first one still works
             still = json.loads(await first.recv())
-        after = await close_code(socket_url(api_server, session))  # the session ended with its socket
+        async with websockets.connect(socket_url(api_server, session)) as again:  # hung up: kept for --resume-s
+            after = json.loads(await asyncio.wait_for(again.recv(), 10))
         return unknown, second, still, after
 
     unknown, second, still, after = asyncio.run(run())
     assert unknown[0] == 4404 and "unknown" in unknown[1]
     assert second[0] == 4409
     assert still["settings"]["spoken"] is True
-    assert after[0] == 4404
+    assert after == {"type": "resumed", "turns": 0}
     wait_for_free_slots(app_engine)
 
 

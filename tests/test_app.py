@@ -41,6 +41,16 @@ def test_voxtral_names_and_gradio_names():
     assert app.parse_args([], environ={"HOST": "::1", "GRADIO_SERVER_NAME": "0.0.0.0"}).host == "::1"
 
 
+def test_resume_and_kv_slot_settings():
+    args = app.parse_args([], environ={})
+    assert (args.resume_s, args.kv_slots, args.kv_host_gb) == (120, None, 8.0)  # kv_slots None: = --max-sessions
+    args = app.parse_args(["--kv-slots", "4"], environ={"VOXTRAL_RESUME_S": "0", "VOXTRAL_KV_SLOTS": "2",
+                                                        "VOXTRAL_KV_HOST_GB": "0.5"})
+    assert (args.resume_s, args.kv_slots, args.kv_host_gb) == (0, 4, 0.5)
+    with pytest.raises(SystemExit):
+        app.parse_args(["--kv-slots", "0"], environ={})
+
+
 def test_flags_beat_the_environment():
     environ = {"PORT": "9000", "MAX_BATCH_SIZE": "3", "ENABLE_TORCH_COMPILE": "true", "LOG_LEVEL": "ERROR",
                "TEMPERATURE": "0.9", "GRADIO_SERVER_NAME": "0.0.0.0"}

@@ -115,6 +115,11 @@ class Pieces:
             if piece:
                 yield piece
 
+    @property
+    def queued(self) -> bool:
+        """It waits for a slot: every one is busy with a reply (the local engine's KV rows, model/rows.py)."""
+        return False
+
 
 def audio_part(part) -> str | None:
     """A message part's audio as base64 WAV, in either chat format (transformers' `audio` parts, which
@@ -300,8 +305,18 @@ class Backend(Protocol):
     def listen(self, listener) -> None:
         """Call `listener(phase, seconds)` after each model step ("prefill", "decode"), where there are any."""
 
+    def leave(self, chat: Chat) -> None:
+        """`chat`'s connection ended; its conversation is kept for a resume and stops counting against `slots`."""
+
+    def come_back(self, chat: Chat) -> None:
+        """`chat` has a connection again and counts again; EngineBusy when `slots` are connected already."""
+
     @property
     def free_slots(self) -> list: ...
+
+    @property
+    def kept_conversations(self) -> int:
+        """Open conversations that have left (kept for a resume)."""
 
     @property
     def active_chats(self) -> int: ...

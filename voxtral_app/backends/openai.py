@@ -246,6 +246,7 @@ class RemoteChat(Turns):
         super().__init__()
         self.backend = backend
         self.id = uuid.uuid4().hex  # sent as X-Voxtral-Conversation: a load balancer can pin it to a replica
+        self.away = False  # kept for a resume without a connection (OpenAIBackend.leave; under its lock)
 
     def start(self, audio: np.ndarray | None = None, text: str = "", sampling: Sampling = CHAT,
               speculative: bool = False) -> RemoteReply:
@@ -270,7 +271,7 @@ class RemoteChat(Turns):
         return self.backend.transcribe_aside(audio, language, self.id)
 
     def release(self) -> None:
-        self.backend.release()
+        self.backend.release(self)
 
     def tidy(self, sampling: Sampling = CHAT) -> bool:
         """Old spoken turns become their transcripts (the server re-reads the history each turn; its
@@ -315,6 +316,7 @@ class OpenAIBackend:
         self.ready = threading.Event()  # set once the server has answered
         self.lock = threading.Lock()
         self.open_chats = 0
+        self.away = 0  # open chats kept for a resume (leave): they do not count against `slots`
         self.streams = 0  # requests in flight
         self.errors: collections.Counter = collections.Counter()  # kind -> count (errors_total{kind})
         self.reachable: bool | None = None  # the last background check's answer
@@ -405,24 +407,48 @@ class OpenAIBackend:
         with self.lock:
             if not self.thread.is_alive():
                 raise EngineFailed("the backend's network thread has stopped; the app needs a restart")
-            if self.open_chats >= self.options.slots:
+            if self.open_chats - self.away >= self.options.slots:
                 raise EngineBusy(f"all {self.options.slots} conversation slots are in use; try again shortly")
             self.open_chats += 1
         return RemoteChat(self)
 
-    def release(self) -> None:
+    def release(self, chat: RemoteChat) -> None:
         with self.lock:
             self.open_chats -= 1
+            if chat.away:
+                chat.away = False
+                self.away -= 1
+
+    def leave(self, chat) -> None:
+        """A conversation kept for a resume stops counting against `slots` (contract.Backend.leave)."""
+        with self.lock:
+            if not chat.away:
+                chat.away = True
+                self.away += 1
+
+    def come_back(self, chat) -> None:
+        with self.lock:
+            if not chat.away:
+                return
+            if self.open_chats - self.away >= self.options.slots:
+                raise EngineBusy(f"all {self.options.slots} conversation slots are in use; try again shortly")
+            chat.away = False
+            self.away -= 1
 
     @property
     def free_slots(self) -> list[int]:
         with self.lock:
-            return list(range(self.options.slots - self.open_chats))
+            return list(range(self.options.slots - self.open_chats + self.away))
 
     @property
     def active_chats(self) -> int:
         with self.lock:
-            return self.open_chats
+            return self.open_chats - self.away
+
+    @property
+    def kept_conversations(self) -> int:
+        with self.lock:
+            return self.away
 
     @property
     def in_flight(self) -> int:

@@ -338,6 +338,8 @@ class Conversation:
             try:
                 piece = reply.next_piece(timeout=POLL_S)
             except queue.Empty:
+                if pending.first_token is None and reply.queued:
+                    self.state("queued")
                 continue
             except RuntimeError as failure:  # the backend failed this turn: say so, keep serving
                 logger.error("%s: turn failed: %s", self.name, failure)

@@ -26,7 +26,7 @@ from ..audio.pcm import SAMPLE_RATE
 
 SOURCES = ("speech", "upload", "text")  # where a turn came from
 CLOSE_REASONS = ("closed", "idle", "failed")  # why a conversation ended
-STATES = ("listening", "hearing", "thinking", "speaking")  # what the voice loop is doing (StateChanged)
+STATES = ("listening", "hearing", "thinking", "queued", "speaking")  # what the voice loop is doing (StateChanged)
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,8 @@ class UserTranscript(Event):
 @dataclass(frozen=True)
 class StateChanged(Event):
     """The voice loop moved on: `listening` (waiting for the person), `hearing` (they speak),
-    `thinking` (their turn ended; no reply token yet), `speaking` (the reply streams)."""
+    `thinking` (their turn ended; no reply token yet), `queued` (thinking, but every slot is busy with
+    replies: the turn waits for one), `speaking` (the reply streams)."""
 
     state: str  # one of STATES
 

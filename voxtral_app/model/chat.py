@@ -92,6 +92,10 @@ class Reply(Pieces):
         return self.generation.cancelled.is_set()
 
     @property
+    def queued(self) -> bool:
+        return self.generation.waiting.is_set() and self.generation.first_token is None
+
+    @property
     def done(self) -> bool:
         return self.generation.done.is_set()
 
@@ -124,6 +128,7 @@ class Chat(Turns):
         self.cached: list[int] = []  # token ids whose keys/values are in the slot, in order
         self.cached_clips: list[tuple[int, str]] = []  # (block start, clip hash) for audio in the slot
         self.audio_turns = engine.options.audio_turns  # clips a prompt keeps (/v1 keeps what it is sent)
+        self.away = False  # kept for a resume without a connection (Engine.leave; written under its lock)
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -241,7 +246,8 @@ class Chat(Turns):
             if start < keep and cached != (start, key):  # same tokens, different sound: re-encode
                 keep = start
         new_clips = [clip for clip, (start, _) in zip(prompt.audio, clips) if start >= keep]
-        generation = Generation(self.slot, prompt.ids[keep:], keep, new_clips, sampling, submitted=started)
+        generation = Generation(self.slot, prompt.ids[keep:], keep, new_clips, sampling, submitted=started,
+                                prompt=prompt.ids, prompt_clips=prompt.audio)
         if not speculative:
             generation.wanted.set()
         self.current = Reply(self.engine, self.engine.submit(generation), record, prompt.ids, clips)
@@ -267,10 +273,14 @@ class Chat(Turns):
                     break
             except (queue.Empty, RuntimeError):
                 break
-        if reply.generation.error is not None:
+        g = reply.generation
+        if g.error is not None:
             self.cached, self.cached_clips = [], []
+        elif g.filled < len(g.ids):  # cancelled before its prompt was all in: the rows hold what they held
+            self.cached = reply.prompt_ids[:g.start]
+            self.cached_clips = [clip for clip in reply.prompt_clips if clip[0] < g.start]
         else:
-            self.cached = reply.prompt_ids + reply.generation.fed
+            self.cached = reply.prompt_ids + g.fed
             self.cached_clips = reply.prompt_clips
         if reply.record:
             text = reply.text.strip()

@@ -1,11 +1,12 @@
 """The hot path: audio encoding, prompt prefill and a small fixed-shape decode step.
 
-Every conversation owns one row ("slot") of a static KV cache for as long as it lives, so a new
-turn only prefills what is new. Decoding runs one step for all conversations that are generating
-at once (batched), reading each row's cache up to a bucketed window rather than its full length.
-The step samples on the device and is the unit that torch.compile (CUDA graphs on GPU) sees; the
-eager path runs the very same code, so CPU tests cover it. Compiled, the prefill runs too, its
-prompt padded to one of a few lengths (`prefill_buckets`), the padding written to the scratch row.
+Each conversation's keys and values live in one row ("slot") of a static KV cache while it has one
+(rows.py moves idle conversations to host memory and back), so a new turn only prefills what is new.
+Decoding runs one step for all conversations that are generating at once (batched), reading each
+row's cache up to a bucketed window rather than its full length. The step samples on the device and
+is the unit that torch.compile (CUDA graphs on GPU) sees; the eager path runs the very same code, so
+CPU tests cover it. Compiled, the prefill runs too, its prompt padded to one of a few lengths
+(`prefill_buckets`), the padding written to the scratch row.
 
 Attention reads a slot's cache in place (a view) wherever the rows of a step are one contiguous
 run of slots: every prefill (one row), every batch-1 step, and batches whose slots are adjacent
@@ -82,6 +83,16 @@ class SlotCache:
             rows = slice(first, first + key.shape[0])
             return keys[rows, :, : self.window], values[rows, :, : self.window]  # views: nothing copied
         return keys[self.rows[:, 0], :, : self.window], values[self.rows[:, 0], :, : self.window]
+
+
+class HostRows:
+    """One conversation's keys and values copied off its row: [2 * layers, kv_heads, length, head_dim]
+    (keys, then values), pinned on CUDA so the copies run asynchronously."""
+
+    def __init__(self, data: torch.Tensor, length: int):
+        self.data = data
+        self.length = length  # tokens
+        self.nbytes = data.numel() * data.element_size()
 
 
 def causal_mask(positions: torch.Tensor, window: int) -> torch.Tensor:
@@ -234,6 +245,27 @@ class Decoder:
         rows = torch.where(offsets < n, slot, self.cache.scratch_row)[None]  # [1, size]
         last = torch.tensor([n - 1], device=self.device)  # a tensor: an int would be specialised per length
         return self._forward(embeds, rows, positions, self.window(start + n), slot + ROW_OFFSET, last)
+
+    @torch.no_grad()
+    def offload(self, row: int, length: int) -> HostRows:
+        """Copy the first `length` positions of `row` to host memory (the row may be reused at once: the
+        copy is queued on the stream before anything that writes the row)."""
+        cuda = self.device.type == "cuda"
+        layers = self.cache.keys + self.cache.values
+        host = torch.empty((len(layers), *layers[0][row, :, :length].shape), dtype=layers[0].dtype,
+                           pin_memory=cuda)
+        for i, tensor in enumerate(layers):
+            host[i].copy_(tensor[row, :, :length], non_blocking=cuda)
+        return HostRows(host, length)
+
+    @torch.no_grad()
+    def restore(self, row: int, kept: HostRows) -> None:
+        """Copy a conversation's `offload`ed positions back, into `row` (queued before its prefill)."""
+        for i, tensor in enumerate(self.cache.keys + self.cache.values):
+            tensor[row, :, :kept.length].copy_(kept.data[i], non_blocking=True)
+
+    def discard(self, kept: HostRows) -> None:
+        """Nothing to do here: the host copy goes with its last reference (model_process.py keeps its own)."""
 
     @torch.no_grad()
     def step_eager(self, rows, tokens, positions, window: int, temperature, top_p,

@@ -24,6 +24,7 @@ from . import prompt as prompts
 from .chat import Chat
 from .decoder import Decoder, sample
 from .generation import Generation
+from .rows import Rows
 from .transcripts import Transcriber
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,11 @@ class EngineOptions:
     model: str = DEFAULT_MODEL  # hub id or local checkpoint directory
     device: str = "auto"  # "auto": CUDA when available, else CPU
     compile: bool | None = None  # torch.compile the hot path; None: on with CUDA, off on CPU
-    slots: int = 8  # conversations held at once, each with its own KV cache
+    slots: int = 8  # connected conversations at once (--max-sessions); kept ones (leave()) wait beyond it
+    kv_slots: int | None = None  # KV-cache rows on the device (--kv-slots); None: one per conversation. Fewer
+    # rows than conversations make the rows a cache: an idle conversation's rows move to host memory (rows.py)
+    kv_host_gb: float = 8.0  # host memory for offloaded rows, GB; past it the oldest is re-prefilled when it returns
+    turn_queue: int = 4  # turns that may wait for a row while every row has a reply in flight; then EngineBusy
     max_tokens: int = 8192  # KV cache per conversation (~16 turns of 30 s audio); older turns are dropped
     max_audio_s: float = 300.0  # per-turn audio cap, 5 min; longer speech keeps its last 5 min
     warmup: bool = True  # run (and compile) the hot path once at load so no user waits on it
@@ -47,21 +52,26 @@ class EngineOptions:
     # only this often: 4 turns ending at once each waited for the others' decode steps too
     model_process: bool = False  # the model in a child process with its own GIL (model_process.py); app.py's default
     transcript_tokens: int = 1024  # longest transcript, tokens (a chat reply's cap: ConversationOptions.reply_tokens)
-    side_slots: int = 1  # KV rows beyond `slots` for transcripts beside the conversations (transcripts.py)
+    side_slots: int = 1  # KV rows beyond the conversations' for transcripts beside them (transcripts.py)
     audio_turns: int = 3  # spoken turns a prompt keeps as audio; older ones become their transcripts (chat.py).
     # Voxtral's authors see quality degrade past 5 clips in a prompt (vLLM refuses a 6th)
 
     @property
+    def conversation_rows(self) -> int:
+        """KV-cache rows for conversations (--kv-slots, by default one per --max-sessions)."""
+        return self.kv_slots or self.slots
+
+    @property
     def rows(self) -> int:
-        """KV-cache rows the decoder holds: the conversations' slots and the side rows."""
-        return self.slots + self.side_slots
+        """KV-cache rows the decoder holds: the conversations' and the side rows after them."""
+        return self.conversation_rows + self.side_slots
 
 
 class Engine:
     """The model, its slot cache and the decode thread that serves every conversation.
 
-    Ownership: `pending`, `free_slots`, `failure` and `in_flight` are guarded by `self.wake` (a
-    Condition); `active`, `filling`, `stepped` and the decoder's cache belong to the decode thread alone.
+    Ownership: `pending`, `seats`, `away`, `closed_seats`, `failure` and `in_flight` are guarded by `self.wake`
+    (a Condition); `active`, `filling`, `stepped`, `rows` and the decoder's cache belong to the decode thread.
     """
 
     def __init__(self, model, processor, options: EngineOptions, on_failure: Callable[[BaseException], None] | None = None,
@@ -82,7 +92,10 @@ class Engine:
         self.inst_id = tokenizer.convert_tokens_to_ids("[INST]")  # each user turn begins with it
         self.structure = {tokenizer.convert_tokens_to_ids(token) for token in prompts.STRUCTURE}
         self.on_failure = on_failure  # called once, on the dying thread, if the decode thread dies
-        self.free_slots = list(range(options.slots))
+        self.seats: set[int] = set()  # open conversations' keys (a Chat's `slot`; not a KV row: rows.py)
+        self.away: set[int] = set()  # seats of conversations kept for a resume without a connection (leave())
+        self.closed_seats: list[int] = []  # released since the decode thread last looked (under `wake`)
+        self.rows = Rows(decoder, options.conversation_rows, int(options.kv_host_gb * 1e9), self.timed)
         self.pending: list[Generation] = []
         self.active: list[Generation] = []
         self.filling: list[Generation] = []  # taken from `pending`, being prefilled (decode thread)
@@ -98,7 +111,7 @@ class Engine:
         self.thread = threading.Thread(target=self.run, name="voxtral-decode", daemon=True)
         self.thread.start()
         decoder.watch(self.fail)  # a model process that exits is the engine's failure
-        self.transcriber = Transcriber(self, list(range(options.slots, options.rows)))
+        self.transcriber = Transcriber(self, list(range(options.conversation_rows, options.rows)))
 
     # -- what the server shows (backends.contract.Backend) ---------------------------------------
 
@@ -134,13 +147,16 @@ class Engine:
     # -- conversations --------------------------------------------------------------------------
 
     def open_chat(self):
-        """A new conversation on a free KV-cache slot (a session.Chat); EngineBusy when none is free."""
+        """A new conversation on a free seat (a chat.Chat); EngineBusy when --max-sessions are open. It
+        takes a KV row only for each turn (rows.py)."""
         with self.wake:
             if self.failure is not None:
                 raise EngineFailed(f"the model server has failed ({self.failure}); it needs a restart")
-            if not self.free_slots:
+            if len(self.seats) - len(self.away) >= self.options.slots:
                 raise EngineBusy(f"all {self.options.slots} conversation slots are in use; try again shortly")
-            return Chat(self, self.free_slots.pop(0))
+            seat = next(n for n in range(len(self.seats) + 1) if n not in self.seats)  # the lowest free
+            self.seats.add(seat)
+            return Chat(self, seat)
 
     def transcribe_aside(self, audio, language: str | None = None):
         """A Future of what was said in `audio`, transcribed on a side row (transcripts.py): a caption,
@@ -149,19 +165,64 @@ class Engine:
 
     def release(self, slot: int) -> None:
         with self.wake:
-            if slot not in self.free_slots:
-                self.free_slots.append(slot)
+            if slot in self.seats:
+                self.closed_seats.append(slot)  # before the seat is reopened: serve() forgets its rows first
+                self.seats.discard(slot)
+                self.away.discard(slot)
+                self.wake.notify()
+
+    def leave(self, chat: Chat) -> None:
+        """`chat`'s connection ended and its conversation is kept for a resume: it stops counting
+        against `slots` (--max-sessions caps connected people; whoever keeps it caps how many wait)."""
+        with self.wake:
+            if chat.slot in self.seats:
+                self.away.add(chat.slot)
+                chat.away = True
+
+    def come_back(self, chat: Chat) -> None:
+        """`chat`'s conversation has a connection again; EngineBusy when `slots` are connected already."""
+        with self.wake:
+            if chat.slot not in self.away:
+                return
+            if len(self.seats) - len(self.away) >= self.options.slots:
+                raise EngineBusy(f"all {self.options.slots} conversation slots are in use; try again shortly")
+            self.away.discard(chat.slot)
+            chat.away = False
+
+    @property
+    def free_slots(self) -> list[int]:
+        """Room for this many more connected conversations (a list, as the backend contract has it)."""
+        with self.wake:
+            return list(range(self.options.slots - len(self.seats) + len(self.away)))
+
+    @property
+    def kept_conversations(self) -> int:
+        """Conversations waiting, without a connection, for their owner to come back."""
+        with self.wake:
+            return len(self.away)
+
+    @property
+    def kv_rows_in_use(self) -> int:
+        """KV rows holding a conversation (written by the decode thread; a snapshot)."""
+        return self.rows.in_use
+
+    @property
+    def kept_on_host(self) -> int:
+        """Conversations whose KV cache waits in host memory (a snapshot)."""
+        return self.rows.kept_count
 
     @property
     def active_chats(self) -> int:
         with self.wake:
-            return self.options.slots - len(self.free_slots)
+            return len(self.seats) - len(self.away)
 
     def submit(self, generation: Generation) -> Generation:
         generation.queued = time.perf_counter()
         with self.wake:
             if self.failure is not None:
                 raise EngineFailed(f"the model server has failed ({self.failure}); it needs a restart")
+            if self.in_flight >= self.options.rows + self.options.turn_queue:
+                raise EngineBusy("every KV slot is busy with a reply and the queue is full; try again shortly")
             self.pending.append(generation)
             self.in_flight += 1
             self.wake.notify()
@@ -243,28 +304,50 @@ class Engine:
         while True:
             with self.wake:
                 while (not self.pending and not self.filling and not self.active and not self.closed
-                       and self.failure is None):
+                       and self.failure is None and not self.closed_seats):
                     self.beat = time.monotonic()
                     self.wake.wait(1.0)
                 if self.closed or self.failure is not None:
                     return
+                closed_seats, self.closed_seats = self.closed_seats, []
                 wanted = [g for g in self.pending if g.wanted.is_set()]
                 unseen = [g for g in self.pending if not g.wanted.is_set()]
                 self.filling += wanted + unseen[:1]
                 self.pending = unseen[1:]
             self.beat = time.monotonic()
+            for seat in closed_seats:
+                self.rows.forget(seat)
             for generation in [g for g in self.filling if g.cancelled.is_set()]:
                 self.finish(generation)
             self.filling = sorted((g for g in self.filling if not g.done.is_set()), key=lambda g: not g.wanted.is_set())
-            if self.filling and self.prefill(self.filling[0]):
-                self.filling.pop(0)
+            seated = self.next_seated()
+            if seated is not None and self.prefill(seated):
+                self.filling.remove(seated)
             for generation in self.active:
                 if generation.cancelled.is_set():
                     self.finish(generation)
             self.active = [g for g in self.active if not g.done.is_set()]
-            if self.active and (not self.turn_waits() or time.perf_counter() - self.stepped >= self.options.decode_gap_s):
+            blocked = seated is None and bool(self.filling)  # waiting for a row: decoding frees one
+            if self.active and (blocked or not self.turn_waits()
+                                or time.perf_counter() - self.stepped >= self.options.decode_gap_s):
                 self.decode(self.active)
                 self.active = [g for g in self.active if not g.done.is_set()]
+
+    def next_seated(self) -> Generation | None:
+        """The first prompt in line that has a KV row or gets one now (rows.Rows.seat); None while every
+        row is busy with a reply in flight (the prompts wait; decoding goes on)."""
+        for generation in list(self.filling):
+            try:
+                if generation.row >= 0 or self.rows.seat(generation):
+                    return generation
+            except Exception as error:  # a failed copy (host memory, the model process): fail this turn
+                logger.exception("moving a KV cache failed")
+                generation.error = error
+                self.finish(generation)
+                self.filling.remove(generation)
+        for generation in self.filling:
+            generation.waiting.set()  # the person is told (conversation: the `queued` state)
+        return None
 
     def turn_waits(self) -> bool:
         """A prompt someone waits for is next in line or was just submitted (decode thread)."""
@@ -287,7 +370,7 @@ class Engine:
                 count = sum(token == self.decoder.audio_token_id for token in piece)
                 audio = generation.audio[generation.audio_used: generation.audio_used + count]
                 generation.audio_used += count
-            logits = self.decoder.prefill(generation.slot, piece, generation.start + generation.filled, None, audio)
+            logits = self.decoder.prefill(generation.row, piece, generation.start + generation.filled, None, audio)
             generation.filled += len(piece)
             if not last:
                 self.timed("prefill", time.perf_counter() - started)
@@ -313,7 +396,7 @@ class Engine:
         started = self.stepped = time.perf_counter()
         try:
             tokens = self.decoder.step(
-                [g.slot for g in batch], [g.next_token for g in batch], [g.position for g in batch],
+                [g.row for g in batch], [g.next_token for g in batch], [g.position for g in batch],
                 [g.sampling.temperature for g in batch], [g.sampling.top_p for g in batch])
         except Exception as error:  # fails only the generations of this step
             logger.exception("decode step failed")
@@ -344,6 +427,7 @@ class Engine:
     def finish(self, generation: Generation) -> None:
         if not generation.done.is_set():
             generation.finished = time.perf_counter()
+            self.rows.finished(generation)
             generation.tokens.put(None)
             with self.wake:
                 self.in_flight -= 1

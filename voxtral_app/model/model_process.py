@@ -58,6 +58,13 @@ class AudioRef:
         return AudioRef(self.key, self.start + start, self.start + max(start, stop))
 
 
+class KeptRef:
+    """A conversation's KV rows offloaded to host memory in the model process (decoder.HostRows there)."""
+
+    def __init__(self, key: int, length: int, nbytes: int):
+        self.key, self.length, self.nbytes = key, length, nbytes
+
+
 class ModelProcess:
     """`generate.Decoder`, run in a child process. Owned by the engine's decode thread."""
 
@@ -108,6 +115,17 @@ class ModelProcess:
     def step(self, rows: list[int], tokens: list[int], positions: list[int], temperature: list[float],
              top_p: list[float]) -> list[int]:
         return self.call("step", rows, tokens, positions, temperature, top_p)
+
+    def offload(self, row: int, length: int) -> "KeptRef":
+        """The host copy stays in the child; the engine holds a reference to it."""
+        key, nbytes = self.call("offload", row, length)
+        return KeptRef(key, length, nbytes)
+
+    def restore(self, row: int, kept: "KeptRef") -> None:
+        self.call("restore", row, kept.key)
+
+    def discard(self, kept: "KeptRef") -> None:
+        self.call("discard", kept.key)
 
     def memory_bytes(self) -> int:
         return self.memory
@@ -216,6 +234,7 @@ class Calls:
         self.audio: OrderedDict[int, torch.Tensor] = OrderedDict()  # oldest first
         self.audio_kept = audio_kept
         self.keys = itertools.count()
+        self.host: dict[int, object] = {}  # offloaded KV rows (decoder.HostRows) by key, until restored or discarded
 
     def memory_bytes(self) -> int:
         return self.decoder.memory_bytes()
@@ -257,6 +276,17 @@ class Calls:
 
     def step(self, rows, tokens, positions, temperature, top_p) -> list[int]:
         return self.decoder.step(rows, tokens, positions, temperature, top_p)
+
+    def offload(self, row: int, length: int) -> tuple[int, int]:
+        key = next(self.keys)
+        self.host[key] = self.decoder.offload(row, length)
+        return key, self.host[key].nbytes
+
+    def restore(self, row: int, key: int) -> None:
+        self.decoder.restore(row, self.host.pop(key))
+
+    def discard(self, key: int) -> None:
+        self.host.pop(key, None)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,9 @@ class Transcriber:
         engine = self.engine
         prompt = prompts.transcription_prompt(engine.processor, audio, language, engine.options.model)
         sampling = replace(TRANSCRIBE, max_new_tokens=engine.options.transcript_tokens)
-        generation = engine.submit(Generation(row, prompt.ids, 0, prompt.audio, sampling))  # speculative: after replies
+        generation = Generation(-1 - row, prompt.ids, 0, prompt.audio, sampling)  # a seat no conversation has
+        generation.row = row  # its own row: rows.Rows never assigns nor evicts it
+        engine.submit(generation)  # speculative: served after the replies someone waits for
         tokens = []
         while (token := generation.tokens.get()) is not None:
             tokens.append(token)

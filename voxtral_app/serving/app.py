@@ -154,6 +154,9 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
         status = "degraded" if not engine.healthy else "healthy" if engine.ready.is_set() else "warming_up"
         body = {"status": status, "model": engine.options.model, "device": engine.device_name,
                 "compiled": engine.compiled, "active_sessions": engine.active_chats, "max_sessions": slots,
+                "conversations_kept": engine.kept_conversations,
+                "kv_slots_in_use": getattr(engine, "kv_rows_in_use", None),  # None: the remote backend has none here
+                "kv_conversations_on_host": getattr(engine, "kept_on_host", None),
                 "backend": engine.describe(), "event_loop": compat.event_loop_kind()}
         if engine.failure is not None:
             body["error"] = f"the decode thread died: {engine.failure}"

@@ -54,7 +54,15 @@ RETRACTIONS = Counter("turn_retractions", "Shown replies taken back because the 
 REJECTED = Counter("sessions_rejected", "Connections and sessions refused: every slot taken (or the engine failed)",
                    registry=None)
 ERRORS = Counter("errors", "Errors told to a client, by kind (audio, turn, client)", ["kind"], registry=None)
-PROCESS_WIDE = (TURN_LATENCY, FIRST_TOKEN, INFERENCE, AUDIO, TOKENS, TURNS, RETRACTIONS, REJECTED, ERRORS)
+OFFLOADS = Counter("kv_offloads", "Idle conversations whose KV cache moved to host memory to free a slot",
+                   registry=None)
+RESTORES = Counter("kv_restores", "Conversations whose KV cache came back from host memory for a turn", registry=None)
+REPREFILLS = Counter("kv_reprefills", "Conversations prefilled again from their history (their cache was dropped "
+                     "past --kv-host-gb)", registry=None)
+RESTORE_TIME = Histogram("kv_restore_duration_seconds", "Copying one conversation's KV cache back to the device",
+                         buckets=FAST_SECONDS, registry=None)
+PROCESS_WIDE = (TURN_LATENCY, FIRST_TOKEN, INFERENCE, AUDIO, TOKENS, TURNS, RETRACTIONS, REJECTED, ERRORS,
+                OFFLOADS, RESTORES, REPREFILLS, RESTORE_TIME)
 
 for phase in ("prefill", "decode"):  # export both series from the start (dashboards need no gaps)
     INFERENCE.labels(phase)
@@ -115,17 +123,26 @@ class EngineCollector:
 
     def collect(self):
         engine = self.engine
-        connections = GaugeMetricFamily("websocket_connections_active", "Open conversations (each holds a slot), "
-                                        "by transport", labels=["transport"])
+        connections = GaugeMetricFamily("websocket_connections_active", "Connected conversations (each holds a "
+                                        "slot), by transport", labels=["transport"])
         counts = dict.fromkeys(TRANSPORTS, 0)
         for conversation in open_conversations(engine):
+            if getattr(conversation.chat, "away", False):  # kept for a resume: no connection (conversations_kept)
+                continue
             counts[conversation.name] = counts.get(conversation.name, 0) + 1
         for transport, count in sorted(counts.items()):
             connections.add_metric([transport], count)
         yield connections
-        yield GaugeMetricFamily("engine_slots_in_use", "KV-cache slots taken by conversations",
+        yield GaugeMetricFamily("engine_slots_in_use", "Connected conversations (each one of --max-sessions)",
                                 value=engine.active_chats)
-        yield GaugeMetricFamily("engine_slots_total", "KV-cache slots (--max-sessions)", value=engine.options.slots)
+        yield GaugeMetricFamily("engine_slots_total", "Connected conversations at most (--max-sessions)",
+                                value=engine.options.slots)
+        yield GaugeMetricFamily("kv_slots_in_use", "KV-cache rows on the device holding a conversation (--kv-slots)",
+                                value=getattr(engine, "kv_rows_in_use", 0))
+        yield GaugeMetricFamily("kv_conversations_on_host", "Conversations whose KV cache waits in host memory",
+                                value=getattr(engine, "kept_on_host", 0))
+        yield GaugeMetricFamily("conversations_kept", "Conversations kept without a connection for a resume",
+                                value=engine.kept_conversations)
         yield GaugeMetricFamily("engine_generations_in_flight", "Replies handed to the decode thread and not yet "
                                 "finished (queued prefills included): a growing number means it cannot keep up",
                                 value=engine.in_flight)
@@ -148,8 +165,17 @@ def registry(engine) -> CollectorRegistry:
 
 
 def inference_timed(phase: str, seconds: float) -> None:
-    """An engine listener (Engine.listen): one prefill piece or decode step took `seconds`."""
-    INFERENCE.labels(phase).observe(seconds)
+    """An engine listener (Engine.listen): one prefill piece or decode step took `seconds`; or a conversation's
+    KV cache moved (model/rows.py: offload, restore, reprefill)."""
+    if phase == "offload":
+        OFFLOADS.inc()
+    elif phase == "restore":
+        RESTORES.inc()
+        RESTORE_TIME.observe(seconds)
+    elif phase == "reprefill":
+        REPREFILLS.inc()
+    else:
+        INFERENCE.labels(phase).observe(seconds)
 
 
 def add_metrics_route(app, engine) -> None:

@@ -4,13 +4,16 @@
         -> {"session_id", "status": "created", "websocket_url": "/ws/audio/<id>", ...}
     WS /ws/audio/<id>      binary: raw little-endian int16 mono PCM at the session's rate, any chunk size
         client -> server (JSON): text_input {text}, config {mode, language, temperature, spoken}, cancel, clear
-        server -> client (JSON): turn_start, text_delta {text}, text_response {text, timestamp, latency_ms,
-            mode, interrupted, status}, user_transcript {turn, text} (what was heard, when captions are
-            on), retracted, cleared, hush (stop playing), config {settings}, error {code, message};
+        server -> client (JSON): resumed {turns} (first, on a reconnect), turn_start, text_delta {text},
+            text_response {text, timestamp, latency_ms, mode, interrupted, status}, user_transcript {turn, text}
+            (what was heard, when captions are on), retracted, cleared, hush (stop playing), config {settings},
+            error {code, message};
             and, when `spoken`, binary PCM of each spoken sentence at the session's rate
 
-A session is one Conversation (one KV-cache slot, the same cap as every other route) from its
-creation until its socket closes; the session id (secrets.token_urlsafe) is its only credential.
+A session is one Conversation (one of --max-sessions, the same cap as every other route) from its
+creation until its socket closes. When the client hangs up (or the network drops it) the conversation
+is kept for `resume_s` (conversation/parking.py) and a socket to the same URL within that time continues
+it; the session id (secrets.token_urlsafe) is its only credential. The time limit ends a session for good.
 """
 
 import asyncio
@@ -42,9 +45,11 @@ from ..conversation.events import (
     ReplyFinished,
     ReplyRetracted,
     Speech,
+    StateChanged,
     TurnFailed,
     UserTranscript,
 )
+from ..conversation.parking import Parking
 from ..turns.taker import TurnTaker
 from . import metrics
 from .errors import busy, failed
@@ -53,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 UNKNOWN_SESSION = 4404  # WebSocket close codes (4000-4999: the application's own)
 SESSION_TAKEN = 4409
+TRY_AGAIN = 1013  # the standard code for "try again later": a reconnect while --max-sessions are connected
 CLIENT_TYPES = ("text_input", "config", "cancel", "clear")
 
 
@@ -61,6 +67,8 @@ class SessionOptions:
     connect_timeout_s: float = 60.0  # a created session nobody connects to within this expires, freeing its slot
     max_message_bytes: int = 1_000_000  # larger WebSocket messages get an error (1 MB = 31 s of 16 kHz PCM)
     max_body_bytes: int = 10_000  # /session/create's JSON body
+    resume_s: float = 120.0  # a session whose socket closed keeps its conversation this long for a reconnect (0: off)
+    kept_limit: int = 64  # sessions kept for a reconnect at most; past it the oldest ends (each holds its history)
 
 
 class BadMessage(ValueError):
@@ -74,20 +82,33 @@ def error(code: str, message: str) -> dict:
 
 
 class Session:
-    """One created session. `connected`, `settings` and `expiry` belong to the event loop (creation,
-    expiry and the socket's receive loop run there); `turns` and `resampler` to its audio thread."""
+    """One created session. `connected`, `parked`, `deadline`, `replies`, `settings` and `expiry` belong
+    to the event loop (creation, expiry, parking and the socket's receive loop run there); `turns` and
+    `resampler` to its audio thread."""
 
-    def __init__(self, conversation: Conversation, rate: int, settings: Settings):
+    def __init__(self, conversation: Conversation, rate: int, settings: Settings, on_close=None):
         self.id = secrets.token_urlsafe(24)  # the only credential: unguessable
         self.conversation = conversation
         self.rate = rate  # Hz of the PCM in both directions, fixed at creation
         self.settings = settings
         self.connected = False
+        self.parked = False  # its socket closed; kept in Sessions.parking for a reconnect
+        self.deadline: float | None = None  # loop time when the time limit ends it (from its first socket)
+        self.replies: Replies | None = None  # its events -> the socket of the moment (from its first socket)
+        self.on_close = on_close  # Sessions.end
         self.expiry: asyncio.TimerHandle | None = None
         self.audio = ThreadPoolExecutor(1, thread_name_prefix=f"voxtral-session-{self.id[:6]}")
         # audio-thread-owned (built there on the first chunk: the VAD takes a moment to load)
         self.turns: TurnTaker | None = None
         self.resampler: soxr.ResampleStream | None = None
+
+    @property
+    def closed(self) -> threading.Event:
+        return self.conversation.closed
+
+    def close(self) -> None:
+        """End the session (what Parking calls when nobody came back in time; on the event loop)."""
+        self.on_close(self)
 
     def hear(self, pcm: bytes) -> list[str]:
         """On the audio thread: int16 PCM -> 16 kHz float -> turn events, posted; -> their kinds."""
@@ -107,21 +128,52 @@ class Session:
 
 
 class Replies:
-    """A session's conversation events -> socket messages, on its own thread (it alone owns `speaking`).
-    Each message goes to `deliver` (thread-safe); None once the conversation has closed."""
+    """A session's conversation events -> socket messages, on its own thread for the session's life (it
+    alone owns `speaking`). Each message goes to the socket of the moment's `deliver` (thread-safe), None
+    once the conversation has closed; while no socket is attached, messages are dropped. `deliver` and
+    `turns` are guarded by `lock` (the event loop attaches and detaches sockets)."""
 
-    def __init__(self, session: Session, deliver):
+    def __init__(self, session: Session):
         self.session = session
-        self.deliver = deliver
         self.speaking = False  # speech was sent since the last hush (the client may be playing it)
+        self.lock = threading.Lock()
+        self.deliver = None
+        self.turns = 0  # turns the conversation holds: chat replies kept, less retracted, 0 after a clear
+
+    def attach(self, deliver) -> int:
+        """Send to `deliver` from now on. -> the turns the conversation holds."""
+        with self.lock:
+            self.deliver = deliver
+            return self.turns
+
+    def detach(self) -> None:
+        with self.lock:
+            self.deliver = None
 
     def run(self) -> None:
         while True:
             event = self.session.conversation.outbox.get()
+            self.count(event)
             for message in self.messages(event):
-                self.deliver(message)
+                self.send(message)
             if isinstance(event, Closed):
-                return self.deliver(None)
+                return self.send(None)
+
+    def send(self, message) -> None:
+        with self.lock:
+            deliver = self.deliver
+        if deliver is not None:
+            deliver(message)
+
+    def count(self, event) -> None:
+        with self.lock:
+            kept = isinstance(event, ReplyFinished) and event.error is None and event.text.strip()
+            if kept and event.stats.mode == "chat":  # as the chat keeps a turn (transcripts are not turns)
+                self.turns += 1
+            elif isinstance(event, ReplyRetracted) and event.stats is None:  # it had finished: it was counted
+                self.turns = max(0, self.turns - 1)
+            elif isinstance(event, Cleared):
+                self.turns = 0
 
     def messages(self, event) -> list:
         if isinstance(event, ReplyDelta):
@@ -147,6 +199,8 @@ class Replies:
             return [error("turn_failed", event.message)]
         if isinstance(event, Closed) and event.message:
             return [error("closed", event.message)]
+        if isinstance(event, StateChanged) and event.state == "queued":
+            return [{"type": "queued", "message": "Every slot is busy; your turn is next in line."}]
         if isinstance(event, Hushed) and self.speaking:
             self.speaking = False
             return [{"type": "hush"}]
@@ -162,14 +216,15 @@ class Sessions:
         self.chat_options = chat_options
         self.speaker = speaker
         self.options = options
-        self.time_limit_s = time_limit_s  # a connected session ends after this long (None: never)
-        self.sessions: dict[str, Session] = {}
+        self.time_limit_s = time_limit_s  # a session ends this long after its first socket (None: never)
+        self.sessions: dict[str, Session] = {}  # created, connected and parked ones
+        self.parking = Parking(options.resume_s, options.kept_limit)  # hung-up sessions by id (event loop only)
 
     def create(self, settings: Settings, rate: int) -> Session:
         """Take a slot (EngineBusy / EngineFailed); it is freed if nobody connects in time."""
         conversation = Conversation(self.engine, self.chat_options, self.speaker, settings, name="session_ws",
                                     listener=metrics.conversation_event).open()
-        session = Session(conversation, rate, settings)
+        session = Session(conversation, rate, settings, on_close=self.end)
         self.sessions[session.id] = session
         session.expiry = asyncio.get_running_loop().call_later(self.options.connect_timeout_s, self.expire, session)
         return session
@@ -179,6 +234,23 @@ class Sessions:
             logger.info("session %s… expired: nobody connected in %.0f s", session.id[:6],
                         self.options.connect_timeout_s)
             self.end(session)
+
+    def park(self, session: Session) -> None:
+        """The socket closed but the session did not end: keep it `resume_s` for a reconnect."""
+        session.connected, session.parked = False, True
+        session.conversation.post("cancel")  # nobody hears the rest of a reply in progress; what it said stays
+        self.engine.leave(session.conversation.chat)
+        self.parking.park(session.id, session)  # ends it at once when resume is off or it has closed
+        asyncio.get_running_loop().call_later(self.options.resume_s + 0.1, self.parking.sweep)
+
+    def unpark(self, session: Session) -> bool:
+        """A socket for a parked session: -> whether it is back (False: it expired); EngineBusy when
+        --max-sessions others are connected (it stays parked)."""
+        self.engine.come_back(session.conversation.chat)
+        if self.parking.take(session.id) is None:
+            return False
+        session.parked = False
+        return True
 
     def end(self, session: Session) -> None:
         """Never blocks: the conversation and the audio thread close on their own."""
@@ -190,11 +262,13 @@ class Sessions:
 
     def end_all(self) -> None:
         """At server shutdown: free every session's slot (pending expiries would never run)."""
+        self.parking.close_all()
         for session in list(self.sessions.values()):
             self.end(session)
 
     async def serve(self, websocket: WebSocket, session: Session) -> None:
-        """The connected socket: receive until it closes (or the conversation does), then end the session."""
+        """The connected socket: receive until it closes (or the conversation does). Then the session
+        ends, or, when the client hung up, is parked for a reconnect."""
         loop = asyncio.get_running_loop()
         outgoing: asyncio.Queue = asyncio.Queue()
 
@@ -204,13 +278,22 @@ class Sessions:
             except RuntimeError:  # the loop has gone: nobody is listening any more
                 pass
 
-        replies = Replies(session, deliver)
-        threading.Thread(target=replies.run, name=f"voxtral-replies-{session.id[:6]}", daemon=True).start()
+        resumed = session.replies is not None
+        if session.replies is None:
+            session.replies = Replies(session)
+            threading.Thread(target=session.replies.run, name=f"voxtral-replies-{session.id[:6]}", daemon=True).start()
+        turns = session.replies.attach(deliver)
+        if resumed:  # before anything the conversation says from now on (that arrives via call_soon)
+            outgoing.put_nowait({"type": "resumed", "turns": turns})
+        if session.deadline is None and self.time_limit_s is not None:
+            session.deadline = loop.time() + self.time_limit_s
+        timeout = None if session.deadline is None else max(0.0, session.deadline - loop.time())
         receiving = asyncio.create_task(self.receive(websocket, session, outgoing))
         sending = asyncio.create_task(self.send(websocket, outgoing))
+        hung_up = False
         try:
-            done, _ = await asyncio.wait({receiving, sending}, timeout=self.time_limit_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({receiving, sending}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            hung_up = receiving in done and sending not in done
             if not done:
                 sending.cancel()
                 await websocket.send_json(error("time_limit", f"sessions last at most {self.time_limit_s:.0f} s"))
@@ -220,7 +303,11 @@ class Sessions:
         finally:
             for task in (receiving, sending):
                 task.cancel()
-            self.end(session)
+            session.replies.detach()
+            if hung_up and self.options.resume_s > 0:
+                self.park(session)
+            else:
+                self.end(session)
 
     async def send(self, websocket: WebSocket, outgoing: asyncio.Queue) -> None:
         """The socket's only writer."""
@@ -348,6 +435,17 @@ def add_session_routes(app, engine, chat_options: ConversationOptions, speaker,
         if session.connected:
             await websocket.close(SESSION_TAKEN, "this session already has a socket")
             return
+        if session.parked:
+            try:
+                back = sessions.unpark(session)
+            except EngineBusy:
+                metrics.REJECTED.inc()
+                await websocket.send_json(error("busy", "every conversation slot is in use; try again shortly"))
+                await websocket.close(TRY_AGAIN, "every conversation slot is in use")
+                return
+            if not back:
+                await websocket.close(UNKNOWN_SESSION, "unknown or expired session: POST /session/create first")
+                return
         session.connected = True
         session.expiry.cancel()
         await sessions.serve(websocket, session)

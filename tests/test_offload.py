@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-from test_conversation import SlotShadow, shadowed  # noqa: F401 - the fixture, over this module's engine
 
 from voxtral_app.audio.pcm import SAMPLE_RATE
 from voxtral_app.backends.contract import EngineBusy, Sampling
@@ -116,7 +115,7 @@ def engine(tiny_checkpoint):
     engine.close()
 
 
-def test_random_turns_on_fewer_rows_keep_every_booking_exact(engine, shadowed, speech, other_speech):  # noqa: F811
+def test_random_turns_on_fewer_rows_keep_every_booking_exact(engine, shadowed, speech, other_speech):
     """Four conversations, random turns and cancels from four threads on two rows: every launch continues
     exactly what its conversation's rows hold (restored, re-prefilled or never moved)."""
     phases = Phases(engine)

@@ -70,8 +70,9 @@ class EngineOptions:
 class Engine:
     """The model, its slot cache and the decode thread that serves every conversation.
 
-    Ownership: `pending`, `seats`, `away`, `closed_seats`, `failure` and `in_flight` are guarded by `self.wake`
-    (a Condition); `active`, `filling`, `stepped`, `rows` and the decoder's cache belong to the decode thread.
+    Ownership: `pending`, `seats`, `away`, `closed_seats`, `failure`, `in_flight` and `aside` are guarded
+    by `self.wake` (a Condition); `active`, `filling`, `stepped`, `rows` and the decoder's cache belong to
+    the decode thread.
     """
 
     def __init__(self, model, processor, options: EngineOptions, on_failure: Callable[[BaseException], None] | None = None,
@@ -101,6 +102,7 @@ class Engine:
         self.filling: list[Generation] = []  # taken from `pending`, being prefilled (decode thread)
         self.stepped = 0.0  # when the last decode step began (decode thread)
         self.in_flight = 0  # generations submitted and not yet finished
+        self.aside = 0  # of those, transcripts on the side rows (they queue on their own: transcripts.py)
         self.failure: BaseException | None = None  # why the decode thread died
         self.wake = threading.Condition()
         self.beat = time.monotonic()  # the decode thread's last sign of life (a float: written by it alone)
@@ -221,10 +223,12 @@ class Engine:
         with self.wake:
             if self.failure is not None:
                 raise EngineFailed(f"the model server has failed ({self.failure}); it needs a restart")
-            if self.in_flight >= self.options.rows + self.options.turn_queue:
+            side = generation.row >= 0  # a transcript on its own side row
+            if not side and self.in_flight - self.aside >= self.options.conversation_rows + self.options.turn_queue:
                 raise EngineBusy("every KV slot is busy with a reply and the queue is full; try again shortly")
             self.pending.append(generation)
             self.in_flight += 1
+            self.aside += side
             self.wake.notify()
         return generation
 
@@ -431,4 +435,5 @@ class Engine:
             generation.tokens.put(None)
             with self.wake:
                 self.in_flight -= 1
+                self.aside -= generation.row >= self.options.conversation_rows
             generation.done.set()

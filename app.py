@@ -75,9 +75,9 @@ def parse_args(argv=None, environ=None) -> argparse.Namespace:
         help="longest chat reply, in tokens (default: 512)")
     add("--audio-turns", type=audio_turns, default=3, env=("VOXTRAL_AUDIO_TURNS",),
         help="spoken turns a prompt keeps as audio, 1-5; older ones go as their transcripts (vLLM takes at most 5)")
-    add("--captions", action=argparse.BooleanOptionalAction, env_type=switch, env=("VOXTRAL_CAPTIONS",),
-        help="show what Voxtral heard under each spoken turn, transcribed beside the reply (default: on when the "
-        "model runs on a GPU or a remote backend; off next to a CPU model, see docs/benchmarks)")
+    add("--captions", action=argparse.BooleanOptionalAction, default=True, env_type=switch, env=("VOXTRAL_CAPTIONS",),
+        help="show what Voxtral heard under each spoken turn, transcribed beside the reply (default: on; the "
+        "transcript is also what the turn becomes once it ages out of the prompt, see --audio-turns)")
     # turn-taking: VAD, noise suppression / gain before it, Smart Turn at the pause
     add("--vad", default="silero", choices=("silero", "webrtc", "energy"), env=("VAD",),
         help="voice activity detector (VAD_AGGRESSIVENESS=0-3 for webrtc)")
@@ -246,8 +246,8 @@ def conversation_options(args: argparse.Namespace, engine):
 
     turns = turn_options(args, given(pause_s=None if args.pause_ms is None else args.pause_ms / 1000),
                          end_of_turn=smart_turn_on(args.end_of_turn, engine.device_kind))
-    captions = args.captions if args.captions is not None else engine.device_kind != "cpu"
-    return ConversationOptions(turns=turns, max_audio_s=engine.options.max_audio_s, captions=captions,
+    return ConversationOptions(turns=turns, max_audio_s=engine.options.max_audio_s,
+                               captions=args.captions is not False,
                                **given(temperature=args.temperature, reply_tokens=args.reply_tokens))
 
 

@@ -74,12 +74,13 @@ def app_engine(tiny_checkpoint):
 
 def app_options(engine, **values):
     """The ConversationOptions app.py builds for `engine` with no flags (its turn-taking: Smart Turn is off
-    next to a CPU model, as here), with `values` replaced: what a served test talks to."""
+    next to a CPU model, as here), with `values` replaced: what a served test talks to. Captions are off
+    unless a test asks for them: each would add a transcript of the tiny model's 128 tokens to every turn."""
     from dataclasses import replace
 
     import app
 
-    return replace(app.conversation_options(app.parse_args([], environ={}), engine), **values)
+    return replace(app.conversation_options(app.parse_args([], environ={}), engine), **({"captions": False} | values))
 
 
 @pytest.fixture(scope="session")

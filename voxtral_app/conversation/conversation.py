@@ -86,8 +86,8 @@ class ConversationOptions:
     temperature: float = CHAT.temperature  # chat temperature a new conversation starts with (--temperature)
     clips: int = 8  # the page plays back the last 8 spoken turns (older ones show their label; 0: labels only)
     clip_s: float = 30.0  # a turn's clip keeps its last 30 s (960 KB of 16-bit 16 kHz audio)
-    captions: bool = False  # transcribe each spoken chat turn beside its reply (UserTranscript); app.py turns
-    # it on where the model has a GPU (or is remote), see docs/benchmarks for what it costs on a CPU
+    captions: bool = False  # transcribe each spoken chat turn beside its reply (UserTranscript); app.py's
+    # --captions turns it on (what it costs: docs/benchmarks, long-talk)
 
 
 @dataclass

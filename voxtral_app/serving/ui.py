@@ -1,5 +1,12 @@
-"""The Gradio page: microphone (FastRTC WebRTC), chat, a text box, mode/language/temperature/voice
-controls, clear, an upload path for people without a microphone, and the model's warm-up status."""
+"""The Gradio page: microphone (FastRTC WebRTC) with the voice loop's state and a level meter, the
+chat, a text box, an upload path for people without a microphone, mode/language/temperature/voice
+settings, clear, and the model's warm-up status.
+
+One conversation per page: the page's key (a server-side gr.State, PageKey) names it; the
+microphone's connections, typed turns and uploads all use it, and between calls it waits in the
+page's Parking (Stop then Start, a dropped connection, typing without a call). Clear forgets its
+messages; a reload starts a new one.
+"""
 
 import logging
 import queue
@@ -11,10 +18,17 @@ from fastrtc import WebRTC
 
 from ..backends.contract import EngineBusy, EngineFailed
 from ..compat import fastrtc as compat
-from ..conversation.conversation import Conversation, Settings
+from ..conversation.conversation import Conversation
+from ..conversation.parking import Parking
 from . import metrics
-from .chat_view import ChatView, Output, reply_kind
-from .handler import VoxtralHandler, settings_from_controls
+from .chat_view import STATE_WORDS, ChatView, Output, reply_kind
+from .handler import (
+    PageConversation,
+    PageKey,
+    VoxtralHandler,
+    refusal,
+    settings_from_controls,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +51,86 @@ window.Audio.prototype = LocalAudio.prototype;
 </script>"""
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"])  # not Google Fonts: offline
 
+# A level meter that follows the person's own microphone: the page keeps the stream fastrtc asks the
+# browser for and measures it with WebAudio, so the meter moves as they speak, before any server round trip.
+LEVEL_METER = """<script>
+(() => {
+  const media = navigator.mediaDevices;
+  if (!media || !media.getUserMedia) return;
+  const getUserMedia = media.getUserMedia.bind(media);
+  let context, generation = 0;
+  const meter = (stream) => {
+    const mine = ++generation;
+    try {
+      context = context || new AudioContext();
+      context.resume();
+      const analyser = context.createAnalyser();
+      analyser.fftSize = 1024;
+      context.createMediaStreamSource(stream).connect(analyser);
+      const samples = new Float32Array(analyser.fftSize);
+      const timer = setInterval(() => {
+        const live = mine === generation && stream.getAudioTracks().some((t) => t.readyState === "live");
+        analyser.getFloatTimeDomainData(samples);
+        let sum = 0;
+        for (const x of samples) sum += x * x;
+        const level = live ? Math.min(1, 3 * Math.sqrt(Math.sqrt(sum / samples.length))) : 0;  // ~ loudness
+        const meter = document.querySelector("#voice-meter .meter");
+        if (meter) {
+          meter.style.setProperty("--level", level.toFixed(3));
+          meter.setAttribute("aria-valuenow", Math.round(100 * level));
+        }
+        if (!live) clearInterval(timer);
+      }, 50);
+    } catch (error) {
+      console.warn("no level meter:", error);
+    }
+  };
+  media.getUserMedia = async (constraints) => {
+    const stream = await getUserMedia(constraints);
+    if (stream.getAudioTracks().length) meter(stream);
+    return stream;
+  };
+})();
+</script>"""
+# The voice loop's state and the meter. The cue is a dot: grey while nobody talks, green and pulsing
+# while the person speaks, amber while Voxtral thinks, blue while it answers, red once the call ended.
+CSS = """
+#voice-state .voice-state {display: flex; align-items: center; gap: .5em; font-size: var(--text-lg);}
+#voice-state .cue {width: .9em; height: .9em; border-radius: 50%; background: var(--neutral-400);}
+#voice-state [data-state=hearing] .cue {background: #16a34a; animation: voice-pulse 1s infinite;}
+#voice-state [data-state=thinking] .cue {background: #f59e0b; animation: voice-pulse .6s infinite;}
+#voice-state [data-state=speaking] .cue {background: #2563eb;}
+#voice-state [data-state=ended] .cue {background: #dc2626;}
+@keyframes voice-pulse {50% {opacity: .35; transform: scale(.8);}}
+#voice-meter .meter {height: 8px; border-radius: 4px; background: var(--neutral-200); overflow: hidden;}
+#voice-meter .meter > div {height: 100%; background: #16a34a; transform-origin: left;
+  transform: scaleX(var(--level, 0)); transition: transform 50ms linear;}
+#voice-state .pending, #voice-state .wrap {display: none !important;}
+#conversation sub {font-size: var(--text-sm); opacity: .75; vertical-align: baseline;}
+@media (max-width: 640px) {  /* a phone: the chat and the talk button first, settings folded below */
+  #page-intro p {display: none;}
+  #talk-row {flex-direction: column-reverse;}
+  #conversation {height: 46vh !important; max-height: 46vh !important;}
+}
+"""
+
 # One click starts talking. fastrtc's microphone first shows a "Click to Access Microphone" button and,
 # once the browser grants the microphone, a record button: that first button is renamed "Start talking",
 # and the record button (fastrtc's button_labels: "Start talking" too) is pressed for the person as soon
 # as it appears after their click. The click is the user gesture the browser needs for the microphone.
+# fastrtc names the record button "start stream" whatever it shows, and some of its icons have no name:
+# each control gets the name of what it does. Stop shows `paused` until the next call; on a phone the
+# settings start folded.
 ONE_CLICK = """() => {
   const microphone = document.getElementById("microphone");
   if (!microphone) return;
   let clicked = false;
+  const paused = () => {
+    const state = document.querySelector("#voice-state .voice-state");
+    if (!state) return;
+    state.dataset.state = "paused";
+    state.querySelector(".words").textContent = "paused";
+  };
   const tidy = () => {
     const ask = microphone.querySelector('[title="grant webcam access"] button');
     if (ask && !ask.dataset.oneClick) {
@@ -53,14 +139,28 @@ ONE_CLICK = """() => {
       for (let node; (node = texts.nextNode());) if (node.data.trim()) node.data = "Start talking";
       ask.addEventListener("click", () => { clicked = true; });
     }
-    const record = microphone.querySelector('button[aria-label="start stream"]');
-    if (clicked && record) {
+    const record = microphone.querySelector('button[aria-label="start stream"], button[data-record]');
+    if (record) {
+      if (!record.dataset.record) {
+        record.dataset.record = "1";
+        record.addEventListener("click", () => { if (/^Stop/.test(record.textContent.trim())) paused(); });
+      }
+      record.setAttribute("aria-label", record.textContent.trim() || "Start talking");
+    }
+    for (const button of microphone.querySelectorAll("button:not([aria-label])")) {
+      if (!button.textContent.trim()) button.setAttribute("aria-label", button.title || "Microphone settings");
+    }
+    if (clicked && record && /^Start/.test(record.textContent.trim())) {
       clicked = false;
       record.click();
     }
   };
-  new MutationObserver(tidy).observe(microphone, {childList: true, subtree: true});
+  new MutationObserver(tidy).observe(microphone, {childList: true, subtree: true, characterData: true});
   tidy();
+  if (window.matchMedia("(max-width: 640px)").matches) {
+    const fold = document.querySelector("#settings .label-wrap");
+    if (fold && fold.classList.contains("open")) fold.click();
+  }
 }"""
 BUTTON_LABELS = {"start": "Start talking", "stop": "Stop", "waiting": "Connecting…"}
 
@@ -73,20 +173,38 @@ def engine_status(engine) -> str:
     return f"✅ Ready: {where} · {busy}"
 
 
-def show(history, status, final=False):
-    """AdditionalOutputs(history, status, final) -> chatbot and the turn line."""
+def voice_state(state: str) -> str:
+    """The `#voice-state` element's content: the state in words (a live region) and its cue."""
+    words = STATE_WORDS.get(state, "not listening")
+    return (f'<div class="voice-state" data-state="{state or "off"}"><span class="cue" aria-hidden="true"></span>'
+            f'<span class="words" role="status" aria-live="polite">{words}</span></div>')
+
+
+VOICE_METER = ('<div class="meter" role="meter" aria-label="Your microphone level" aria-valuemin="0" '
+               'aria-valuemax="100" aria-valuenow="0"><div></div></div>')
+
+
+def show(history, status, final=False, state=""):
+    """AdditionalOutputs(history, status, final, state) -> chatbot, the turn line and the voice state.
+    A state change alone leaves the chat and the line as they are."""
     if status.get("error"):
         gr.Warning(status["error"])
-    return history, turn_line(status)
+    if state and not status:
+        return gr.skip(), gr.skip(), voice_state(state)
+    return history, turn_line(status), voice_state(state) if state else gr.skip()
 
 
 def turn_line(status: dict) -> str:
+    """The last reply's details in words, under the settings."""
     if status.get("first_token_ms") is None:
         return ""
-    return (f"{reply_kind(status['mode'], status.get('language', ''))}: {status['first_token_ms']} ms from end "
-            f"of speech to first token "
-            f"(pause {status['pause_ms']} ms) · {status['tokens_per_s']} tok/s · "
-            f"{status['prefill_tokens']} new / {status['cached_tokens']} cached prompt tokens")
+    after = "you stopped speaking" if status.get("source", "speech") == "speech" else "you sent it"
+    line = (f"Last {reply_kind(status['mode'], status.get('language', ''))}: first word "
+            f"{status['first_token_ms']} ms after {after}")
+    if status.get("source", "speech") == "speech":
+        line += f" (of which {status['pause_ms']} ms waiting to be sure you had finished)"
+    return (line + f" · {status['tokens_per_s']} tok/s · {status['cached_tokens']} of "
+            f"{status['cached_tokens'] + status['prefill_tokens']} prompt tokens reused from earlier turns")
 
 
 def webrtc_id(value) -> str | None:
@@ -94,180 +212,221 @@ def webrtc_id(value) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-UPLOAD_TURN_TIMEOUT_S = 600.0  # an uploaded turn's reply must finish within this
+TURN_TIMEOUT_S = 600.0  # a typed or uploaded turn's reply (without a call) must finish within this
 
 
-class Uploads:
-    """The upload box's conversations, one per page session (Gradio's session_hash). Each takes a
-    KV-cache slot like a microphone connection, and is closed when its page unloads (or, as a
-    backstop, after the conversation's idle timeout). `conversations` (each with its ChatView, used by
-    the one request that streams its reply at a time) is guarded by `lock`."""
+class PageConversations:
+    """Each page's one conversation, found by its key: the microphone connection's while a call is
+    up, else parked in `parking` (typed turns and uploads take it out for their reply and park it
+    again). `pages` (gradio session -> key, so the page's unload can close its conversation) is
+    guarded by `lock`; Parking has its own."""
 
-    def __init__(self, engine, handler: VoxtralHandler):
+    def __init__(self, engine, handler: VoxtralHandler, parking: Parking, microphone: WebRTC):
         self.engine = engine
         self.handler = handler
+        self.parking = parking
+        self.microphone = microphone
         self.lock = threading.Lock()
-        self.conversations: dict[str, tuple[Conversation, ChatView]] = {}
+        self.pages: dict[str, PageKey] = {}
 
-    def get(self, session: str) -> tuple[Conversation, ChatView] | None:
+    def live(self, value, key: PageKey | None) -> Conversation | None:
+        """The page's conversation while its call is up: the microphone's connection `value`, if that
+        connection is this page's (a connection id alone is no credential)."""
+        connection = compat.live_handler(self.microphone, webrtc_id(value) or "")
+        return connection.conversation_of(key) if isinstance(connection, VoxtralHandler) else None
+
+    def take(self, key: PageKey) -> PageConversation | None:
+        """The page's parked conversation, or a new one; None (after telling the person why) if
+        there is no room."""
+        parked = self.parking.take(key.value)
+        if parked is not None:
+            return parked
+        options = self.handler.options
+        try:
+            conversation = Conversation(self.engine, options, self.handler.speaker, name="ui_page",
+                                        listener=metrics.conversation_event).open()
+        except (EngineBusy, EngineFailed) as error:
+            metrics.REJECTED.inc()
+            gr.Warning(refusal(self.engine, error))
+            return None
+        return PageConversation(conversation, ChatView(options, "ui_page"))
+
+    def park(self, key: PageKey, page: PageConversation) -> None:
+        self.parking.park(key.value, page)
+
+    def opened(self, session: str, key: PageKey) -> None:
         with self.lock:
-            entry = self.conversations.get(session)
-            if entry is not None and entry[0].closed.is_set():
-                del self.conversations[session]
-                entry = None
-            return entry
+            self.pages[session] = key
 
-    def open(self, session: str) -> tuple[Conversation, ChatView]:
-        entry = self.get(session)
-        if entry is None:
-            options = self.handler.options
-            conversation = Conversation(self.engine, options, self.handler.speaker,
-                                        Settings(temperature=options.temperature), name="ui_upload",
-                                        listener=metrics.conversation_event)
-            conversation.open()  # EngineBusy when every slot is taken
-            entry = (conversation, ChatView(options, "ui_upload"))
-            with self.lock:
-                self.conversations[session] = entry
-        return entry
-
-    def close(self, session: str) -> None:
+    def closed(self, session: str) -> None:
+        """The page is gone: its conversation (parked, or parked once its call ends) closes."""
         with self.lock:
-            entry = self.conversations.pop(session, None)
-        if entry is not None:
-            entry[0].close()
+            key = self.pages.pop(session, None)
+        if key is not None and (page := self.parking.take(key.value)) is not None:
+            page.close()
 
 
 def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit: float | None,
-             rtc_configuration=None, debug: bool = False) -> gr.Blocks:
-    """`debug`: keep the browser console's chatter (fastrtc logs every message)."""
-    head = OFFLINE + ("" if debug else QUIET_CONSOLE)
-    with gr.Blocks(title="Voxtral realtime", theme=THEME, head=head, js=ONE_CLICK,
+             rtc_configuration=None, debug: bool = False, resume_s: float = 120.0) -> gr.Blocks:
+    """`debug`: keep the browser console's chatter (fastrtc logs every message). `resume_s`: how long
+    a page's conversation waits for its next call or turn (ServerOptions.resume_s)."""
+    head = OFFLINE + LEVEL_METER + ("" if debug else QUIET_CONSOLE)
+    parking = Parking(resume_s)
+    page_handler = handler
+    if isinstance(handler, VoxtralHandler):  # the page's connections share the page's conversation
+        page_handler = handler.copy()
+        page_handler.parking, page_handler.time_limit_s = parking, time_limit
+    with gr.Blocks(title="Voxtral realtime", theme=THEME, head=head, js=ONE_CLICK, css=CSS,
                    delete_cache=(900, 3600)) as demo:  # the chat's copies of clips and uploads: an hour
         gr.Markdown("# Voxtral realtime\nClick **Start talking**, speak, and pause: Voxtral answers as soon as "
-                    "you stop. Speak over a reply to interrupt it, or type below the conversation.")
+                    "you stop. Speak over a reply to interrupt it, or type below the conversation.",
+                    elem_id="page-intro")
         status = gr.Markdown(engine_status(engine))
-        with gr.Row():
+        key = gr.State(lambda: PageKey())  # a new key per page load; it stays on the server
+        with gr.Row(elem_id="talk-row"):
             with gr.Column(scale=1):
+                voice = gr.HTML(voice_state(""), elem_id="voice-state")
+                gr.HTML(VOICE_METER, elem_id="voice-meter")
                 microphone = WebRTC(modality="audio", mode="send-receive", label="Microphone", full_screen=False,
                                     rtc_configuration=rtc_configuration, button_labels=BUTTON_LABELS,
                                     elem_id="microphone")  # full screen: fixed over the page
-                mode = gr.Radio(["chat", "transcribe"], value="chat", label="Mode", elem_id="mode",
-                                info="chat: Voxtral answers · transcribe: Voxtral writes down what you said")
-                language = gr.Dropdown(LANGUAGES, value="auto", label="Transcription language", visible=False,
-                                       elem_id="language")  # shown in transcribe mode
-                temperature = gr.Slider(0.0, 1.0, value=handler.options.temperature, step=0.05, label="Temperature")
-                spoken = gr.Checkbox(False, label="Speak replies")
-                clear = gr.Button("Clear conversation")
-                with gr.Accordion("No microphone? Upload audio", open=False):
-                    upload = gr.Audio(sources=["upload"], type="numpy", label="Audio file")
-                    send = gr.Button("Send")
+                with gr.Accordion("Settings", open=True, elem_id="settings"):
+                    mode = gr.Radio(["chat", "transcribe"], value="chat", label="Mode", elem_id="mode",
+                                    info="chat: Voxtral answers · transcribe: Voxtral writes down what you said")
+                    language = gr.Dropdown(LANGUAGES, value="auto", label="Transcription language", visible=False,
+                                           elem_id="language")  # shown in transcribe mode
+                    temperature = gr.Slider(0.0, 1.0, value=handler.options.temperature, step=0.05,
+                                            label="Temperature")
+                    spoken = gr.Checkbox(False, label="Speak replies")
+                    clear = gr.Button("Clear conversation")
+                    with gr.Accordion("No microphone? Upload audio", open=False):
+                        upload = gr.Audio(sources=["upload"], type="numpy", label="Audio file")
+                        send = gr.Button("Send audio")
+                    last_turn = gr.Markdown(elem_id="last-turn")
             with gr.Column(scale=2):
                 chatbot = gr.Chatbot(type="messages", height=560, label="Conversation", elem_id="conversation")
-                typed = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, max_lines=4,
-                                   max_length=handler.options.max_text_chars, elem_id="typed")
-                last_turn = gr.Markdown()
-        uploads = Uploads(engine, handler)
+                typed = gr.Textbox(placeholder="Type a message and press Enter", label="Message", show_label=False,
+                                   max_lines=4, max_length=handler.options.max_text_chars, elem_id="typed")
+        gr.Markdown("The app's own API (WebSocket sessions, OpenAI-compatible routes): `docs/api.md` in the "
+                    "repository.", elem_id="api-note")
+        pages = PageConversations(engine, page_handler, parking, microphone)
 
-        inputs = [microphone, mode, language, temperature, spoken]
-        microphone.stream(handler, inputs=inputs, outputs=[microphone], concurrency_limit=concurrency_limit,
-                          time_limit=time_limit)
+        inputs = [microphone, key, mode, language, temperature, spoken]
+        page_limit = None if time_limit is None else time_limit + 60  # fastrtc's own, silent: after the handler's
+        microphone.stream(page_handler, inputs=inputs, outputs=[microphone], concurrency_limit=2 * concurrency_limit,
+                          time_limit=page_limit)  # parked conversations hold slots: the engine refuses, in words
         # queued, so one generator streams every update (queue=False runs one step per trigger and drops triggers)
-        microphone.on_additional_outputs(show, outputs=[chatbot, last_turn], concurrency_limit=concurrency_limit)
+        microphone.on_additional_outputs(show, outputs=[chatbot, last_turn, voice],
+                                         concurrency_limit=2 * concurrency_limit)
         mode.change(lambda mode: gr.update(visible=mode == "transcribe"), inputs=[mode], outputs=[language],
                     queue=False, show_progress="hidden")
 
-        def live_conversation(value) -> Conversation | None:
-            conversation = getattr(compat.live_handler(microphone, webrtc_id(value) or ""), "conversation", None)
-            return None if conversation is None or conversation.closed.is_set() else conversation
-
-        def clear_conversation(value, request: gr.Request):
-            upload = uploads.get(request.session_hash)
-            for conversation in (live_conversation(value), upload and upload[0]):
-                if conversation is not None:
-                    conversation.post("clear")
+        def clear_conversation(value, key):
+            conversation = pages.live(value, key)
+            if conversation is not None:
+                conversation.post("clear")
+            elif key is not None and (page := parking.take(key.value)) is not None:
+                page.conversation.post("clear")
+                pages.park(key, page)
             return [], ""
 
-        clear.click(clear_conversation, inputs=[microphone], outputs=[chatbot, last_turn], queue=False)
-        chatbot.clear(clear_conversation, inputs=[microphone], outputs=[chatbot, last_turn], queue=False)
+        clear.click(clear_conversation, inputs=[microphone, key], outputs=[chatbot, last_turn], queue=False)
+        chatbot.clear(clear_conversation, inputs=[microphone, key], outputs=[chatbot, last_turn], queue=False)
 
-        def upload_conversation(session: str) -> tuple[Conversation, ChatView] | None:
-            try:
-                return uploads.open(session)
-            except (EngineBusy, EngineFailed) as error:
-                gr.Warning(f"The server is busy ({error}). Please try again in a minute.")
-                return None
-
-        def replies(conversation: Conversation, view: ChatView):
+        def replies(page: PageConversation):
             """The conversation's events as chat updates, until its turn's last one."""
             while True:
                 try:
-                    event = conversation.outbox.get(timeout=UPLOAD_TURN_TIMEOUT_S)
+                    event = page.conversation.outbox.get(timeout=TURN_TIMEOUT_S)
                 except queue.Empty:
                     gr.Warning("The reply took too long.")
                     return
-                for output in view.render(event):
+                for output in page.view.render(event):
                     if not isinstance(output, Output):
-                        if conversation.closed.is_set():
+                        if page.closed.is_set():
                             return
                         continue
-                    yield show(output.history, output.status)
+                    yield show(output.history, output.status, output.final, output.state)
                     if output.final:
                         return
 
-        def send_upload(audio, mode, language, temperature, request: gr.Request):  # uploads get text replies
+        def between_calls(key, post):
+            """A typed or uploaded turn without a call: the page's conversation, out of the parking for
+            its reply's updates, then back."""
+            page = pages.take(key) if isinstance(key, PageKey) else None
+            if page is None:
+                yield gr.skip(), gr.skip(), gr.skip()
+                return
+            try:
+                post(page.conversation)
+                yield from replies(page)
+            finally:
+                pages.park(key, page)
+
+        def send_upload(audio, value, key, mode, language, temperature):  # uploads get text replies
             if audio is None:
                 gr.Warning("Choose an audio file first.")
-                yield gr.skip(), gr.skip()
-                return
-            upload = upload_conversation(request.session_hash)
-            if upload is None:
-                yield gr.skip(), gr.skip()
-                return
-            conversation, view = upload
-            rate, samples = audio
-            conversation.post("settings", settings_from_controls([mode, language, temperature, False]))
-            conversation.post("audio", (rate, np.asarray(samples)))
-            yield from replies(conversation, view)
-
-        send.click(send_upload, inputs=[upload, mode, language, temperature], outputs=[chatbot, last_turn],
-                   concurrency_limit=concurrency_limit)
-
-        def send_text(text, value, mode, language, temperature, request: gr.Request):
-            """A typed turn joins the microphone's conversation (same chat, same KV cache; the reply streams
-            through on_additional_outputs), or without a microphone connection the upload box's."""
-            if not isinstance(text, str) or not text.strip():
                 yield gr.skip(), gr.skip(), gr.skip()
+                return
+            rate, samples = audio
+            conversation = pages.live(value, key)
+            if conversation is not None:  # the call's conversation: the reply comes with the call's updates
+                conversation.post("audio", (rate, np.asarray(samples)))
+                yield gr.skip(), gr.skip(), gr.skip()
+                return
+
+            def post(conversation):
+                conversation.post("settings", settings_from_controls([mode, language, temperature, False]))
+                conversation.post("audio", (rate, np.asarray(samples)))
+
+            yield from between_calls(key, post)
+
+        send.click(send_upload, inputs=[upload, microphone, key, mode, language, temperature],
+                   outputs=[chatbot, last_turn, voice], concurrency_limit=concurrency_limit, api_name="send_upload")
+
+        def send_text(text, value, key, mode, language, temperature):
+            """A typed turn joins the page's conversation: the call's (its reply streams with the call's
+            updates) or, between calls, the parked one."""
+            if not isinstance(text, str) or not text.strip():
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 return
             if len(text) > handler.options.max_text_chars:  # the box stops typing there; a script may not
                 gr.Warning(f"A message can have at most {handler.options.max_text_chars} characters.")
-                yield gr.skip(), gr.skip(), gr.skip()
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 return
-            conversation = live_conversation(value)
+            conversation = pages.live(value, key)
             if conversation is not None:
                 conversation.post("text", text)
-                yield gr.skip(), gr.skip(), ""
+                yield gr.skip(), gr.skip(), gr.skip(), ""
                 return
-            upload = upload_conversation(request.session_hash)
-            if upload is None:
-                yield gr.skip(), gr.skip(), gr.skip()
-                return
-            conversation, view = upload
-            conversation.post("settings", settings_from_controls([mode, language, temperature, False]))
-            conversation.post("text", text)
-            yield gr.skip(), gr.skip(), ""
-            for history, line in replies(conversation, view):
-                yield history, line, gr.skip()
 
-        typed.submit(send_text, inputs=[typed, microphone, mode, language, temperature],
-                     outputs=[chatbot, last_turn, typed], concurrency_limit=concurrency_limit)
+            def post(conversation):
+                conversation.post("settings", settings_from_controls([mode, language, temperature, False]))
+                conversation.post("text", text)
+
+            yield gr.skip(), gr.skip(), gr.skip(), ""
+            for history, line, state in between_calls(key, post):
+                yield history, line, state, gr.skip()
+
+        typed.submit(send_text, inputs=[typed, microphone, key, mode, language, temperature],
+                     outputs=[chatbot, last_turn, voice, typed], concurrency_limit=concurrency_limit)
+
+        def page_opened(key, request: gr.Request):
+            if isinstance(key, PageKey) and request is not None and request.session_hash:
+                pages.opened(request.session_hash, key)
 
         def page_closed(request: gr.Request):
-            uploads.close(request.session_hash)
+            pages.closed(request.session_hash)
 
+        demo.load(page_opened, inputs=[key], queue=False, show_api=False)
         demo.unload(page_closed)
-        # gradio 5.50 decides whether the page keeps a heartbeat (without which unload never runs) from
-        # its State components, and only unreliably from unload events: a State makes sure it does.
-        gr.State(None)
-        demo.uploads = uploads  # for tests
-        gr.Timer(2.0).tick(lambda: engine_status(engine), outputs=status, queue=False, show_progress="hidden")
+
+        def tick() -> str:
+            parking.sweep()  # conversations nobody came back to free their slots
+            return engine_status(engine)
+
+        gr.Timer(2.0).tick(tick, outputs=status, queue=False, show_progress="hidden")
+        demo.conversations = pages  # for tests
+        demo.parking = parking  # closed at shutdown (app.py)
+    demo.show_api = False  # gradio's API page lists the page's internal events; the app's API is docs/api.md
     return demo

@@ -129,9 +129,9 @@ async def next_output(outputs, timeout_s: float):
         return None
 
 
-def live_handler(component, connection_id: str):
-    """The per-connection handler copy behind the page's WebRTC component (None if not connected)."""
-    return component.handlers.get(connection_id)
+def live_handlers(component) -> list:
+    """The per-connection handler copies behind the page's WebRTC component."""
+    return list(component.handlers.values())
 
 
 async def serve_websocket(stream: Stream, handler, websocket) -> None:

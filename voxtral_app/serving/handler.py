@@ -327,7 +327,7 @@ class VoxtralHandler(StreamHandler):
             conversation, key, parked = self.conversation, self.key, self.parked
             refused, self.refused = self.refused, None
         if refused:  # a refused connection is closed at once, saying why in the chat
-            return [self.view.ended(refused), CloseStream(refused)]
+            return [self.view.ended(refused), self.close_stream(refused)]
         if conversation is None or parked:
             time.sleep(EMIT_WAIT_S)  # not started yet (or over): fastrtc calls emit in a loop
             return []
@@ -343,7 +343,7 @@ class VoxtralHandler(StreamHandler):
             self.time_is_up = True
             logger.info("%s: the call reached its time limit", self.transport_name)
             message = time_limit_message(self.time_limit_s)
-            return [self.view.ended(message), CloseStream(message)]
+            return [self.view.ended(message), self.close_stream(message)]
         elif not self.greeted and self.parking is not None:  # the conversation it joined, and that it listens
             self.greeted = True
             return [self.view.output({}, state="listening")]
@@ -356,6 +356,11 @@ class VoxtralHandler(StreamHandler):
             except queue.Empty:
                 return []
             return self.view.render(event)
+
+    def close_stream(self, message: str) -> CloseStream:
+        """The end of the stream; on the page, whose chat already says why, without fastrtc's toast
+        repeating it."""
+        return CloseStream("" if self.parking is not None else message)
 
     def out_of_time(self) -> bool:
         with self.lock:

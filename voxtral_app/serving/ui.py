@@ -9,6 +9,7 @@ messages; a reload starts a new one.
 """
 
 import logging
+import os
 import queue
 import threading
 
@@ -73,7 +74,7 @@ LEVEL_METER = """<script>
         analyser.getFloatTimeDomainData(samples);
         let sum = 0;
         for (const x of samples) sum += x * x;
-        const level = live ? Math.min(1, 3 * Math.sqrt(Math.sqrt(sum / samples.length))) : 0;  // ~ loudness
+        const level = live ? Math.min(1, 2 * Math.sqrt(Math.sqrt(sum / samples.length))) : 0;  // ~ loudness
         const meter = document.querySelector("#voice-meter .meter");
         if (meter) {
           meter.style.setProperty("--level", level.toFixed(3));
@@ -97,6 +98,7 @@ LEVEL_METER = """<script>
 CSS = """
 #voice-state .voice-state {display: flex; align-items: center; gap: .5em; font-size: var(--text-lg);}
 #voice-state .cue {width: .9em; height: .9em; border-radius: 50%; background: var(--neutral-400);}
+#voice-state [data-state=listening] .cue {background: #86efac;}
 #voice-state [data-state=hearing] .cue {background: #16a34a; animation: voice-pulse 1s infinite;}
 #voice-state [data-state=thinking] .cue {background: #f59e0b; animation: voice-pulse .6s infinite;}
 #voice-state [data-state=speaking] .cue {background: #2563eb;}
@@ -106,11 +108,16 @@ CSS = """
 #voice-meter .meter > div {height: 100%; background: #16a34a; transform-origin: left;
   transform: scaleX(var(--level, 0)); transition: transform 50ms linear;}
 #voice-state .pending, #voice-state .wrap {display: none !important;}
+.toast-body:has(.toast-text:empty) {display: none !important;}  /* fastrtc's toast for a call's end: the chat says it */
 #conversation sub {font-size: var(--text-sm); opacity: .75; vertical-align: baseline;}
 @media (max-width: 640px) {  /* a phone: the chat and the talk button first, settings folded below */
   #page-intro p {display: none;}
-  #talk-row {flex-direction: column-reverse;}
-  #conversation {height: 46vh !important; max-height: 46vh !important;}
+  #page-intro h1 {font-size: var(--text-xl); margin: 0;}
+  #engine-status {font-size: var(--text-sm);}
+  #talk-row {flex-direction: column-reverse; gap: 8px;}
+  #talk-row > div {gap: 8px;}
+  #conversation {height: 40vh !important; max-height: 40vh !important;}
+  #microphone .audio-container {height: 130px !important; min-height: 0 !important;}
 }
 """
 
@@ -141,10 +148,7 @@ ONE_CLICK = """() => {
     }
     const record = microphone.querySelector('button[aria-label="start stream"], button[data-record]');
     if (record) {
-      if (!record.dataset.record) {
-        record.dataset.record = "1";
-        record.addEventListener("click", () => { if (/^Stop/.test(record.textContent.trim())) paused(); });
-      }
+      record.dataset.record = "1";
       record.setAttribute("aria-label", record.textContent.trim() || "Start talking");
     }
     for (const button of microphone.querySelectorAll("button:not([aria-label])")) {
@@ -155,18 +159,26 @@ ONE_CLICK = """() => {
       record.click();
     }
   };
+  microphone.addEventListener("click", (event) => {  // capture: before fastrtc's handler relabels the button
+    const record = event.target.closest("button[data-record]");
+    if (record && /^Stop/.test(record.textContent.trim())) paused();
+  }, true);
   new MutationObserver(tidy).observe(microphone, {childList: true, subtree: true, characterData: true});
   tidy();
-  if (window.matchMedia("(max-width: 640px)").matches) {
-    const fold = document.querySelector("#settings .label-wrap");
-    if (fold && fold.classList.contains("open")) fold.click();
-  }
+  let tries = 0;
+  const fold = () => {  // the accordion takes clicks once gradio has mounted it
+    const label = document.querySelector("#settings .label-wrap");
+    if (label && label.classList.contains("open")) label.click();
+    if (tries++ < 20 && (!label || label.classList.contains("open"))) setTimeout(fold, 250);
+  };
+  if (window.matchMedia("(max-width: 640px)").matches) fold();
 }"""
 BUTTON_LABELS = {"start": "Start talking", "stop": "Stop", "waiting": "Connecting…"}
 
 
 def engine_status(engine) -> str:
-    where = f"`{engine.options.model}` on {engine.device_kind}" + (" (compiled)" if engine.compiled else "")
+    name = os.path.basename(engine.options.model.rstrip("/"))  # a hub id's or a directory's last part: no local paths
+    where = f"`{name}` on {engine.device_kind}" + (" (compiled)" if engine.compiled else "")
     busy = f"{engine.active_chats}/{engine.options.slots} conversations"
     if not engine.ready.is_set():
         return f"⏳ Warming up {where}… replies start once it is ready."
@@ -207,11 +219,6 @@ def turn_line(status: dict) -> str:
             f"{status['cached_tokens'] + status['prefill_tokens']} prompt tokens reused from earlier turns")
 
 
-def webrtc_id(value) -> str | None:
-    value = getattr(value, "webrtc_id", value)
-    return value if isinstance(value, str) and value else None
-
-
 TURN_TIMEOUT_S = 600.0  # a typed or uploaded turn's reply (without a call) must finish within this
 
 
@@ -229,11 +236,13 @@ class PageConversations:
         self.lock = threading.Lock()
         self.pages: dict[str, PageKey] = {}
 
-    def live(self, value, key: PageKey | None) -> Conversation | None:
-        """The page's conversation while its call is up: the microphone's connection `value`, if that
-        connection is this page's (a connection id alone is no credential)."""
-        connection = compat.live_handler(self.microphone, webrtc_id(value) or "")
-        return connection.conversation_of(key) if isinstance(connection, VoxtralHandler) else None
+    def live(self, key: PageKey | None) -> Conversation | None:
+        """The page's conversation while its call is up: the microphone connection that has the
+        page's key (a connection id alone is no credential)."""
+        for connection in compat.live_handlers(self.microphone):
+            if isinstance(connection, VoxtralHandler) and (conversation := connection.conversation_of(key)):
+                return conversation
+        return None
 
     def take(self, key: PageKey) -> PageConversation | None:
         """The page's parked conversation, or a new one; None (after telling the person why) if
@@ -281,7 +290,7 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
         gr.Markdown("# Voxtral realtime\nClick **Start talking**, speak, and pause: Voxtral answers as soon as "
                     "you stop. Speak over a reply to interrupt it, or type below the conversation.",
                     elem_id="page-intro")
-        status = gr.Markdown(engine_status(engine))
+        status = gr.Markdown(engine_status(engine), elem_id="engine-status")
         key = gr.State(lambda: PageKey())  # a new key per page load; it stays on the server
         with gr.Row(elem_id="talk-row"):
             with gr.Column(scale=1):
@@ -321,17 +330,17 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
         mode.change(lambda mode: gr.update(visible=mode == "transcribe"), inputs=[mode], outputs=[language],
                     queue=False, show_progress="hidden")
 
-        def clear_conversation(value, key):
-            conversation = pages.live(value, key)
+        def clear_conversation(key):
+            conversation = pages.live(key)
             if conversation is not None:
                 conversation.post("clear")
-            elif key is not None and (page := parking.take(key.value)) is not None:
+            elif isinstance(key, PageKey) and (page := parking.take(key.value)) is not None:
                 page.conversation.post("clear")
                 pages.park(key, page)
             return [], ""
 
-        clear.click(clear_conversation, inputs=[microphone, key], outputs=[chatbot, last_turn], queue=False)
-        chatbot.clear(clear_conversation, inputs=[microphone, key], outputs=[chatbot, last_turn], queue=False)
+        clear.click(clear_conversation, inputs=[key], outputs=[chatbot, last_turn], queue=False)
+        chatbot.clear(clear_conversation, inputs=[key], outputs=[chatbot, last_turn], queue=False)
 
         def replies(page: PageConversation):
             """The conversation's events as chat updates, until its turn's last one."""
@@ -350,12 +359,13 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
                     if output.final:
                         return
 
-        def between_calls(key, post):
+        def between_calls(key: PageKey, post, request: gr.Request):
             """A typed or uploaded turn without a call: the page's conversation, out of the parking for
             its reply's updates, then back."""
-            page = pages.take(key) if isinstance(key, PageKey) else None
+            if request is not None and request.session_hash:
+                pages.opened(request.session_hash, key)  # so that the page's unload closes it
+            page = pages.take(key)
             if page is None:
-                yield gr.skip(), gr.skip(), gr.skip()
                 return
             try:
                 post(page.conversation)
@@ -363,53 +373,62 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
             finally:
                 pages.park(key, page)
 
-        def send_upload(audio, value, key, mode, language, temperature):  # uploads get text replies
+        def own_key(key) -> PageKey:
+            """The page's key; a script's session (gradio's API: no page load) gets one here."""
+            return key if isinstance(key, PageKey) else PageKey()
+
+        def send_upload(audio, key, mode, language, temperature, request: gr.Request):  # text replies
+            key = own_key(key)
             if audio is None:
                 gr.Warning("Choose an audio file first.")
-                yield gr.skip(), gr.skip(), gr.skip()
+                yield gr.skip(), gr.skip(), gr.skip(), key
                 return
             rate, samples = audio
-            conversation = pages.live(value, key)
+            conversation = pages.live(key)
             if conversation is not None:  # the call's conversation: the reply comes with the call's updates
                 conversation.post("audio", (rate, np.asarray(samples)))
-                yield gr.skip(), gr.skip(), gr.skip()
+                yield gr.skip(), gr.skip(), gr.skip(), key
                 return
 
             def post(conversation):
                 conversation.post("settings", settings_from_controls([mode, language, temperature, False]))
                 conversation.post("audio", (rate, np.asarray(samples)))
 
-            yield from between_calls(key, post)
+            yield gr.skip(), gr.skip(), gr.skip(), key
+            for update in between_calls(key, post, request):
+                yield *update, gr.skip()
 
-        send.click(send_upload, inputs=[upload, microphone, key, mode, language, temperature],
-                   outputs=[chatbot, last_turn, voice], concurrency_limit=concurrency_limit, api_name="send_upload")
+        send.click(send_upload, inputs=[upload, key, mode, language, temperature],
+                   outputs=[chatbot, last_turn, voice, key], concurrency_limit=concurrency_limit,
+                   api_name="send_upload")
 
-        def send_text(text, value, key, mode, language, temperature):
+        def send_text(text, key, mode, language, temperature, request: gr.Request):
             """A typed turn joins the page's conversation: the call's (its reply streams with the call's
             updates) or, between calls, the parked one."""
+            key = own_key(key)
             if not isinstance(text, str) or not text.strip():
-                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), key
                 return
             if len(text) > handler.options.max_text_chars:  # the box stops typing there; a script may not
                 gr.Warning(f"A message can have at most {handler.options.max_text_chars} characters.")
-                yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), key
                 return
-            conversation = pages.live(value, key)
+            conversation = pages.live(key)
             if conversation is not None:
                 conversation.post("text", text)
-                yield gr.skip(), gr.skip(), gr.skip(), ""
+                yield gr.skip(), gr.skip(), gr.skip(), "", key
                 return
 
             def post(conversation):
                 conversation.post("settings", settings_from_controls([mode, language, temperature, False]))
                 conversation.post("text", text)
 
-            yield gr.skip(), gr.skip(), gr.skip(), ""
-            for history, line, state in between_calls(key, post):
-                yield history, line, state, gr.skip()
+            yield gr.skip(), gr.skip(), gr.skip(), "", key
+            for update in between_calls(key, post, request):
+                yield *update, gr.skip(), gr.skip()
 
-        typed.submit(send_text, inputs=[typed, microphone, key, mode, language, temperature],
-                     outputs=[chatbot, last_turn, voice, typed], concurrency_limit=concurrency_limit)
+        typed.submit(send_text, inputs=[typed, key, mode, language, temperature],
+                     outputs=[chatbot, last_turn, voice, typed, key], concurrency_limit=concurrency_limit)
 
         def page_opened(key, request: gr.Request):
             if isinstance(key, PageKey) and request is not None and request.session_hash:
@@ -418,7 +437,7 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
         def page_closed(request: gr.Request):
             pages.closed(request.session_hash)
 
-        demo.load(page_opened, inputs=[key], queue=False, show_api=False)
+        demo.load(page_opened, inputs=[key], queue=False)
         demo.unload(page_closed)
 
         def tick() -> str:

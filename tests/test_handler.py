@@ -15,7 +15,7 @@ from voxtral_app.audio.pcm import SAMPLE_RATE
 from voxtral_app.conversation.conversation import Conversation, ConversationOptions
 from voxtral_app.conversation.parking import Parking
 from voxtral_app.serving import handler as handlers
-from voxtral_app.serving.handler import PageKey, VoxtralHandler
+from voxtral_app.serving.handler import PageCalls, PageKey, VoxtralHandler
 
 FRAME = 960  # samples per 20 ms at 48 kHz, as aiortc's Opus decoder hands them
 
@@ -142,7 +142,7 @@ def test_a_pages_connections_continue_its_one_conversation(engine):
     """Stop then Start (or a dropped connection) takes the page's conversation back from the parking,
     with its chat; only the page's key does, and no connection id stands in for it."""
     parking = Parking(resume_s=120)
-    page = VoxtralHandler(engine, ConversationOptions(), parking=parking)
+    page = VoxtralHandler(engine, ConversationOptions(), calls=PageCalls(parking))
     key, stranger = PageKey(), PageKey()
     assert key != stranger and len(key.value) >= 32
     first = page_connection(page)
@@ -173,7 +173,8 @@ def test_a_pages_connections_continue_its_one_conversation(engine):
 def test_a_pages_call_ends_in_words_at_its_time_limit_and_when_refused(engine):
     now = [100.0]
     parking = Parking(resume_s=120)
-    page = VoxtralHandler(engine, ConversationOptions(), parking=parking, time_limit_s=900, clock=lambda: now[0])
+    page = VoxtralHandler(engine, ConversationOptions(), calls=PageCalls(parking), time_limit_s=900,
+                          clock=lambda: now[0])
     connection = page_connection(page)
     connection.set_args(controls(PageKey()))
     held = []

@@ -129,11 +129,6 @@ async def next_output(outputs, timeout_s: float):
         return None
 
 
-def live_handlers(component) -> list:
-    """The per-connection handler copies behind the page's WebRTC component."""
-    return list(component.handlers.values())
-
-
 async def serve_websocket(stream: Stream, handler, websocket) -> None:
     """Run fastrtc's WebSocket protocol (its own and Twilio's Media Streams) for one connection."""
 

@@ -64,6 +64,43 @@ class PageConversation:
         self.conversation.close()
 
 
+class PageCalls:
+    """Where each page's conversation is: held by the page's connection (its call), or parked
+    between calls (`parking`, a conversation.parking.Parking of PageConversations). Any thread:
+    `holders` (page key -> the connection holding its conversation) is guarded by `lock`."""
+
+    def __init__(self, parking):
+        self.parking = parking
+        self.lock = threading.Lock()
+        self.holders: dict[str, "VoxtralHandler"] = {}
+
+    def take(self, key: PageKey, taker: "VoxtralHandler | None" = None) -> PageConversation | None:
+        """The page's conversation for `taker` (a new connection; None: a typed or uploaded turn
+        between calls), if it has one: a previous connection of the page that has not ended yet
+        (Stop, then Start at once) hands it over first."""
+        with self.lock:
+            previous = self.holders.get(key.value)
+            if taker is not None:
+                self.holders[key.value] = taker
+        if previous is not None and previous is not taker:
+            previous.park()
+        return self.parking.take(key.value)
+
+    def park(self, key: PageKey, page: PageConversation, holder: "VoxtralHandler | None" = None) -> None:
+        with self.lock:
+            if holder is not None and self.holders.get(key.value) is holder:
+                del self.holders[key.value]
+        self.parking.park(key.value, page)
+
+    def live(self, key: PageKey | None) -> Conversation | None:
+        """The page's conversation while its call is up."""
+        if not isinstance(key, PageKey):
+            return None
+        with self.lock:
+            holder = self.holders.get(key.value)
+        return None if holder is None else holder.conversation_of(key)
+
+
 def settings_from_controls(values: list) -> Settings:
     """The page's control values (mode, language, temperature, spoken), tolerant of junk and short
     lists; fastrtc puts the microphone's own value first."""
@@ -97,15 +134,15 @@ class VoxtralHandler(StreamHandler):
     conversation), `key`, `started_at` and `last_frame` are guarded by `lock` (set_args may come
     before start_up).
 
-    The page's connections (`parking` set) keep no conversation of their own: the page's key arrives
-    with its controls (set_args), the connection takes that page's conversation from the parking
-    (or opens one), and parks it again when it ends, so Stop then Start, a dropped connection, and
+    The page's connections (`calls` set) keep no conversation of their own: the page's key arrives
+    with its controls (set_args), the connection takes that page's conversation (PageCalls.take, or
+    opens one), and parks it again when it ends, so Stop then Start, a dropped connection, and
     typed or uploaded turns between calls all continue one conversation. `reading` is held by
     emit() while it takes and renders an event, so the conversation is parked between two events.
     """
 
     def __init__(self, engine, options: ConversationOptions = ConversationOptions(), speaker=None,
-                 transport_name: str = "webrtc", on_open=None, clock=time.monotonic, parking=None,
+                 transport_name: str = "webrtc", on_open=None, clock=time.monotonic, calls=None,
                  time_limit_s: float | None = None):
         super().__init__(input_sample_rate=SAMPLE_RATE, output_sample_rate=OUTPUT_RATE)
         self.engine = engine
@@ -126,7 +163,7 @@ class VoxtralHandler(StreamHandler):
         self.hearing: threading.Thread | None = None
         self.dropped = 0  # WebRTC frames dropped because the hearing thread was HEARD_FRAMES_MAX behind
         self.hung_up = threading.Event()  # set by shutdown(): the hearing thread ends, frames are ignored
-        self.parking = parking  # the page's conversations between its connections (ui.py); None: not a page's
+        self.calls = calls  # PageCalls: the page's conversations (ui.py); None: not a page's connection
         self.time_limit_s = time_limit_s  # a page's call ends after this, saying so (None: no limit)
         self.key: PageKey | None = None  # the page this connection came from (set_args)
         self.started_at: float | None = None  # clock() at start_up
@@ -137,7 +174,7 @@ class VoxtralHandler(StreamHandler):
 
     def copy(self) -> "VoxtralHandler":
         return VoxtralHandler(self.engine, self.options, self.speaker, self.transport_name, self.on_open, self.clock,
-                              self.parking, self.time_limit_s)
+                              self.calls, self.time_limit_s)
 
     def resample(self, frame) -> tuple:
         """A WebRTC frame, on fastrtc's event loop: queued for this connection's hearing thread, which
@@ -179,7 +216,7 @@ class VoxtralHandler(StreamHandler):
     # -- connection lifetime ----------------------------------------------------------------------
 
     def start_up(self) -> None:
-        if self.parking is not None:  # a page's: its conversation comes with its key (set_args)
+        if self.calls is not None:  # a page's: its conversation comes with its key (set_args)
             with self.lock:
                 self.started_at = self.clock()
             self.send_message_sync(create_message("send_input", []))
@@ -212,7 +249,7 @@ class VoxtralHandler(StreamHandler):
 
     def join(self, key: PageKey) -> None:
         """A page's connection joins that page's conversation: the parked one, or a new one."""
-        parked = self.parking.take(key.value)
+        parked = self.calls.take(key, self)
         if parked is None:
             try:
                 conversation = Conversation(self.engine, self.options, self.speaker, self.settings,
@@ -245,19 +282,20 @@ class VoxtralHandler(StreamHandler):
             conversation, key = self.conversation, self.key
         if conversation is None:
             return
-        if self.parking is not None and key is not None:
+        if self.calls is not None and key is not None:
             threading.Thread(target=self.park, name="voxtral-park", daemon=True).start()
         else:
             conversation.close()
 
     def park(self) -> None:
-        """Hand the page's conversation back to the parking (once), between two of emit's events."""
+        """Hand the page's conversation back (once), between two of emit's events: to the parking, or
+        to the page's next connection (PageCalls.take)."""
         with self.reading:
             with self.lock:
                 conversation, key, view = self.conversation, self.key, self.view
                 already, self.parked = self.parked, True
             if conversation is not None and not already:
-                self.parking.park(key.value, PageConversation(conversation, view))
+                self.calls.park(key, PageConversation(conversation, view), self)
 
     def conversation_of(self, key: PageKey | None) -> Conversation | None:
         """This connection's conversation, for the page that shows `key` (the page's own, while the
@@ -277,7 +315,7 @@ class VoxtralHandler(StreamHandler):
         with self.lock:
             self.settings = settings
             conversation = self.conversation
-            joining = self.parking is not None and key is not None and self.key is None and self.refused is None
+            joining = self.calls is not None and key is not None and self.key is None and self.refused is None
             if joining:
                 self.key = key
         if joining and not self.hung_up.is_set():
@@ -331,20 +369,20 @@ class VoxtralHandler(StreamHandler):
         if conversation is None or parked:
             time.sleep(EMIT_WAIT_S)  # not started yet (or over): fastrtc calls emit in a loop
             return []
-        if self.peer_gone():  # don't wait ~30 s for ICE consent to notice: free the slot now
-            if self.parking is not None and key is not None:  # a page's may come back on a new connection
+        if self.out_of_time():
+            self.time_is_up = True
+            logger.info("%s: the call reached its time limit", self.transport_name)
+            message = time_limit_message(self.time_limit_s)
+            return [self.view.ended(message), self.close_stream(message)]
+        elif self.peer_gone():  # don't wait ~30 s for ICE consent to notice: free the slot now
+            if self.calls is not None and key is not None:  # a page's may come back on a new connection
                 logger.info("%s: no audio for %.0f s; the page's conversation waits for it", self.transport_name,
                             PEER_SILENT_S)
                 self.park()
                 return [CloseStream("the connection was lost")]
             logger.info("%s: no audio for %.0f s; closing the conversation", self.transport_name, PEER_SILENT_S)
             conversation.close()
-        elif self.out_of_time():
-            self.time_is_up = True
-            logger.info("%s: the call reached its time limit", self.transport_name)
-            message = time_limit_message(self.time_limit_s)
-            return [self.view.ended(message), self.close_stream(message)]
-        elif not self.greeted and self.parking is not None:  # the conversation it joined, and that it listens
+        elif not self.greeted and self.calls is not None:  # the conversation it joined, and that it listens
             self.greeted = True
             return [self.view.output({}, state="listening")]
         with self.reading:
@@ -360,7 +398,7 @@ class VoxtralHandler(StreamHandler):
     def close_stream(self, message: str) -> CloseStream:
         """The end of the stream; on the page, whose chat already says why, without fastrtc's toast
         repeating it."""
-        return CloseStream("" if self.parking is not None else message)
+        return CloseStream("" if self.calls is not None else message)
 
     def out_of_time(self) -> bool:
         with self.lock:

@@ -8,6 +8,7 @@ page's Parking (Stop then Start, a dropped connection, typing without a call). C
 messages; a reload starts a new one.
 """
 
+import itertools
 import logging
 import os
 import queue
@@ -15,15 +16,17 @@ import threading
 
 import gradio as gr
 import numpy as np
+import soundfile as sf
 from fastrtc import WebRTC
 
+from ..audio.pcm import read_wav
 from ..backends.contract import EngineBusy, EngineFailed
-from ..compat import fastrtc as compat
 from ..conversation.conversation import Conversation
 from ..conversation.parking import Parking
 from . import metrics
 from .chat_view import STATE_WORDS, ChatView, Output, reply_kind
 from .handler import (
+    PageCalls,
     PageConversation,
     PageKey,
     VoxtralHandler,
@@ -185,10 +188,15 @@ def engine_status(engine) -> str:
     return f"✅ Ready: {where} · {busy}"
 
 
+REDRAWS = itertools.count()  # each #voice-state value differs, so the page redraws it even when only its own
+# script changed it (to `paused`, at Stop) since the server last sent the same state
+
+
 def voice_state(state: str) -> str:
     """The `#voice-state` element's content: the state in words (a live region) and its cue."""
     words = STATE_WORDS.get(state, "not listening")
-    return (f'<div class="voice-state" data-state="{state or "off"}"><span class="cue" aria-hidden="true"></span>'
+    return (f'<div class="voice-state" data-state="{state or "off"}" data-n="{next(REDRAWS)}">'
+            '<span class="cue" aria-hidden="true"></span>'
             f'<span class="words" role="status" aria-live="polite">{words}</span></div>')
 
 
@@ -223,31 +231,26 @@ TURN_TIMEOUT_S = 600.0  # a typed or uploaded turn's reply (without a call) must
 
 
 class PageConversations:
-    """Each page's one conversation, found by its key: the microphone connection's while a call is
-    up, else parked in `parking` (typed turns and uploads take it out for their reply and park it
-    again). `pages` (gradio session -> key, so the page's unload can close its conversation) is
-    guarded by `lock`; Parking has its own."""
+    """Each page's one conversation, found by its key (PageCalls): the microphone connection's
+    while a call is up, else parked (typed turns and uploads take it out for their reply and park
+    it again). `pages` (gradio session -> key, so the page's unload can close its conversation) is
+    guarded by `lock`."""
 
-    def __init__(self, engine, handler: VoxtralHandler, parking: Parking, microphone: WebRTC):
+    def __init__(self, engine, handler: VoxtralHandler, calls: PageCalls):
         self.engine = engine
         self.handler = handler
-        self.parking = parking
-        self.microphone = microphone
+        self.calls = calls
         self.lock = threading.Lock()
         self.pages: dict[str, PageKey] = {}
 
     def live(self, key: PageKey | None) -> Conversation | None:
-        """The page's conversation while its call is up: the microphone connection that has the
-        page's key (a connection id alone is no credential)."""
-        for connection in compat.live_handlers(self.microphone):
-            if isinstance(connection, VoxtralHandler) and (conversation := connection.conversation_of(key)):
-                return conversation
-        return None
+        """The page's conversation while its call is up (only the page's key finds it)."""
+        return self.calls.live(key)
 
     def take(self, key: PageKey) -> PageConversation | None:
         """The page's parked conversation, or a new one; None (after telling the person why) if
         there is no room."""
-        parked = self.parking.take(key.value)
+        parked = self.calls.take(key)
         if parked is not None:
             return parked
         options = self.handler.options
@@ -261,7 +264,7 @@ class PageConversations:
         return PageConversation(conversation, ChatView(options, "ui_page"))
 
     def park(self, key: PageKey, page: PageConversation) -> None:
-        self.parking.park(key.value, page)
+        self.calls.park(key, page)
 
     def opened(self, session: str, key: PageKey) -> None:
         with self.lock:
@@ -271,7 +274,11 @@ class PageConversations:
         """The page is gone: its conversation (parked, or parked once its call ends) closes."""
         with self.lock:
             key = self.pages.pop(session, None)
-        if key is not None and (page := self.parking.take(key.value)) is not None:
+        if key is None:
+            return
+        if (conversation := self.live(key)) is not None:  # its call is still up (until ICE notices): end it too
+            conversation.close()
+        if (page := self.calls.parking.take(key.value)) is not None:
             page.close()
 
 
@@ -281,10 +288,11 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
     a page's conversation waits for its next call or turn (ServerOptions.resume_s)."""
     head = OFFLINE + LEVEL_METER + ("" if debug else QUIET_CONSOLE)
     parking = Parking(resume_s)
+    calls = PageCalls(parking)
     page_handler = handler
     if isinstance(handler, VoxtralHandler):  # the page's connections share the page's conversation
         page_handler = handler.copy()
-        page_handler.parking, page_handler.time_limit_s = parking, time_limit
+        page_handler.calls, page_handler.time_limit_s = calls, time_limit
     with gr.Blocks(title="Voxtral realtime", theme=THEME, head=head, js=ONE_CLICK, css=CSS,
                    delete_cache=(900, 3600)) as demo:  # the chat's copies of clips and uploads: an hour
         gr.Markdown("# Voxtral realtime\nClick **Start talking**, speak, and pause: Voxtral answers as soon as "
@@ -308,9 +316,10 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
                                             label="Temperature")
                     spoken = gr.Checkbox(False, label="Speak replies")
                     clear = gr.Button("Clear conversation")
-                    with gr.Accordion("No microphone? Upload audio", open=False):
-                        upload = gr.Audio(sources=["upload"], type="numpy", label="Audio file")
-                        send = gr.Button("Send audio")
+                    # a button, not gr.Audio: gradio 5.50's audio box asks for an upload's progress with no
+                    # upload id once its value is sent (a 404 and two console errors per upload)
+                    upload = gr.UploadButton("No microphone? Send an audio file", file_types=["audio"],
+                                             type="filepath", elem_id="upload")
                     last_turn = gr.Markdown(elem_id="last-turn")
             with gr.Column(scale=2):
                 chatbot = gr.Chatbot(type="messages", height=560, label="Conversation", elem_id="conversation")
@@ -318,7 +327,7 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
                                    max_lines=4, max_length=handler.options.max_text_chars, elem_id="typed")
         gr.Markdown("The app's own API (WebSocket sessions, OpenAI-compatible routes): `docs/api.md` in the "
                     "repository.", elem_id="api-note")
-        pages = PageConversations(engine, page_handler, parking, microphone)
+        pages = PageConversations(engine, page_handler, calls)
 
         inputs = [microphone, key, mode, language, temperature, spoken]
         page_limit = None if time_limit is None else time_limit + 60  # fastrtc's own, silent: after the handler's
@@ -334,7 +343,7 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
             conversation = pages.live(key)
             if conversation is not None:
                 conversation.post("clear")
-            elif isinstance(key, PageKey) and (page := parking.take(key.value)) is not None:
+            elif isinstance(key, PageKey) and (page := calls.take(key)) is not None:
                 page.conversation.post("clear")
                 pages.park(key, page)
             return [], ""
@@ -377,13 +386,14 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
             """The page's key; a script's session (gradio's API: no page load) gets one here."""
             return key if isinstance(key, PageKey) else PageKey()
 
-        def send_upload(audio, key, mode, language, temperature, request: gr.Request):  # text replies
+        def send_upload(path, key, mode, language, temperature, request: gr.Request):  # text replies
             key = own_key(key)
-            if audio is None:
-                gr.Warning("Choose an audio file first.")
+            try:
+                rate, samples = read_wav(path)
+            except (TypeError, RuntimeError, sf.LibsndfileError) as error:  # no file, or not a sound file
+                gr.Warning(f"That file could not be read as audio ({type(error).__name__}).")
                 yield gr.skip(), gr.skip(), gr.skip(), key
                 return
-            rate, samples = audio
             conversation = pages.live(key)
             if conversation is not None:  # the call's conversation: the reply comes with the call's updates
                 conversation.post("audio", (rate, np.asarray(samples)))
@@ -398,7 +408,7 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
             for update in between_calls(key, post, request):
                 yield *update, gr.skip()
 
-        send.click(send_upload, inputs=[upload, key, mode, language, temperature],
+        upload.upload(send_upload, inputs=[upload, key, mode, language, temperature],
                    outputs=[chatbot, last_turn, voice, key], concurrency_limit=concurrency_limit,
                    api_name="send_upload")
 

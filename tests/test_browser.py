@@ -338,6 +338,7 @@ def test_one_conversation_per_page_through_voice_text_upload_stop_and_start(page
 
         assert len(app.console) <= CONSOLE_LINES_MAX, "\n".join(app.console)
         assert set(app.elsewhere) <= {IFRAME_RESIZER}, app.elsewhere  # works offline: nothing from a CDN
+        assert httpx.get(f"{page_server.url}/docs").status_code == 404  # FastAPI's pages load from a CDN
     finally:
         print(f"\nscreenshot: {app.screenshot('browser-reply.png')}")
         print(f"voice states: {page.evaluate('window.states || []')}")
@@ -352,8 +353,9 @@ def test_one_conversation_per_page_through_voice_text_upload_stop_and_start(page
 def test_on_a_phone_the_chat_and_the_talk_button_come_first_and_the_time_limit_ends_in_words(
         page_server, browser, screenshots, clock):
     """At 390x844 the chat, the talk button and the latest reply show without scrolling, settings
-    folded; at the call's time limit the chat says so (once: no toast), the state is `ended`, and
-    the conversation is kept for the next call."""
+    folded; a turn typed before the call is the call's conversation too; at the call's time limit
+    the chat says so (once: no toast), the state is `ended`, and the conversation is kept for the
+    next call."""
     from playwright.sync_api import expect
 
     sessions_before = active_sessions(page_server)
@@ -362,11 +364,18 @@ def test_on_a_phone_the_chat_and_the_talk_button_come_first_and_the_time_limit_e
     try:
         expect(page.get_by_text(re.compile(r"Ready: .+ on cpu"))).to_be_visible()
         expect(page.locator("#mode")).to_be_hidden()  # settings start folded on a phone
+        app.type("Hello!")  # before any call: the page's conversation all the same
+        app.expect_reply(0, "💬 Reply", "you sent it")
+        assert active_sessions(page_server) == sessions_before + 1
         page.get_by_role("button", name="Start talking").click()
         stop = page.get_by_role("button", name=re.compile("^Stop"))
         expect(stop).to_be_visible()
-        app.type("Hello!")  # the latest reply (the fake microphone may be silent now: its file loops)
+        expect(page.locator("#voice-state")).to_have_text(re.compile("listening|hearing you|thinking|speaking"))
+        expect(chat.get_by_test_id("user").first).to_have_text("Hello!")  # the call continued it
+        assert active_sessions(page_server) == sessions_before + 1  # in the same slot
+        app.type("And you?")  # the latest reply (the fake microphone may be silent now: its file loops)
         expect(page.locator("#typed textarea")).to_have_value("")
+        expect(chat.get_by_test_id("user").nth(1)).to_have_text("And you?")
         latest = chat.get_by_test_id("bot").last
         app.expect_reply(-1, "💬 Reply", "you (stopped|sent it)")
         for thing in (stop, latest.locator("sub"), page.locator("#voice-state")):
@@ -392,7 +401,7 @@ def test_the_console_is_quiet_unless_debug(app_engine):
     """--debug (app.py passes it as ServerOptions.debug) keeps fastrtc's console chatter; otherwise the page
     silences console.log/debug/info. Both pages load no remote sound."""
     from voxtral_app.serving.app import ServerOptions, create_app
-    from voxtral_app.serving.ui import OFFLINE, QUIET_CONSOLE
+    from voxtral_app.serving.page_scripts import OFFLINE, QUIET_CONSOLE
 
     quiet, chatty = (create_app(app_engine, app_options(app_engine), options=ServerOptions(debug=debug)).state.ui
                      for debug in (False, True))

@@ -15,7 +15,8 @@ from voxtral_app.audio.pcm import SAMPLE_RATE
 from voxtral_app.conversation.conversation import Conversation, ConversationOptions
 from voxtral_app.conversation.parking import Parking
 from voxtral_app.serving import handler as handlers
-from voxtral_app.serving.handler import PageCalls, PageKey, VoxtralHandler
+from voxtral_app.serving.handler import VoxtralHandler
+from voxtral_app.serving.page_calls import PageCalls, PageKey
 
 FRAME = 960  # samples per 20 ms at 48 kHz, as aiortc's Opus decoder hands them
 

@@ -9,10 +9,8 @@ import collections
 import contextlib
 import logging
 import queue
-import secrets
 import threading
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import soxr
@@ -28,6 +26,7 @@ from ..turns.taker import TurnTaker
 from . import metrics
 from .chat_view import CLOSED, HUSH, ChatView, Output
 from .errors import busy_message
+from .page_calls import PageConversation, PageKey
 
 logger = logging.getLogger(__name__)
 
@@ -37,68 +36,6 @@ PHONE_RATE = 8_000  # Hz, Twilio's mu-law; phone audio is resampled on our threa
 PEER_SILENT_S = 5.0  # a live microphone sends frames even in silence: none for this long means the peer is gone
 HEARD_FRAMES_MAX = 250  # WebRTC frames (5 s) waiting for the hearing thread; more are dropped, not queued
 HEARING_IDLE_S = 10.0  # the hearing thread ends after this long without a frame (it restarts on the next)
-
-
-@dataclass(frozen=True)
-class PageKey:
-    """A page's credential for its one conversation: issued by the server (a gr.State, which never
-    leaves it) and handed to the page's handler with the controls, so a connection can only take
-    back the conversation of the page it came from."""
-
-    value: str = field(default_factory=lambda: secrets.token_urlsafe(24))  # 192 bits: unguessable
-
-
-@dataclass(eq=False)
-class PageConversation:
-    """A page's conversation and its chat, kept together between connections (in the page's
-    Parking): whoever reads the conversation's outbox owns the view."""
-
-    conversation: Conversation
-    view: ChatView
-
-    @property
-    def closed(self) -> threading.Event:
-        return self.conversation.closed
-
-    def close(self) -> None:
-        self.conversation.close()
-
-
-class PageCalls:
-    """Where each page's conversation is: held by the page's connection (its call), or parked
-    between calls (`parking`, a conversation.parking.Parking of PageConversations). Any thread:
-    `holders` (page key -> the connection holding its conversation) is guarded by `lock`."""
-
-    def __init__(self, parking):
-        self.parking = parking
-        self.lock = threading.Lock()
-        self.holders: dict[str, "VoxtralHandler"] = {}
-
-    def take(self, key: PageKey, taker: "VoxtralHandler | None" = None) -> PageConversation | None:
-        """The page's conversation for `taker` (a new connection; None: a typed or uploaded turn
-        between calls), if it has one: a previous connection of the page that has not ended yet
-        (Stop, then Start at once) hands it over first."""
-        with self.lock:
-            previous = self.holders.get(key.value)
-            if taker is not None:
-                self.holders[key.value] = taker
-        if previous is not None and previous is not taker:
-            previous.park()
-        return self.parking.take(key.value)
-
-    def park(self, key: PageKey, page: PageConversation, holder: "VoxtralHandler | None" = None) -> None:
-        with self.lock:
-            if holder is not None and self.holders.get(key.value) is holder:
-                del self.holders[key.value]
-        self.parking.park(key.value, page)
-
-    def live(self, key: PageKey | None) -> Conversation | None:
-        """The page's conversation while its call is up."""
-        if not isinstance(key, PageKey):
-            return None
-        with self.lock:
-            holder = self.holders.get(key.value)
-        return None if holder is None else holder.conversation_of(key)
 
 
 def settings_from_controls(values: list) -> Settings:

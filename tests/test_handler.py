@@ -171,15 +171,22 @@ def test_a_pages_connections_continue_its_one_conversation(engine):
     assert conversation.closed.wait(10)
 
 
-def test_a_pages_call_ends_in_words_at_its_time_limit_and_when_refused(engine):
+def test_a_pages_call_ends_in_words_at_its_time_limit_at_shutdown_and_when_refused(engine):
     now = [100.0]
     parking = Parking(resume_s=120)
-    page = VoxtralHandler(engine, ConversationOptions(), calls=PageCalls(parking), time_limit_s=900,
-                          clock=lambda: now[0])
+    calls = PageCalls(parking)
+    page = VoxtralHandler(engine, ConversationOptions(), calls=calls, time_limit_s=900, clock=lambda: now[0])
     connection = page_connection(page)
     connection.set_args(controls(PageKey()))
     held = []
     try:
+        other = page_connection(page)
+        other.set_args(controls(PageKey()))
+        outputs_until_quiet(other)
+        calls.end_all("The server is shutting down.")  # the app's shutdown
+        assert other.emit().args[0][-1]["content"] == "⚠️ The server is shutting down."
+        assert isinstance(other.emit(), CloseStream)
+        other.shutdown()
         outputs_until_quiet(connection)
         now[0] += 900
         ended = connection.emit()
@@ -188,7 +195,7 @@ def test_a_pages_call_ends_in_words_at_its_time_limit_and_when_refused(engine):
                                             "the conversation is kept."}
         assert isinstance(connection.emit(), CloseStream)  # fastrtc ends the call; the page keeps its chat
         connection.shutdown()
-        assert wait_for(lambda: len(parking) == 1)
+        assert wait_for(lambda: len(parking) == 2)
         while engine.free_slots:  # every slot taken: the next page is refused, in words, with the number
             held.append(Conversation(engine, ConversationOptions()).open())
         refused = page_connection(page)

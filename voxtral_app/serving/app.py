@@ -131,6 +131,8 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
 
     async def shut_down() -> None:
         closing.set()
+        ui.page_calls.end_all("The server is shutting down. Please come back in a minute.")
+        await asyncio.sleep(0.2)  # the pages' emit workers send it (each looks every 20 ms)
         for connection_id, _, _ in compat.peers(stream):
             await compat.drop_connection(stream, connection_id)
         sessions.end_all()  # free every session's slot (pending expiries would never run)

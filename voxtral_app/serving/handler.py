@@ -94,7 +94,7 @@ class VoxtralHandler(StreamHandler):
         self.conversation: Conversation | None = None
         self.view = ChatView(options, transport_name)  # the conversation's events as chat updates
         self.rendered: collections.deque = collections.deque()  # what the view made of the last event, in order
-        self.refused: str | None = None  # why start_up refused the connection, until emit closes it
+        self.refused: str | None = None  # why the connection was refused (or ended), until emit closes it
         self.last_frame: float | None = None  # clock() when the last WebRTC frame arrived (resample())
         self.heard: queue.Queue = queue.Queue(HEARD_FRAMES_MAX)  # WebRTC frames for the hearing thread, then None
         self.hearing: threading.Thread | None = None
@@ -188,8 +188,10 @@ class VoxtralHandler(StreamHandler):
         """A page's connection joins that page's conversation: the parked one, or a new one."""
         parked = self.calls.take(key, self)
         if parked is None:
+            with self.lock:
+                settings = self.settings
             try:
-                conversation = Conversation(self.engine, self.options, self.speaker, self.settings,
+                conversation = Conversation(self.engine, self.options, self.speaker, settings,
                                             name=self.transport_name, listener=metrics.conversation_event).open()
             except (EngineBusy, EngineFailed) as error:
                 logger.warning("refused a page's connection: %s", error)
@@ -223,6 +225,11 @@ class VoxtralHandler(StreamHandler):
             threading.Thread(target=self.park, name="voxtral-park", daemon=True).start()
         else:
             conversation.close()
+
+    def end(self, message: str) -> None:
+        """End this call (the server is shutting down): the page's chat says why. Any thread."""
+        with self.lock:
+            self.refused = message
 
     def park(self) -> None:
         """Hand the page's conversation back (once), between two of emit's events: to the parking, or
@@ -292,16 +299,17 @@ class VoxtralHandler(StreamHandler):
             self.stop_speaking()
             return None
         if item == CLOSED:
-            return CloseStream("the conversation has ended")
+            return self.close_stream("the conversation has ended")
         return self.to_fastrtc(item)
 
     def next_outputs(self) -> list:
-        """What to send next: the connection's own news (refused, the peer gone, out of time, the
-        conversation joined), else what the view makes of the conversation's next event."""
+        """What to send next: the connection's own news (refused or ended by the server, out of
+        time, the peer gone, the conversation joined), else what the view makes of the
+        conversation's next event."""
         with self.lock:
             conversation, key, parked = self.conversation, self.key, self.parked
             refused, self.refused = self.refused, None
-        if refused:  # a refused connection is closed at once, saying why in the chat
+        if refused:  # a refused (or ended) connection is closed at once, saying why in the chat
             return [self.view.ended(refused), self.close_stream(refused)]
         if conversation is None or parked:
             time.sleep(EMIT_WAIT_S)  # not started yet (or over): fastrtc calls emit in a loop

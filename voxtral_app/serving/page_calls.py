@@ -73,3 +73,10 @@ class PageCalls:
         with self.lock:
             holder = self.holders.get(key.value)
         return None if holder is None else holder.conversation_of(key)
+
+    def end_all(self, message: str) -> None:
+        """The server is shutting down: every page's call ends, saying `message` in its chat."""
+        with self.lock:
+            holders = list(self.holders.values())
+        for holder in holders:
+            holder.end(message)

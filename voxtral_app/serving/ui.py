@@ -316,6 +316,6 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
 
         gr.Timer(2.0).tick(tick, outputs=status, queue=False, show_progress="hidden")
         demo.conversations = pages  # for tests
-        demo.parking = parking  # closed at shutdown (app.py)
+        demo.parking, demo.page_calls = parking, calls  # ended and closed at shutdown (app.py)
     demo.show_api = False  # gradio's API page lists the page's internal events; the app's API is docs/api.md
     return demo

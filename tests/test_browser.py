@@ -36,8 +36,9 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--autoplay-policy=no-user-gesture-required",  # the level meter's AudioContext runs without a gesture
 ]
+LEAD_S = 1.5  # of silence first (the page shows `listening` before `hearing you`), then
 SPEECH_S = 4.0  # of SPEECH_WAV, then
-SILENCE_S = 120.0  # of silence (chromium loops the file): one spoken turn, the next only 124 s later
+SILENCE_S = 120.0  # of silence (chromium loops the file): one spoken turn, the next ~2 minutes later
 REPLY_TIMEOUT_MS = 90_000  # to the first reply text; ~5 s on CPU
 REPLY_DONE_TIMEOUT_MS = 15_000  # then to the turn's last update
 EXPECT_TIMEOUT_MS = 20_000  # for each page change (playwright's 5 s is short on a shared 2-core machine)
@@ -52,8 +53,9 @@ README_SCREENSHOTS = os.environ.get("README_SCREENSHOTS")
 
 
 def write_fake_mic(path: str, speech: np.ndarray) -> str:
-    """16-bit PCM mono WAV at 16 kHz: speech then silence."""
-    write_wav(path, np.concatenate([speech[: int(SPEECH_S * SAMPLE_RATE)],
+    """16-bit PCM mono WAV at 16 kHz: silence, speech, silence."""
+    write_wav(path, np.concatenate([np.zeros(int(LEAD_S * SAMPLE_RATE), np.float32),
+                                    speech[: int(SPEECH_S * SAMPLE_RATE)],
                                     np.zeros(int(SILENCE_S * SAMPLE_RATE), np.float32)]))
     return path
 
@@ -366,6 +368,7 @@ def test_on_a_phone_the_chat_and_the_talk_button_come_first_and_the_time_limit_e
         expect(page.locator("#mode")).to_be_hidden()  # settings start folded on a phone
         app.type("Hello!")  # before any call: the page's conversation all the same
         app.expect_reply(0, "💬 Reply", "you sent it")
+        expect(page.locator("#voice-state")).to_have_text("not listening")  # no call: nothing listens
         assert active_sessions(page_server) == sessions_before + 1
         page.get_by_role("button", name="Start talking").click()
         stop = page.get_by_role("button", name=re.compile("^Stop"))

@@ -22,6 +22,7 @@ from ..audio.vad import to_16k
 from ..backends.contract import EngineBusy, EngineFailed
 from ..compat import fastrtc as compat
 from ..conversation.conversation import Conversation, ConversationOptions, Settings
+from ..conversation.events import StateChanged
 from ..turns.taker import TurnTaker
 from . import metrics
 from .chat_view import CLOSED, HUSH, ChatView, Output
@@ -338,6 +339,8 @@ class VoxtralHandler(StreamHandler):
                 event = conversation.outbox.get(timeout=EMIT_WAIT_S)
             except queue.Empty:
                 return []
+            if isinstance(event, StateChanged) and self.calls is None:
+                return []  # the page shows the voice loop's state; `/outputs` readers get the chat only
             return self.view.render(event)
 
     def close_stream(self, message: str) -> CloseStream:

@@ -223,7 +223,8 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
                             return
                         continue
                     yield show(output.history, output.status, output.final, output.state)
-                    if output.final:
+                    if output.final:  # between calls nothing listens (the state's own event waits for the next reader)
+                        yield gr.skip(), gr.skip(), voice_state("")
                         return
 
         def between_calls(key: PageKey, post, request: gr.Request):

@@ -392,6 +392,7 @@ def test_on_a_phone_the_chat_and_the_talk_button_come_first_and_the_time_limit_e
         expect(page.locator("#voice-state")).to_have_text("ended")
         expect(page.get_by_role("button", name="Start talking")).to_be_visible()
         expect(page.locator(".toast-body:visible")).to_have_count(0)  # said once, in the chat
+        assert not app.unnamed_controls(), app.unnamed_controls()  # the stopped microphone's too
         assert active_sessions(page_server) == sessions_before + 1  # the conversation waits for the next call
     finally:
         print(f"\nscreenshot: {app.screenshot('browser-phone-ended.png')}")

@@ -204,6 +204,7 @@ def test_a_pages_call_ends_in_words_at_its_time_limit_at_shutdown_and_when_refus
         assert told.args[3] == "ended" and told.args[0] == [{"role": "assistant", "content": (
             f"⚠️ All {engine.options.slots} conversations are in use; please try again in a minute.")}]
         assert isinstance(refused.emit(), CloseStream)
+        assert not calls.holders  # nobody holds the refused page's (nor the parked pages') conversation
     finally:
         for conversation in held:
             conversation.close()

@@ -197,6 +197,7 @@ class VoxtralHandler(StreamHandler):
             except (EngineBusy, EngineFailed) as error:
                 logger.warning("refused a page's connection: %s", error)
                 metrics.REJECTED.inc()
+                self.calls.release(key, self)
                 with self.lock:
                     self.refused = refusal(self.engine, error)
                 return

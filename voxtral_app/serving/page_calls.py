@@ -61,10 +61,14 @@ class PageCalls:
         return self.parking.take(key.value)
 
     def park(self, key: PageKey, page: PageConversation, holder: "object | None" = None) -> None:
+        self.release(key, holder)
+        self.parking.park(key.value, page)
+
+    def release(self, key: PageKey, holder: "object | None") -> None:
+        """`holder` no longer holds the page's conversation (it parked it, or never got one)."""
         with self.lock:
             if holder is not None and self.holders.get(key.value) is holder:
                 del self.holders[key.value]
-        self.parking.park(key.value, page)
 
     def live(self, key: PageKey | None) -> Conversation | None:
         """The page's conversation while its call is up."""

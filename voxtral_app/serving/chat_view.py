@@ -1,9 +1,10 @@
 """The page's view of a conversation: its events (conversation/events.py) folded into gradio chat
-messages and a status dict, as the microphone's AdditionalOutputs, `/outputs` and the upload box
-show them. A spoken turn becomes a playable clip (a WAV in the view's own temporary folder,
-removed when the conversation closes), captioned with what Voxtral heard; a reply is a plain
-message, and once finished it gets a footer line (its kind and how fast it came, in words). The
-voice loop's state and a call's ending come as Outputs too (`state`, and the ending as a message).
+messages and a status dict, as the microphone's AdditionalOutputs, `/outputs` and the page's typed
+and uploaded turns show them. A spoken turn becomes a playable clip (a WAV in the view's own
+temporary folder, removed when the conversation closes), captioned with what Voxtral heard; a reply
+is a plain message, and once finished it gets a footer line (its kind and how fast it came, in
+words). The voice loop's state and a call's ending come as Outputs too (`state`, and the ending as
+a message).
 
 One `ChatView` per conversation, owned by the one thread that reads that conversation's outbox.
 """

@@ -70,7 +70,7 @@ CSS = """
 #voice-state [data-state=speaking] .cue {background: #2563eb;}
 #voice-state [data-state=ended] .cue {background: #dc2626;}
 @keyframes voice-pulse {50% {opacity: .35; transform: scale(.8);}}
-#voice-meter .meter {height: 8px; border-radius: 4px; background: var(--neutral-200); overflow: hidden;}
+#voice-meter .meter {height: 8px; border-radius: 4px; background: var(--border-color-primary); overflow: hidden;}
 #voice-meter .meter > div {height: 100%; background: #16a34a; transform-origin: left;
   transform: scaleX(var(--level, 0)); transition: transform 50ms linear;}
 #voice-state .pending, #voice-state .wrap {display: none !important;}

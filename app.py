@@ -61,7 +61,8 @@ def parse_args(argv=None, environ=None) -> argparse.Namespace:
     add("--session-time-limit", type=seconds, default=900, env=("VOXTRAL_SESSION_TIME_LIMIT",),
         help="seconds a connection may last (0: no limit)")
     add("--resume-s", type=seconds, default=120, env=("VOXTRAL_RESUME_S",),
-        help="seconds a session-API conversation outlives its dropped socket, for a reconnect (0: off)")
+        help="seconds a conversation outlives its dropped connection (a session socket, a page's call), for a "
+        "reconnect or the page's next Start (0: off)")
     add("--kv-slots", type=sessions, env=("VOXTRAL_KV_SLOTS",),
         help="conversations whose KV cache stays on the device (default: --max-sessions); with fewer, idle "
         "conversations move to host memory and back")
@@ -219,7 +220,8 @@ def main(argv=None) -> None:
     guard = GuardOptions(auth_token=args.auth_token or None, opens_per_minute=max(0, args.opens_per_minute))
     server_options = ServerOptions(guard=guard, session_time_limit_s=args.session_time_limit or None,
                                    twilio_auth_token=args.twilio_auth_token, rtc_configuration=args.rtc_configuration,
-                                   debug=args.log_level == "DEBUG", sessions=SessionOptions(resume_s=args.resume_s))
+                                   debug=args.log_level == "DEBUG", resume_s=args.resume_s,
+                                   sessions=SessionOptions(resume_s=args.resume_s))
     app = create_app(engine, chat_options, server_options, speaker=load_speaker_or_none(VoiceOptions(engine=args.voice)))
     if args.share:
         # the page again on the next port, reachable through a gradio.live link

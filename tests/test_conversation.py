@@ -247,7 +247,7 @@ def test_a_dead_decode_thread_fails_turns_fast_and_refuses_new_ones(tiny_checkpo
 
 def test_spoken_turns_show_as_clips_and_replies_say_their_mode(engine, speech):
     """On the page, each spoken turn is a playable 16 kHz wav in the chat (the last `clips` of them),
-    each finished reply's title names its mode, and the clips go when the conversation closes."""
+    each finished reply's footer names its mode, and the clips go when the conversation closes."""
     import json
 
     import soundfile
@@ -273,9 +273,11 @@ def test_spoken_turns_show_as_clips_and_replies_say_their_mode(engine, speech):
             samples, rate = soundfile.read(turn["path"], dtype="float32")
             assert rate == SAMPLE_RATE and len(samples) == int(seconds * SAMPLE_RATE)
             assert np.abs(samples - speech[: len(samples)]).max() < 1e-3  # what was said, as 16-bit PCM
-        titles = [m["metadata"]["title"] for m in history if m["role"] == "assistant"]
-        assert titles[0].startswith("💬 Reply · ⏱") and titles[1].startswith("📝 Transcript (en) · ⏱")
-        assert titles[2].startswith("💬 Reply · ⏱")
+        replies = [m for m in history if m["role"] == "assistant"]
+        assert not any("metadata" in m for m in replies)  # nothing gradio would fold
+        footers = [m["content"].rsplit("<sub>", 1)[1] for m in replies]
+        assert footers[0].startswith("💬 Reply · answered ") and footers[1].startswith("📝 Transcript (en) · answered ")
+        assert footers[2].startswith("💬 Reply · answered ") and "after you sent it" in footers[2]  # uploads
         clip_dir = os.path.dirname(turns[-1]["path"])
         assert len(os.listdir(clip_dir)) == 3  # up to 2 * clips files stay for outputs still on their way
     finally:

@@ -1,5 +1,6 @@
 """The WebRTC handler's audio intake: frames leave fastrtc's event loop at once, and are heard in order
-on the connection's own thread, at 16 kHz, with a bounded backlog."""
+on the connection's own thread, at 16 kHz, with a bounded backlog. A page's connections continue
+the page's one conversation, and end in words."""
 
 import logging
 import queue
@@ -9,10 +10,14 @@ import time
 import av
 import numpy as np
 import soxr
+from fastrtc import CloseStream
 
 from voxtral_app.audio.pcm import SAMPLE_RATE
+from voxtral_app.conversation.conversation import Conversation, ConversationOptions
+from voxtral_app.conversation.parking import Parking
 from voxtral_app.serving import handler as handlers
 from voxtral_app.serving.handler import VoxtralHandler
+from voxtral_app.serving.page_calls import PageCalls, PageKey
 
 FRAME = 960  # samples per 20 ms at 48 kHz, as aiortc's Opus decoder hands them
 
@@ -119,3 +124,101 @@ def test_a_peer_that_stops_sending_frames_is_gone_after_peer_silent_s(engine, sp
     handler.shutdown()
     handler.hearing.join(5)
     assert not handler.hearing.is_alive()
+
+
+def page_connection(page: VoxtralHandler) -> VoxtralHandler:
+    """A new connection from a page (fastrtc copies the page's handler), with nowhere to send messages."""
+    connection = page.copy()
+    connection.send_message_sync = lambda message: None  # no data channel here
+    connection.start_up()
+    return connection
+
+
+def controls(key: PageKey) -> list:
+    return ["__webrtc_value__", key, "chat", "auto", 0.2, False]  # what the page sends: ui.build_ui's inputs
+
+
+def outputs_until_quiet(connection: VoxtralHandler) -> list:
+    seen = []
+    while (output := connection.emit()) is not None:
+        seen.append(output)
+    return seen
+
+
+def test_a_pages_connections_continue_its_one_conversation(engine):
+    """Stop then Start (or a dropped connection) takes the page's conversation back from the parking,
+    with its chat; only the page's key does, and no connection id stands in for it."""
+    parking = Parking(resume_s=120)
+    page = VoxtralHandler(engine, ConversationOptions(), calls=PageCalls(parking))
+    key, stranger = PageKey(), PageKey()
+    assert key != stranger and len(key.value) >= 32
+    first = page_connection(page)
+    assert first.conversation is None  # a page's connection waits for the page's key
+    first.set_args(controls(key))
+    conversation = first.conversation
+    try:
+        assert conversation is not None and first.conversation_of(key) is conversation
+        assert first.conversation_of(stranger) is None and first.conversation_of(None) is None
+        assert outputs_until_quiet(first)[0].args[3] == "listening"  # the page learns the state it joined
+        first.shutdown()  # Stop: the conversation is parked, not closed
+        assert wait_for(lambda: len(parking) == 1) and not conversation.closed.is_set()
+        assert first.conversation_of(key) is None
+        second = page_connection(page)
+        second.set_args(controls(key))
+        assert second.conversation is conversation and second.view is first.view and len(parking) == 0
+        other = page_connection(page)
+        other.set_args(controls(stranger))
+        assert other.conversation is not None and other.conversation is not conversation
+        other.shutdown()
+        second.shutdown()
+        assert wait_for(lambda: len(parking) == 2)
+    finally:
+        parking.close_all()
+    assert conversation.closed.wait(10)
+
+
+def test_a_pages_call_ends_in_words_at_its_time_limit_at_shutdown_and_when_refused(engine):
+    now = [100.0]
+    parking = Parking(resume_s=120)
+    calls = PageCalls(parking)
+    page = VoxtralHandler(engine, ConversationOptions(), calls=calls, time_limit_s=900, clock=lambda: now[0])
+    connection = page_connection(page)
+    connection.set_args(controls(PageKey()))
+    held = []
+    try:
+        other = page_connection(page)
+        other.set_args(controls(PageKey()))
+        outputs_until_quiet(other)
+        calls.end_all("The server is shutting down.")  # the app's shutdown
+        assert other.emit().args[0][-1]["content"] == "⚠️ The server is shutting down."
+        assert isinstance(other.emit(), CloseStream)
+        other.shutdown()
+        outputs_until_quiet(connection)
+        now[0] += 900
+        ended = connection.emit()
+        assert ended.args[3] == "ended" and ended.args[0][-1] == {
+            "role": "assistant", "content": "⚠️ This call reached its 15-minute limit. Press Start talking to go on: "
+                                            "the conversation is kept."}
+        assert isinstance(connection.emit(), CloseStream)  # fastrtc ends the call; the page keeps its chat
+        connection.shutdown()
+        assert wait_for(lambda: len(parking) == 2)
+        while engine.free_slots:  # every slot taken: the next page is refused, in words, with the number
+            held.append(Conversation(engine, ConversationOptions()).open())
+        refused = page_connection(page)
+        refused.set_args(controls(PageKey()))
+        told = refused.emit()
+        assert told.args[3] == "ended" and told.args[0] == [{"role": "assistant", "content": (
+            f"⚠️ All {engine.options.slots} conversations are in use; please try again in a minute.")}]
+        assert isinstance(refused.emit(), CloseStream)
+        assert not calls.holders  # nobody holds the refused page's (nor the parked pages') conversation
+    finally:
+        for conversation in held:
+            conversation.close()
+        parking.close_all()
+
+
+def wait_for(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()

@@ -153,11 +153,6 @@ async def next_output(outputs, timeout_s: float):
         return None
 
 
-def live_handler(component, connection_id: str):
-    """The per-connection handler copy behind the page's WebRTC component (None if not connected)."""
-    return component.handlers.get(connection_id)
-
-
 async def serve_websocket(stream: Stream, handler, websocket) -> None:
     """Run fastrtc's WebSocket protocol (its own and Twilio's Media Streams) for one connection."""
 

@@ -55,6 +55,7 @@ class ServerOptions:
     guard: GuardOptions = GuardOptions()  # body caps, access token, rate limits
     access: AccessOptions = AccessOptions()  # offer deadline
     sessions: SessionOptions = SessionOptions()  # the session API (POST /session/create, WS /ws/audio/{id})
+    resume_s: float = 120.0  # a dropped connection's conversation (a page's between its calls) waits this long
 
 
 class Offer(BaseModel):
@@ -102,7 +103,8 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
     slots = engine.options.slots
     stream = Stream(handler, modality="audio", mode="send-receive", concurrency_limit=slots,
                     time_limit=options.session_time_limit_s, rtc_configuration=options.rtc_configuration)
-    ui = build_ui(engine, handler, slots, options.session_time_limit_s, options.rtc_configuration, options.debug)
+    ui = build_ui(engine, handler, slots, options.session_time_limit_s, options.rtc_configuration, options.debug,
+                  options.resume_s)
     app = app or FastAPI(title="Voxtral realtime", docs_url=None, redoc_url=None)  # their pages load from a CDN
     app.add_middleware(Guard, options=options.guard)
     connections = Connections(options.access)
@@ -132,9 +134,12 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
 
     async def shut_down() -> None:
         closing.set()
+        ui.page_calls.end_all("The server is shutting down. Please come back in a minute.")
+        await asyncio.sleep(0.2)  # the pages' emit workers send it (each looks every 20 ms)
         for connection_id, _, _ in compat.peers(stream):
             await compat.drop_connection(stream, connection_id)
         sessions.end_all()  # free every session's slot (pending expiries would never run)
+        ui.parking.close_all()  # the pages' conversations between calls
 
     add_lifespan(app, shut_down)
 

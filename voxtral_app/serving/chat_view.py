@@ -1,7 +1,10 @@
 """The page's view of a conversation: its events (conversation/events.py) folded into gradio chat
-messages and a status dict, as the microphone's AdditionalOutputs, `/outputs` and the upload box
-show them. A spoken turn becomes a playable clip (a WAV in the view's own temporary folder,
-removed when the conversation closes); a finished reply gets its title (kind and latency).
+messages and a status dict, as the microphone's AdditionalOutputs, `/outputs` and the page's typed
+and uploaded turns show them. A spoken turn becomes a playable clip (a WAV in the view's own
+temporary folder, removed when the conversation closes), captioned with what Voxtral heard; a reply
+is a plain message, and once finished it gets a footer line (its kind and how fast it came, in
+words). The voice loop's state and a call's ending come as Outputs too (`state`, and the ending as
+a message).
 
 One `ChatView` per conversation, owned by the one thread that reads that conversation's outbox.
 """
@@ -27,12 +30,17 @@ from ..conversation.events import (
     ReplyRetracted,
     ReplyStarted,
     Speech,
+    StateChanged,
     TurnFailed,
+    UserTranscript,
     UserTurn,
 )
 
 HUSH = "hush"  # marker: stop playing what was sent so far (the person spoke over it)
 CLOSED = "closed"  # marker: the conversation is over (its slot is free)
+# events.STATES and the page's own (the call is stopped but the conversation kept; the call ended), in words
+STATE_WORDS = {"listening": "listening", "hearing": "hearing you", "thinking": "thinking", "speaking": "speaking",
+               "paused": "paused", "ended": "ended"}
 
 
 @dataclass
@@ -43,6 +51,7 @@ class Output:
     status: dict
     audio: tuple[int, np.ndarray] | None = None  # (rate, float32 samples) of one spoken sentence
     final: bool = False  # the turn's last update
+    state: str = ""  # the voice loop's state (a STATE_WORDS key) when it changed, "" otherwise
 
 
 def reply_kind(mode: str, language: str = "") -> str:
@@ -52,18 +61,16 @@ def reply_kind(mode: str, language: str = "") -> str:
     return "💬 Reply"
 
 
-def latency_line(status: dict) -> str:
+def footer(status: dict) -> str:
+    """A finished reply's footer, in words: "💬 Reply · answered 180 ms after you stopped · 41 tok/s"."""
     first = status.get("first_token_ms")
-    parts = [f"⏱ {first} ms to first token" if first is not None else "⏱ no tokens",
+    after = "after you stopped" if status.get("source", "speech") == "speech" else "after you sent it"
+    parts = [reply_kind(status["mode"], status.get("language", "")),
+             f"answered {first} ms {after}" if first is not None else "no answer",
              f"{status.get('tokens_per_s', 0)} tok/s"]
     if status.get("interrupted"):
         parts.append("interrupted")
     return " · ".join(parts)
-
-
-def reply_title(status: dict) -> str:
-    """A finished reply's title in the chat: what kind of reply it is, then how fast it came."""
-    return f"{reply_kind(status['mode'], status.get('language', ''))} · {latency_line(status)}"
 
 
 class ChatView:
@@ -75,11 +82,12 @@ class ChatView:
         self.history: list[dict] = []  # gradio "messages"
         self.status: dict = {}  # the streaming turn's status
         self.turn_at: dict[int, int] = {}  # turn number -> chat length before it (where a retraction cuts)
+        self.replying = False  # the chat's last message is a reply still streaming (set_reply replaces it)
         self.clip_dir: str | None = None  # this conversation's clips of spoken turns
         self.clip_files: collections.deque = collections.deque()  # oldest first
 
-    def output(self, status: dict, audio=None, final: bool = False) -> Output:
-        return Output([dict(m) for m in self.history], status, audio, final)
+    def output(self, status: dict, audio=None, final: bool = False, state: str = "") -> Output:
+        return Output([dict(m) for m in self.history], status, audio, final, state)
 
     def render(self, event: Event) -> list:
         """One event -> what the page gets: Outputs, HUSH or CLOSED (often nothing)."""
@@ -87,7 +95,12 @@ class ChatView:
             self.turn_at[event.turn] = len(self.history)
             self.history += [{"role": "user", "content": self.user_message(event)},
                              {"role": "assistant", "content": ""}]
+            self.replying = True
             self.status = {}
+        elif isinstance(event, UserTranscript):
+            return self.caption(event)
+        elif isinstance(event, StateChanged):
+            return [self.output({}, state=event.state)]
         elif isinstance(event, ReplyStarted):
             self.status = asdict(event.stats)
         elif isinstance(event, ReplyDelta):
@@ -99,9 +112,10 @@ class ChatView:
             return [self.finished(event)]
         elif isinstance(event, ReplyRetracted):
             self.history = self.history[:self.turn_at.pop(event.turn, len(self.history))]
+            self.replying = False
             return [self.output({"retracted": True})]
         elif isinstance(event, Cleared):
-            self.history, self.turn_at = [], {}
+            self.history, self.turn_at, self.replying = [], {}, False
             return [self.output({"cleared": True})]
         elif isinstance(event, TurnFailed):
             return [self.output({"error": event.message}, final=True)]
@@ -109,8 +123,32 @@ class ChatView:
             return [HUSH]
         elif isinstance(event, Closed):
             self.remove_clips()
-            return ([self.output({"error": event.message})] if event.message else []) + [CLOSED]
+            return ([self.ended(event.message)] if event.message else []) + [CLOSED]
         return []
+
+    def ended(self, message: str) -> Output:
+        """The call (or the conversation) is over: why, as the chat's last message, and the state `ended`."""
+        self.replying = False
+        self.history.append({"role": "assistant", "content": f"⚠️ {message}"})
+        return self.output({"ended": message}, final=True, state="ended")
+
+    def caption(self, event: UserTranscript) -> list:
+        """What Voxtral heard, as a message right under the turn's clip (the chat's bubbles group it
+        with the clip). A turn already taken back (or shown before this view began) gets none."""
+        at = self.turn_at.get(event.turn)
+        text = " ".join(event.text.split())
+        if at is None or at >= len(self.history) or not text:
+            return []
+        message = {"role": "user", "content": f"“{text}”"}
+        at += 1
+        if at < len(self.history) and self.history[at]["role"] == "user":
+            self.history[at] = message  # a newer caption of the same turn
+        else:
+            self.history.insert(at, message)
+            for turn, start in self.turn_at.items():
+                if start >= at:
+                    self.turn_at[turn] = start + 1
+        return [self.output(self.status)]
 
     def finished(self, event: ReplyFinished) -> Output:
         status = event.status()
@@ -119,16 +157,19 @@ class ChatView:
             text += f"\n\n⚠️ {event.error}"
         elif not text and not event.interrupted:
             text = "…"  # nothing generated (an immediate end of sequence)
-        self.set_reply({"role": "assistant", "content": text, "metadata": {"title": reply_title(status)}})
+        # the same message as while it streamed, with a small footer: nothing gradio folds (no metadata title)
+        self.set_reply({"role": "assistant", "content": f"{text}\n\n<sub>{footer(status)}</sub>"})
+        self.replying = False
         return self.output(status, final=True)
 
     def set_reply(self, message: dict) -> None:
         """The streaming reply's message: the chat's last, placed by its UserTurn (or added, if this
         view began after that turn was shown)."""
-        if self.history and self.history[-1]["role"] == "assistant" and "metadata" not in self.history[-1]:
+        if self.replying and self.history and self.history[-1]["role"] == "assistant":
             self.history[-1] = message
         else:
             self.history.append(message)
+            self.replying = True
 
     def user_message(self, turn: UserTurn) -> str | dict:
         """A spoken turn is a playable clip (a gradio file message, its label as alt_text), a typed one

@@ -22,9 +22,12 @@ from ..audio.vad import to_16k
 from ..backends.contract import EngineBusy, EngineFailed
 from ..compat import fastrtc as compat
 from ..conversation.conversation import Conversation, ConversationOptions, Settings
+from ..conversation.events import StateChanged
 from ..turns.taker import TurnTaker
 from . import metrics
 from .chat_view import CLOSED, HUSH, ChatView, Output
+from .errors import busy_message
+from .page_calls import PageConversation, PageKey
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +43,22 @@ def settings_from_controls(values: list) -> Settings:
     """The page's control values (mode, language, temperature, spoken), tolerant of junk and short
     lists; fastrtc puts the microphone's own value first."""
     names = ("mode", "language", "temperature", "spoken")
-    values = [v for v in values if not hasattr(v, "webrtc_id") and v != "__webrtc_value__"][-len(names):]
+    values = [v for v in values if not hasattr(v, "webrtc_id") and v != "__webrtc_value__"
+              and not isinstance(v, PageKey)][-len(names):]
     return Settings.from_dict(dict(zip(names, values)))
+
+
+def time_limit_message(limit_s: float) -> str:
+    limit = f"{limit_s / 60:g}-minute" if limit_s >= 60 else f"{limit_s:g}-second"
+    return f"This call reached its {limit} limit. Press Start talking to go on: the conversation is kept."
+
+
+def refusal(engine, error: Exception) -> str:
+    """Why a connection gets no conversation, in plain words."""
+    if isinstance(error, EngineBusy):
+        slots = getattr(getattr(engine, "options", None), "slots", None)
+        return busy_message(slots) if slots else "Every conversation is in use; please try again in a minute."
+    return f"The model cannot answer right now ({error}). Please try again later."
 
 
 class VoxtralHandler(StreamHandler):
@@ -51,12 +68,20 @@ class VoxtralHandler(StreamHandler):
     (`resample()`, on the event loop, only queues frames for it) and on fastrtc's receive worker for
     WebSocket and phone. `emit()` runs on fastrtc's emit worker and alone reads the outbox;
     start_up/set_args/shutdown only post messages; `view` and `rendered` belong to the emit worker.
-    `hearing` belongs to the event loop. `settings`, `conversation` and `last_frame` are guarded by
-    `lock` (set_args may come before start_up).
+    `hearing` belongs to the event loop. `settings`, `conversation`, `view` (until emit reads the
+    conversation), `key`, `started_at` and `last_frame` are guarded by `lock` (set_args may come
+    before start_up).
+
+    The page's connections (`calls` set) keep no conversation of their own: the page's key arrives
+    with its controls (set_args), the connection takes that page's conversation (PageCalls.take, or
+    opens one), and parks it again when it ends, so Stop then Start, a dropped connection, and
+    typed or uploaded turns between calls all continue one conversation. `reading` is held by
+    emit() while it takes and renders an event, so the conversation is parked between two events.
     """
 
     def __init__(self, engine, options: ConversationOptions = ConversationOptions(), speaker=None,
-                 transport_name: str = "webrtc", on_open=None, clock=time.monotonic):
+                 transport_name: str = "webrtc", on_open=None, clock=time.monotonic, calls=None,
+                 time_limit_s: float | None = None):
         super().__init__(input_sample_rate=SAMPLE_RATE, output_sample_rate=OUTPUT_RATE)
         self.engine = engine
         self.options = options
@@ -70,15 +95,24 @@ class VoxtralHandler(StreamHandler):
         self.conversation: Conversation | None = None
         self.view = ChatView(options, transport_name)  # the conversation's events as chat updates
         self.rendered: collections.deque = collections.deque()  # what the view made of the last event, in order
-        self.refused: str | None = None  # why start_up refused the connection, until emit closes it
+        self.refused: str | None = None  # why the connection was refused (or ended), until emit closes it
         self.last_frame: float | None = None  # clock() when the last WebRTC frame arrived (resample())
         self.heard: queue.Queue = queue.Queue(HEARD_FRAMES_MAX)  # WebRTC frames for the hearing thread, then None
         self.hearing: threading.Thread | None = None
         self.dropped = 0  # WebRTC frames dropped because the hearing thread was HEARD_FRAMES_MAX behind
         self.hung_up = threading.Event()  # set by shutdown(): the hearing thread ends, frames are ignored
+        self.calls = calls  # PageCalls: the page's conversations (ui.py); None: not a page's connection
+        self.time_limit_s = time_limit_s  # a page's call ends after this, saying so (None: no limit)
+        self.key: PageKey | None = None  # the page this connection came from (set_args)
+        self.started_at: float | None = None  # clock() at start_up
+        self.reading = threading.Lock()
+        self.parked = False  # the conversation went back to the parking: emit reads it no more (under `reading`)
+        self.greeted = False  # the page was told the state of the conversation it joined (emit)
+        self.time_is_up = False  # the call's end for its time limit is on its way (emit)
 
     def copy(self) -> "VoxtralHandler":
-        return VoxtralHandler(self.engine, self.options, self.speaker, self.transport_name, self.on_open, self.clock)
+        return VoxtralHandler(self.engine, self.options, self.speaker, self.transport_name, self.on_open, self.clock,
+                              self.calls, self.time_limit_s)
 
     def resample(self, frame) -> tuple:
         """A WebRTC frame, on fastrtc's event loop: queued for this connection's hearing thread, which
@@ -120,6 +154,11 @@ class VoxtralHandler(StreamHandler):
     # -- connection lifetime ----------------------------------------------------------------------
 
     def start_up(self) -> None:
+        if self.calls is not None:  # a page's: its conversation comes with its key (set_args)
+            with self.lock:
+                self.started_at = self.clock()
+            self.send_message_sync(create_message("send_input", []))
+            return
         with self.lock:
             settings = self.settings
             if self.phone_mode:
@@ -130,8 +169,7 @@ class VoxtralHandler(StreamHandler):
         try:
             conversation.open()
         except (EngineBusy, EngineFailed) as error:
-            refused = f"The server is full ({error}). Please try again in a minute." if isinstance(
-                error, EngineBusy) else f"The server cannot answer right now ({error})."
+            refused = refusal(self.engine, error)
             logger.warning("refused a connection: %s", error)
             metrics.REJECTED.inc()
             self.send_message_sync(create_message("error", refused))
@@ -147,32 +185,105 @@ class VoxtralHandler(StreamHandler):
         if self.transport_name == "webrtc":  # ask the page for its current controls, so the first turn uses them
             self.send_message_sync(create_message("send_input", []))
 
+    def join(self, key: PageKey) -> None:
+        """A page's connection joins that page's conversation: the parked one, or a new one."""
+        parked = self.calls.take(key, self)
+        if parked is not None:
+            try:  # it counts against --max-sessions again (parked, it did not: Engine.leave)
+                parked.conversation.backend.come_back(parked.conversation.chat)
+            except EngineBusy as error:
+                logger.warning("refused a page's connection: %s", error)
+                metrics.REJECTED.inc()
+                self.calls.park(key, parked, self)  # the conversation waits on for a later call
+                with self.lock:
+                    self.refused = refusal(self.engine, error)
+                return
+        if parked is None:
+            with self.lock:
+                settings = self.settings
+            try:
+                conversation = Conversation(self.engine, self.options, self.speaker, settings,
+                                            name=self.transport_name, listener=metrics.conversation_event).open()
+            except (EngineBusy, EngineFailed) as error:
+                logger.warning("refused a page's connection: %s", error)
+                metrics.REJECTED.inc()
+                self.calls.release(key, self)
+                with self.lock:
+                    self.refused = refusal(self.engine, error)
+                return
+            parked = PageConversation(conversation, ChatView(self.options, self.transport_name))
+            if self.on_open is not None:
+                self.on_open(conversation, self.transport_name)
+        with self.lock:
+            self.view = parked.view
+            self.conversation = parked.conversation
+            settings = self.settings
+            gone = self.hung_up.is_set()  # the connection ended while the conversation was being found
+        parked.conversation.post("settings", settings)
+        if gone:
+            self.park()
+
     def shutdown(self) -> None:
-        """fastrtc calls this on the event loop: it must not block (the conversation closes on its own thread)."""
+        """fastrtc calls this on the event loop: it must not block (the conversation closes on its own
+        thread; a page's is parked once emit is between two events)."""
         self.hung_up.set()
         with contextlib.suppress(queue.Full):
             self.heard.put_nowait(None)  # wakes the hearing thread, which ends
         with self.lock:
-            conversation = self.conversation
-        if conversation is not None:
+            conversation, key = self.conversation, self.key
+        if conversation is None:
+            return
+        if self.calls is not None and key is not None:
+            threading.Thread(target=self.park, name="voxtral-park", daemon=True).start()
+        else:
             conversation.close()
+
+    def end(self, message: str) -> None:
+        """End this call (the server is shutting down): the page's chat says why. Any thread."""
+        with self.lock:
+            self.refused = message
+
+    def park(self) -> None:
+        """Hand the page's conversation back (once), between two of emit's events: to the parking, or
+        to the page's next connection (PageCalls.take)."""
+        with self.reading:
+            with self.lock:
+                conversation, key, view = self.conversation, self.key, self.view
+                already, self.parked = self.parked, True
+            if conversation is not None and not already:
+                self.calls.park(key, PageConversation(conversation, view), self)
+
+    def conversation_of(self, key: PageKey | None) -> Conversation | None:
+        """This connection's conversation, for the page that shows `key` (the page's own, while the
+        call is up), else None: a connection id alone is no credential."""
+        with self.lock:
+            if key is None or key != self.key or self.parked or self.conversation is None:
+                return None
+            conversation = self.conversation
+        return None if conversation.closed.is_set() else conversation
 
     def set_args(self, args: list) -> None:
         super().set_args(args)
         settings = settings_from_controls(list(args))
         if self.phone_mode:
             settings = Settings.from_dict({"spoken": self.options.phone_spoken}, settings)
+        key = next((value for value in args if isinstance(value, PageKey)), None)
         with self.lock:
             self.settings = settings
             conversation = self.conversation
-        if conversation is not None:
+            joining = self.calls is not None and key is not None and self.key is None and self.refused is None
+            if joining:
+                self.key = key
+        if joining and not self.hung_up.is_set():
+            self.join(key)
+        elif conversation is not None:
             conversation.post("settings", settings)
 
     # -- audio in -----------------------------------------------------------------------------------
 
     def receive(self, frame) -> None:
         with self.lock:
-            conversation = self.conversation
+            conversation = None if self.parked else self.conversation
         if conversation is None:
             return
         rate, samples = frame
@@ -188,35 +299,73 @@ class VoxtralHandler(StreamHandler):
     # -- replies out --------------------------------------------------------------------------------
 
     def emit(self):
-        with self.lock:
-            conversation = self.conversation
-            refused, self.refused = self.refused, None
-        if refused:  # a refused connection is closed at once
-            return CloseStream(refused)
-        if conversation is None:
-            time.sleep(EMIT_WAIT_S)  # not started yet (or refused): fastrtc calls emit in a loop
-            return None
-        if self.peer_gone():  # don't wait ~30 s for ICE consent to notice: free the slot now
-            logger.info("%s: no audio for %.0f s; closing the conversation", self.transport_name, PEER_SILENT_S)
-            conversation.close()
-            with self.lock:  # once: emit() runs again (every EMIT_WAIT_S) until the conversation has closed
-                self.last_frame = None
         if not self.rendered:
-            try:
-                event = conversation.outbox.get(timeout=EMIT_WAIT_S)
-            except queue.Empty:
-                return None
-            self.rendered.extend(self.view.render(event))
+            self.rendered.extend(self.next_outputs())
             if not self.rendered:
                 return None
         item = self.rendered.popleft()
+        if isinstance(item, CloseStream):
+            return item
         if item == HUSH:
             logger.debug("%s: hush", self.transport_name)
             self.stop_speaking()
             return None
         if item == CLOSED:
-            return CloseStream("the conversation has ended")
+            return self.close_stream("the conversation has ended")
         return self.to_fastrtc(item)
+
+    def next_outputs(self) -> list:
+        """What to send next: the connection's own news (refused or ended by the server, out of
+        time, the peer gone, the conversation joined), else what the view makes of the
+        conversation's next event."""
+        with self.lock:
+            conversation, key, parked = self.conversation, self.key, self.parked
+            refused, self.refused = self.refused, None
+        if refused:  # a refused (or ended) connection is closed at once, saying why in the chat
+            return [self.view.ended(refused), self.close_stream(refused)]
+        if conversation is None or parked:
+            time.sleep(EMIT_WAIT_S)  # not started yet (or over): fastrtc calls emit in a loop
+            return []
+        if self.out_of_time():
+            self.time_is_up = True
+            logger.info("%s: the call reached its time limit", self.transport_name)
+            message = time_limit_message(self.time_limit_s)
+            return [self.view.ended(message), self.close_stream(message)]
+        elif self.peer_gone():  # don't wait ~30 s for ICE consent to notice: free the slot now
+            if self.calls is not None and key is not None:  # a page's may come back on a new connection
+                logger.info("%s: no audio for %.0f s; the page's conversation waits for it", self.transport_name,
+                            PEER_SILENT_S)
+                self.park()
+                return [CloseStream("the connection was lost")]
+            logger.info("%s: no audio for %.0f s; closing the conversation", self.transport_name, PEER_SILENT_S)
+            conversation.close()
+            with self.lock:  # once: emit() runs again (every EMIT_WAIT_S) until the conversation has closed
+                self.last_frame = None
+        elif not self.greeted and self.calls is not None:  # the conversation it joined, and that it listens
+            self.greeted = True
+            return [self.view.output({}, state="listening")]
+        with self.reading:
+            if self.parked:
+                time.sleep(EMIT_WAIT_S)
+                return []
+            try:
+                event = conversation.outbox.get(timeout=EMIT_WAIT_S)
+            except queue.Empty:
+                return []
+            if isinstance(event, StateChanged) and self.calls is None:
+                return []  # the page shows the voice loop's state; `/outputs` readers get the chat only
+            return self.view.render(event)
+
+    def close_stream(self, message: str) -> CloseStream:
+        """The end of the stream; on the page, whose chat already says why, without fastrtc's toast
+        repeating it."""
+        return CloseStream("" if self.calls is not None else message)
+
+    def out_of_time(self) -> bool:
+        with self.lock:
+            started = self.started_at
+        return (self.time_limit_s is not None and started is not None and not self.time_is_up
+                and self.clock() - started >= self.time_limit_s)
 
     def peer_gone(self) -> bool:
         if self.transport_name != "webrtc":  # sockets have their own media deadline (sockets.py)
@@ -228,7 +377,7 @@ class VoxtralHandler(StreamHandler):
     def to_fastrtc(self, output: Output):
         if self.transport_name == "webrtc" and self.channel is not None and self.channel.readyState != "open":
             return None  # the page has gone: fastrtc would tell it on the closed data channel (InvalidStateError)
-        outputs = AdditionalOutputs(output.history, output.status, output.final)
+        outputs = AdditionalOutputs(output.history, output.status, output.final, output.state)
         if output.final:
             self.send_message_sync(create_message("log", "response_starting"))
         if output.audio is None:

@@ -1,0 +1,89 @@
+"""A page's one conversation across its calls: the page's key, its conversation with its chat, and
+where that conversation is now (held by the page's connection, or parked between calls).
+
+The page (ui.py) makes a PageKey when it loads and keeps it server-side; the page's connections
+(handler.VoxtralHandler with `calls`) and its typed and uploaded turns find the conversation by it.
+"""
+
+import secrets
+import threading
+from dataclasses import dataclass, field
+
+from ..conversation.conversation import Conversation
+from .chat_view import ChatView
+
+
+@dataclass(frozen=True)
+class PageKey:
+    """A page's credential for its one conversation: issued by the server (a gr.State, which never
+    leaves it) and handed to the page's handler with the controls, so a connection can only take
+    back the conversation of the page it came from."""
+
+    value: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)  # 192 bits; never logged
+
+
+@dataclass(eq=False)
+class PageConversation:
+    """A page's conversation and its chat, kept together between connections (in the page's
+    Parking): whoever reads the conversation's outbox owns the view."""
+
+    conversation: Conversation
+    view: ChatView
+
+    @property
+    def closed(self) -> threading.Event:
+        return self.conversation.closed
+
+    def close(self) -> None:
+        self.conversation.close()
+
+
+class PageCalls:
+    """Where each page's conversation is: held by the page's connection (its call), or parked
+    between calls (`parking`, a conversation.parking.Parking of PageConversations). Any thread:
+    `holders` (page key -> the connection holding its conversation) is guarded by `lock`."""
+
+    def __init__(self, parking):
+        self.parking = parking
+        self.lock = threading.Lock()
+        self.holders: dict[str, object] = {}
+
+    def take(self, key: PageKey, taker: "object | None" = None) -> PageConversation | None:
+        """The page's conversation for `taker` (a new connection; None: a typed or uploaded turn
+        between calls), if it has one: a previous connection of the page that has not ended yet
+        (Stop, then Start at once) hands it over first."""
+        with self.lock:
+            previous = self.holders.get(key.value)
+            if taker is not None:
+                self.holders[key.value] = taker
+        if previous is not None and previous is not taker:
+            previous.park()
+        return self.parking.take(key.value)
+
+    def park(self, key: PageKey, page: PageConversation, holder: "object | None" = None) -> None:
+        """Keep the page's conversation for its next call (or typed turn); parked, it does not count
+        against --max-sessions (the backend's leave)."""
+        self.release(key, holder)
+        page.conversation.backend.leave(page.conversation.chat)
+        self.parking.park(key.value, page)
+
+    def release(self, key: PageKey, holder: "object | None") -> None:
+        """`holder` no longer holds the page's conversation (it parked it, or never got one)."""
+        with self.lock:
+            if holder is not None and self.holders.get(key.value) is holder:
+                del self.holders[key.value]
+
+    def live(self, key: PageKey | None) -> Conversation | None:
+        """The page's conversation while its call is up."""
+        if not isinstance(key, PageKey):
+            return None
+        with self.lock:
+            holder = self.holders.get(key.value)
+        return None if holder is None else holder.conversation_of(key)
+
+    def end_all(self, message: str) -> None:
+        """The server is shutting down: every page's call ends, saying `message` in its chat."""
+        with self.lock:
+            holders = list(self.holders.values())
+        for holder in holders:
+            holder.end(message)

@@ -106,7 +106,7 @@ def page_server(app_engine, clock):
     from voxtral_app.serving.app import ServerOptions, create_app
     from voxtral_app.serving.handler import VoxtralHandler
 
-    options = app_options(app_engine, reply_tokens=48)  # short replies keep the tests quick
+    options = app_options(app_engine, reply_tokens=48, captions=True)  # short replies keep the tests quick
     server = BackgroundServer(create_app(app_engine, options, ServerOptions(session_time_limit_s=TIME_LIMIT_S),
                                          speaker=None, handler=VoxtralHandler(app_engine, options, clock=clock)))
     yield server
@@ -312,8 +312,9 @@ def test_one_conversation_per_page_through_voice_text_upload_stop_and_start(page
             page.get_by_role("button", name="No microphone? Send an audio file").click()
         chooser.value.set_files(str(clip))
         app.expect_reply(2, "💬 Reply", "you sent it")  # the upload joined the call's chat
-        expect(chat.get_by_test_id("user")).to_have_count(3)
-        expect(chat.get_by_test_id("user").nth(2)).to_contain_text("0:02")  # its clip
+        expect(chat.get_by_test_id("user")).to_have_count(4)  # its clip, and under it what Voxtral heard
+        expect(chat.get_by_test_id("user").nth(2)).to_contain_text("0:02")  # the clip
+        expect(chat.get_by_test_id("user").nth(3)).to_have_text(re.compile(r"^\s*“.+”\s*$", re.S))  # its caption
         assert [line for line in app.console if line.startswith("error")] == errors_before  # none from the upload
         assert active_sessions(page_server) == sessions_before + 1  # one page, one slot
         reused = app.reused_tokens()
@@ -327,7 +328,7 @@ def test_one_conversation_per_page_through_voice_text_upload_stop_and_start(page
         expect(page.locator("#voice-state")).to_have_text(re.compile("listening|hearing you|thinking|speaking"))
         app.type("And then?")
         app.expect_reply(3, "💬 Reply", "you sent it")
-        expect(chat.get_by_test_id("user")).to_have_count(4)  # nothing lost across Stop and Start
+        expect(chat.get_by_test_id("user")).to_have_count(5)  # nothing lost across Stop and Start
         assert active_sessions(page_server) == sessions_before + 1
         assert app.reused_tokens()[0] >= reused[1], (reused, app.reused_tokens())  # the same KV cache
 

@@ -188,16 +188,6 @@ class VoxtralHandler(StreamHandler):
     def join(self, key: PageKey) -> None:
         """A page's connection joins that page's conversation: the parked one, or a new one."""
         parked = self.calls.take(key, self)
-        if parked is not None:
-            try:  # it counts against --max-sessions again (parked, it did not: Engine.leave)
-                parked.conversation.backend.come_back(parked.conversation.chat)
-            except EngineBusy as error:
-                logger.warning("refused a page's connection: %s", error)
-                metrics.REJECTED.inc()
-                self.calls.park(key, parked, self)  # the conversation waits on for a later call
-                with self.lock:
-                    self.refused = refusal(self.engine, error)
-                return
         if parked is None:
             with self.lock:
                 settings = self.settings

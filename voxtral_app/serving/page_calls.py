@@ -61,10 +61,9 @@ class PageCalls:
         return self.parking.take(key.value)
 
     def park(self, key: PageKey, page: PageConversation, holder: "object | None" = None) -> None:
-        """Keep the page's conversation for its next call (or typed turn); parked, it does not count
-        against --max-sessions (the backend's leave)."""
+        """Keep the page's conversation for its next call (or typed turn). It still counts against
+        --max-sessions: the page is open (its unload closes it), someone may type into it any time."""
         self.release(key, holder)
-        page.conversation.backend.leave(page.conversation.chat)
         self.parking.park(key.value, page)
 
     def release(self, key: PageKey, holder: "object | None") -> None:

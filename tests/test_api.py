@@ -31,7 +31,7 @@ EXPIRY_S = 1.0
 @pytest.fixture(scope="module")
 def api_server(app_engine):
     options = ServerOptions(sessions=SessionOptions(connect_timeout_s=EXPIRY_S))
-    server = BackgroundServer(create_app(app_engine, app_options(app_engine, reply_tokens=24), options,
+    server = BackgroundServer(create_app(app_engine, app_options(app_engine, reply_tokens=24, captions=True), options,
                                          speaker=load_speaker(VoiceOptions(engine="espeak"))))
     yield server
     server.stop()
@@ -94,6 +94,8 @@ def test_spoken_and_typed_turns_at_16_and_48_khz(api_server, app_engine, speech)
             streaming = asyncio.create_task(stream(ws, clip, rate))
             first = await until(ws, "text_response")
             await streaming
+            if not of_type(first, "user_transcript"):  # what was heard comes beside the reply: maybe after it
+                first += await until(ws, "user_transcript")
             await ws.send(json.dumps({"type": "text_input", "text": "And in one word?", "timestamp": time.time()}))
             typed = await until(ws, "text_response")
             streaming = asyncio.create_task(stream(ws, clip[:SAMPLE_RATE], rate))
@@ -110,14 +112,17 @@ def test_spoken_and_typed_turns_at_16_and_48_khz(api_server, app_engine, speech)
         for turn in (first, third):
             kinds = [m["type"] for m in turn]
             assert "turn_start" in kinds and kinds.index("turn_start") < kinds.index("text_delta")
+        caption, = of_type(first, "user_transcript")  # the spoken turn's caption (captions are on)
+        assert caption["turn"] == 1 and caption["text"].strip()
+        assert not of_type(typed, "user_transcript")  # a typed turn has none
         for turn in (first, typed, third):
-            response = turn[-1]
+            response = of_type(turn, "text_response")[-1]
             deltas = of_type(turn, "text_delta")
             assert deltas and "".join(d["text"] for d in deltas) == response["text"]
             assert response["mode"] == "chat" and response["latency_ms"] >= 0 and response["status"]["tokens"] > 0
             assert abs(response["timestamp"] - time.time()) < 120
         # a new conversation: at most <s>[INST] cached (an unseen reply begun at a short pause inside the clip)
-        assert first[-1]["status"]["cached_tokens"] <= 2
+        assert of_type(first, "text_response")[-1]["status"]["cached_tokens"] <= 2
         assert typed[-1]["status"]["cached_tokens"] > 0  # the typed turn joined the same conversation
         assert third[-1]["status"]["cached_tokens"] > typed[-1]["status"]["cached_tokens"]  # and its cache
     wait_for_free_slots(app_engine)

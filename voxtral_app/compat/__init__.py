@@ -14,7 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 WRITTEN_FOR = {
     "fastrtc": ("0.0.34",),  # compat/fastrtc.py, the page's script in serving/ui.py
     "aiortc": ("1.16.0",),  # compat/fastrtc.py (its jitter buffer)
-    "gradio": ("5.50.0",),  # serving/ui.py (fastrtc breaks on gradio 6)
+    "gradio": ("5.50.0",),  # compat/gradio.py, serving/ui.py (fastrtc breaks on gradio 6)
     "transformers": ("5.24.0", "5.17.0"),  # compat/transformers.py
     "mistral-common": ("1.13.1",),  # compat/transformers.py (the Tekken tokenizer inside the processor)
 }

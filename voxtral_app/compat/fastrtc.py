@@ -143,3 +143,26 @@ async def serve_websocket(stream: Stream, handler, websocket) -> None:
     socket = WebSocketHandler(handler, register, stream.clean_up, lambda socket_id: bounded_outputs(stream, socket_id))
     await socket.handle_websocket(websocket)
 
+
+
+def end_unknown_outputs(component) -> None:
+    """fastrtc's `output_stream` (the page's chat updates) waits for ever for an id that never
+    connects, holding one of the event's `concurrency_limit` places: a few made-up ids stopped every
+    page's chat. Here it ends at once for an id that is not a peer of `component` (the page asks for
+    its updates only once its peer is up: fastrtc's "fetch_output" message), and when the peer goes.
+    Nothing is made for an unknown id."""
+    streamed = component.output_stream
+
+    def known(webrtc_id) -> bool:
+        return isinstance(webrtc_id, str) and webrtc_id in component.pcs
+
+    async def output_stream(webrtc_id):
+        if not known(webrtc_id):
+            logger.info("ended a request for the chat updates of a connection that is not up")
+            return
+        async for outputs in streamed(webrtc_id):
+            yield outputs
+            if not known(webrtc_id):
+                return
+
+    component.output_stream = output_stream

@@ -24,6 +24,7 @@ from fastrtc import Stream
 from pydantic import BaseModel, ValidationError
 
 from ..compat import fastrtc as compat
+from ..compat import gradio as gradio_compat
 from ..conversation.conversation import ConversationOptions
 from ..conversation.speech import VoiceOptions, load_speaker_or_none
 from ..model.chat import common_prefix
@@ -37,6 +38,7 @@ from .openai_routes import add_openai_routes
 from .session_api import SessionOptions, add_session_routes
 from .sockets import CheckedWebSocket, SocketClosed, call_token
 from .ui import build_ui
+from .uploads import UploadGate, UploadLedger, UploadOptions
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ class ServerOptions:
     guard: GuardOptions = GuardOptions()  # body caps, access token, rate limits
     access: AccessOptions = AccessOptions()  # offer deadline
     sessions: SessionOptions = SessionOptions()  # the session API (POST /session/create, WS /ws/audio/{id})
+    uploads: UploadOptions = UploadOptions()  # the page's upload quotas
+    page_events_per_address: int = 8  # the page's pending events (queued or streaming) per client address
 
 
 class Offer(BaseModel):
@@ -101,6 +105,8 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
                     time_limit=options.session_time_limit_s, rtc_configuration=options.rtc_configuration)
     ui = build_ui(engine, handler, slots, options.session_time_limit_s, options.rtc_configuration, options.debug)
     app = app or FastAPI(title="Voxtral realtime", docs_url=None, redoc_url=None)  # their pages load from a CDN
+    ledger = UploadLedger(options.uploads)
+    app.add_middleware(UploadGate, ledger=ledger)  # inside the guard: it sees the client's own address
     app.add_middleware(Guard, options=options.guard)
     connections = Connections(options.access)
     app.state.stream = stream
@@ -316,7 +322,14 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
 
     sessions = add_session_routes(app, engine, chat_options, speaker, options.sessions, options.session_time_limit_s)
     metrics.add_metrics_route(app, engine)  # GET /metrics
-    return gr.mount_gradio_app(app, ui, path="/", auth=guard_login(options.guard))
+    gr.mount_gradio_app(app, ui, path="/", auth=guard_login(options.guard))
+    gradio_compat.guard_input_files(ui, ledger.allowed, ledger.forget)
+    gradio_compat.bound_queue(ui, options.page_events_per_address)
+    gradio_compat.quiet_errors(app)
+    for component in compat.page_components(ui):
+        compat.end_unknown_outputs(component)
+    app.state.uploads_ledger = ledger
+    return app
 
 
 def add_lifespan(app: FastAPI, shut_down: Callable[[], Awaitable[None]]) -> None:

@@ -1,0 +1,128 @@
+"""The page's uploaded files: who uploaded each, how much, and when it goes.
+
+gradio keeps every upload under its cache directory and lets any event name any file there. Here
+each upload is recorded (by the middleware around gradio's upload route) with the address it came
+from; an event may use it only from that address and, from its first use on, only from that page
+session (compat.gradio.guard_input_files asks `allowed`). Each address may upload
+`per_address_bytes` an hour, the server keeps at most `total_bytes`, and a session's files are
+deleted when its page closes.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from .guard import refuse
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UploadOptions:
+    path: str = "/gradio_api/upload"  # gradio's upload route, where the page is mounted at /
+    per_address_bytes: int = 128 * 1_048_576  # one address's uploads in an hour: two 5-minute 48 kHz stereo files
+    total_bytes: int = 2 * 1_073_741_824  # all kept uploads together (2 GB)
+    kept_s: float = 3_600.0  # an upload no page session closed is forgotten (and gradio's cache deletes it) after an hour
+
+
+@dataclass
+class Upload:
+    address: str
+    size: int  # bytes charged (its share of the request body)
+    at: float  # monotonic
+    session: str | None = None  # the page session that used it first
+
+
+class UploadLedger:
+    """Uploaded paths and their owners. Owned by the event loop: the middleware, gradio's event
+    processing and its unload events all run there; files are deleted on a worker thread."""
+
+    def __init__(self, options: UploadOptions = UploadOptions(), clock=time.monotonic):
+        self.options = options
+        self.clock = clock
+        self.uploads: dict[str, Upload] = {}
+
+    def prune(self) -> None:
+        now = self.clock()
+        self.uploads = {p: u for p, u in self.uploads.items() if now - u.at < self.options.kept_s}
+
+    def room(self, address: str, size: int) -> str | None:
+        """Why an upload of `size` bytes from `address` is refused now, or None."""
+        self.prune()
+        mine = sum(u.size for u in self.uploads.values() if u.address == address)
+        if mine + size > self.options.per_address_bytes:
+            return f"your uploads are over {self.options.per_address_bytes // 1_048_576} MB this hour"
+        if sum(u.size for u in self.uploads.values()) + size > self.options.total_bytes:
+            return "the server holds too many uploads; try again later"
+        return None
+
+    def record(self, address: str, paths: list, size: int) -> None:
+        paths = [p for p in paths if isinstance(p, str)]
+        for path in paths:
+            self.uploads[os.path.normpath(path)] = Upload(address, size // max(1, len(paths)), self.clock())
+
+    def allowed(self, path: str, session: str, address: str) -> bool:
+        """Whether this page session (from this address) may use this file as an event's input."""
+        upload = self.uploads.get(os.path.normpath(path))
+        if upload is None or upload.address != address or upload.session not in (None, session):
+            logger.warning("refused an event's input file that this page session did not upload")
+            return False
+        upload.session = session
+        return True
+
+    def forget(self, session: str) -> None:
+        """The page closed: delete its files."""
+        gone = [p for p, u in self.uploads.items() if u.session == session]
+        for path in gone:
+            del self.uploads[path]
+        if gone:
+            asyncio.get_running_loop().run_in_executor(None, delete, gone)
+
+
+def delete(paths: list[str]) -> None:
+    for path in paths:
+        try:
+            os.remove(path)
+            os.rmdir(os.path.dirname(path))  # gradio's per-upload folder, when empty
+        except OSError:
+            pass
+
+
+class UploadGate:
+    """ASGI middleware around gradio's upload route: quota first, then the ledger learns the paths."""
+
+    def __init__(self, app, ledger: UploadLedger):
+        self.app = app
+        self.ledger = ledger
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") != self.ledger.options.path:
+            return await self.app(scope, receive, send)
+        address = (scope.get("client") or ("", 0))[0]
+        headers = dict(scope.get("headers") or [])
+        try:
+            size = int(headers[b"content-length"])
+        except (KeyError, ValueError):
+            return await refuse(scope, receive, send, 411, "length_required", "Uploads need a Content-Length.")
+        if why := self.ledger.room(address, size):
+            return await refuse(scope, receive, send, 429, "upload_quota", f"Upload refused: {why}.")
+        status = 0
+        body = b""
+
+        async def recorded_send(message):
+            nonlocal status, body
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and status == 200 and len(body) < 65_536:
+                body += message.get("body", b"")
+            await send(message)
+
+        await self.app(scope, receive, recorded_send)
+        if status == 200:
+            try:
+                self.ledger.record(address, json.loads(body), size)
+            except ValueError:
+                logger.warning("gradio's upload route answered something other than a JSON list")

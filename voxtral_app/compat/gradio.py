@@ -7,6 +7,7 @@ Written for gradio 5.50 (compat.WRITTEN_FOR, checked at import). Three gaps of a
   which a mounted app never sets: any path on the server's disk was read as an "upload".
   `guard_input_files` routes every input file through the app's own check instead.
 - its queue takes any number of events from one address (`bound_queue`).
+- gr.Audio decodes an upload whole (pydub), whatever its length and channels (`check_audio_files`).
 - its Starlette app runs with `debug=True`: a crash in a route answers with a traceback
   (`quiet_errors`).
 """
@@ -70,6 +71,20 @@ def guard_input_files(blocks, allowed: Callable[[str, str, str], bool],
                 on_unload(session)
 
     blocks.process_api = checked_process_api
+
+
+def check_audio_files(check: Callable[[str], object]) -> None:
+    """Run `check(path)` (raising to refuse) on every audio file before gr.Audio decodes it."""
+    decode = processing_utils.audio_from_file
+    if getattr(decode, "checked", False):
+        return
+
+    def checked_audio_from_file(filename: str, *args, **kwargs):
+        check(filename)
+        return decode(filename, *args, **kwargs)
+
+    checked_audio_from_file.checked = True
+    processing_utils.audio_from_file = checked_audio_from_file
 
 
 def bound_queue(blocks, per_address: int) -> None:

@@ -42,8 +42,9 @@ class EngineOptions:
     stuck_after_s: float = 30.0  # the decode thread has work but has not stepped for this long: stuck
     prefill_chunk: int = 512  # prompt tokens prefilled between two decode steps: a long prompt (a 5 min
     # upload, a trimmed conversation's re-prefill) never holds up the replies in flight for long
-    decode_gap_s: float = 0.2  # while a finished turn waits for its prefill, replies in flight get a step
-    # only this often: 4 turns ending at once each waited for the others' decode steps too
+    decode_gap_s: float = 0.05  # while a finished turn waits for its prefill, replies in flight get a step
+    # only this often: 4 turns ending at once each waited for the others' decode steps too, but a stream of
+    # long prompts must not starve the replies in flight either
     model_process: bool = False  # the model in a child process with its own GIL (model_process.py); app.py's default
     transcript_tokens: int = 1024  # longest transcript, tokens (a chat reply's cap: ConversationOptions.reply_tokens)
 
@@ -223,7 +224,8 @@ class Engine:
         for every reply in flight. Prompts someone waits for are prefilled first; a speculative one
         (a turn that may go on) joins at most one per round, so it never holds up a finished turn.
         While such a prompt waits, the replies in flight step only every `decode_gap_s`: a person
-        waiting for the first word comes before the next word of a reply already streaming."""
+        waiting for the first word comes before the next word of a reply already streaming. Prompts
+        waited for take turns, one piece each, so a long one does not hold up the others."""
         while True:
             with self.wake:
                 while (not self.pending and not self.filling and not self.active and not self.closed
@@ -240,8 +242,13 @@ class Engine:
             for generation in [g for g in self.filling if g.cancelled.is_set()]:
                 self.finish(generation)
             self.filling = sorted((g for g in self.filling if not g.done.is_set()), key=lambda g: not g.wanted.is_set())
-            if self.filling and self.prefill(self.filling[0]):
-                self.filling.pop(0)
+            if self.filling:
+                head = self.filling[0]
+                if self.prefill(head):
+                    self.filling.pop(0)
+                elif not any(g.slot == head.slot for g in self.filling[1:]):
+                    self.filling.append(self.filling.pop(0))  # one piece each in turn: a long prompt (one
+                    # client's) cannot hold up a short one waiting behind it
             for generation in self.active:
                 if generation.cancelled.is_set():
                     self.finish(generation)

@@ -57,7 +57,7 @@ CLIENT_TYPES = ("text_input", "config", "cancel", "clear")
 
 @dataclass(frozen=True)
 class SessionOptions:
-    connect_timeout_s: float = 60.0  # a created session nobody connects to within this expires, freeing its slot
+    connect_timeout_s: float = 10.0  # a created session nobody connects to within this expires, freeing its slot
     max_message_bytes: int = 1_000_000  # larger WebSocket messages get an error (1 MB = 31 s of 16 kHz PCM)
     max_body_bytes: int = 10_000  # /session/create's JSON body
 
@@ -270,8 +270,8 @@ class Sessions:
         """One JSON message from the client -> posted to the conversation (and maybe an answer)."""
         try:
             message = json.loads(text)
-        except ValueError as problem:
-            raise BadMessage("bad_json", f"not JSON: {problem}") from None
+        except (ValueError, RecursionError) as problem:  # RecursionError: nested thousands of levels deep
+            raise BadMessage("bad_json", f"not JSON: {type(problem).__name__}") from None
         if not isinstance(message, dict) or message.get("type") not in CLIENT_TYPES:
             raise BadMessage("unknown_type", f"a text message is a JSON object with a type in {list(CLIENT_TYPES)}")
         kind = message["type"]

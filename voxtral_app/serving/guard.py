@@ -192,7 +192,7 @@ class Guard:
     def page_request(self, scope, path: str) -> bool:
         """The Gradio page has its own login (mount_gradio_app(auth=...)); its routes pass here."""
         return scope["type"] == "http" and not path.startswith(("/webrtc", "/websocket", "/outputs", "/input",
-                                                                "/session", "/ws/", "/v1/", "/metrics"))
+                                                                "/telephone", "/session", "/ws/", "/v1/", "/metrics"))
 
     async def capped(self, scope, receive, send, cap: int):
         headers = dict(scope.get("headers") or [])

@@ -303,6 +303,10 @@ def session_request(body: dict, chat_options: ConversationOptions) -> tuple[Sett
         raise ValueError(f"sample_rate must be a whole number of Hz in {MIN_RATE}-{MAX_RATE}")
     if body.get("mode") is not None and body["mode"] not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}")
+    temperature = body.get("temperature")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not 0.0 <= temperature <= 2.0):  # NaN compares false too
+        raise ValueError("temperature must be a number from 0 to 2")
     return Settings.from_dict(body, Settings(temperature=chat_options.temperature)), rate
 
 

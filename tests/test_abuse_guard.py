@@ -144,3 +144,37 @@ def test_the_rate_limit_keys_on_x_forwarded_for_only_from_a_trusted_proxy(app_en
     assert via_proxy == [400, 400, 429]  # one visitor behind the proxy, limited by its own address
     assert other_visitor == [400, 400, 429]  # another visitor has its own bucket
     assert untrusted == [400, 400, 400]
+
+
+def test_the_pages_own_offer_route_is_capped_checked_off_the_loop_and_counted(app_engine):
+    from voxtral_app.compat.fastrtc import page_components
+
+    guard = GuardOptions(opens_per_minute=2, limit_loopback=True)
+    served = BackgroundServer(create_app(app_engine, app_options(app_engine), options=ServerOptions(guard=guard)))
+    component = page_components(served.app.state.ui)[0]._id
+
+    def offer(sdp: str):
+        return {"session_hash": "abcdef1234", "component_id": component, "fn_name": "offer",
+                "data": {"sdp": sdp, "type": "offer", "webrtc_id": "pageoffer0001"}}
+
+    try:
+        with client() as http:
+            url = served.url + "/gradio_api/component_server"
+            huge = http.post(url, json=offer("v=0\r\n" + "a=x\r\n" * 20_000)).status_code
+            malformed = [http.post(url, json=offer("not an sdp")) for _ in range(2)]
+            third = http.post(url, json=offer("not an sdp")).status_code
+    finally:
+        served.stop()
+    assert huge == 413  # the cap of /webrtc/offer, not 1 MB
+    assert all(r.status_code == 200 and r.json()["status"] == "failed" and "Malformed offer" in r.json()["message"]
+               for r in malformed), [r.text for r in malformed]
+    assert third == 429  # counted against the address like any offer
+
+
+def test_forwarded_for_is_trusted_from_loopback_by_default_and_from_anywhere_on_a_space():
+    import app
+
+    assert app.parse_args([], environ={}).forwarded_allow_ips == "127.0.0.1,::1"
+    assert app.parse_args([], environ={"SPACE_ID": "someone/voxtral"}).forwarded_allow_ips == "*"
+    assert app.parse_args(["--forwarded-allow-ips", "10.0.0.0/8"], environ={"SPACE_ID": "x"}).forwarded_allow_ips == \
+        "10.0.0.0/8"

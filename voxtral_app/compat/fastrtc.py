@@ -166,3 +166,20 @@ def end_unknown_outputs(component) -> None:
                 return
 
     component.output_stream = output_stream
+
+
+def check_page_offers(component, check) -> None:
+    """Run `check(body)` (raising ValueError to refuse) on a worker thread before the page's WebRTC
+    component handles an offer or ICE candidate (gradio's component_server "offer"): its SDP is
+    parsed off the event loop, and malformed ones never reach fastrtc, as on /webrtc/offer."""
+    offer = component.offer
+
+    async def checked_offer(body):
+        try:
+            await asyncio.to_thread(check, body)
+        except ValueError as error:
+            return {"status": "failed", "meta": {"error": "bad_offer"}, "message": f"Malformed offer: {error}"}
+        return await offer(body)
+
+    checked_offer._is_server_fn = True  # gradio's component_server calls only functions marked so
+    component.offer = checked_offer

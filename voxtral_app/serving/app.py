@@ -339,6 +339,7 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
     gradio_compat.quiet_errors(app)
     for component in compat.page_components(ui):
         compat.end_unknown_outputs(component)
+        compat.check_page_offers(component, lambda body: check_offer(json.dumps(body).encode()))
     app.state.uploads_ledger = ledger
     return app
 

@@ -253,6 +253,9 @@ class Guard:
         if deep:
             return await refuse(scope, receive, send, 400, "bad_request",
                                 f"The JSON body is nested deeper than {limit} levels.")
+        if self.page_offer(scope, body) and not self.rate.allow((scope.get("client") or ("", 0))[0]):
+            return await refuse(scope, receive, send, 429, "rate_limited", "Too many connections from your "
+                                f"address (over {self.options.opens_per_minute} a minute).")
         replayed = False
 
         async def replay():
@@ -263,6 +266,21 @@ class Guard:
             return {"type": "http.request", "body": body, "more_body": False}
 
         return await self.app(scope, replay, send)
+
+
+    def page_offer(self, scope, body: bytes) -> bool:
+        """A WebRTC offer to the page's own component (gradio's component_server), which the open
+        limit counts like /webrtc/offer; its ICE candidates are not counted."""
+        o = self.options
+        address = (scope.get("client") or ("", 0))[0]
+        if not o.opens_per_minute or (is_loopback(address) and not o.limit_loopback) or not scope.get(
+                "path", "").startswith("/gradio_api/component_server") or b'"offer"' not in body:
+            return False
+        try:
+            request = json.loads(body)
+            return request.get("fn_name") == "offer" and request["data"].get("type") == "offer"
+        except (ValueError, AttributeError, KeyError, TypeError):
+            return False
 
 
 class BodyTooLarge(Exception):

@@ -113,8 +113,20 @@ def bound_queue(blocks, per_address: int) -> None:
 
 
 def quiet_errors(app) -> None:
-    """Turn off the debug tracebacks of the Starlette app `gr.mount_gradio_app` mounted on `app`."""
+    """Turn off the debug tracebacks of the Starlette app `gr.mount_gradio_app` mounted on `app`, and
+    answer 400 where gradio's upload route crashes on a malformed multipart body (a form field where a
+    file should be raises TypeError there)."""
+    from starlette.responses import JSONResponse
+
+    async def malformed_upload(request, error):
+        if not request.url.path.endswith("/upload"):
+            raise error  # a real crash: a plain 500, now without the traceback
+        return JSONResponse({"status": "failed", "meta": {"error": "bad_upload"},
+                             "message": "Malformed upload: send multipart/form-data with files."}, status_code=400)
+
     for route in app.routes:
         inner = getattr(route, "app", None)
         if inner is not None and type(inner).__module__.startswith("gradio") and hasattr(inner, "debug"):
-            inner.debug = False  # Starlette rebuilds its middleware (ServerErrorMiddleware) on the next request
+            inner.debug = False  # Starlette builds its middleware (ServerErrorMiddleware) on the first request
+            for kind in (TypeError, ValueError, KeyError):
+                inner.add_exception_handler(kind, malformed_upload)

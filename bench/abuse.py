@@ -10,7 +10,7 @@ a slot until its 10 s media deadline), WebRTC offers that never connect, 20 MB r
 first reply text p50/p90, whether it was ever refused or missed a reply, and what the floods got.
 
 `--v1`: a /v1 client streams short replies (its first token and tokens/s measured) alone, then while
-attackers loop ~7,600-token prompts with `max_tokens: 1` (the engine must keep stepping its reply
+attackers loop ~7,500-token prompts with `max_tokens: 1` (the engine must keep stepping its reply
 and let its short prompt in between the long ones' prefill pieces).
 """
 
@@ -98,14 +98,15 @@ async def junk(ws_url: str, until: float, tally: Counter) -> None:
         await asyncio.sleep(0.2)
 
 
-LONG_PROMPT = "the quick brown fox jumps over the lazy dog " * 840  # ~7,600 tokens
+LONG_TEXT = "the quick brown fox jumps over the lazy dog " * 230  # ~2,500 tokens (a message may have 32,000
+LONG_PROMPT = [{"role": role, "content": LONG_TEXT} for role in ("user", "assistant", "user")]  # characters)
 
 
 async def long_prompts(url: str, model: str, until: float, tally: Counter) -> None:
     async with httpx.AsyncClient(timeout=120) as http:
         while time.monotonic() < until:
             response = await http.post(f"{url}/v1/chat/completions", json={
-                "model": model, "max_tokens": 1, "messages": [{"role": "user", "content": LONG_PROMPT}]})
+                "model": model, "max_tokens": 1, "messages": LONG_PROMPT})
             tally[f"long prompt: {response.status_code}"] += 1
 
 
@@ -204,7 +205,7 @@ def main_v1(args) -> None:
         rows = v1_table(url, args.seconds)
     with results.recording() as printed:
         print(f"\n/v1 user: 64-token streamed replies back to back for {args.seconds:g} s; attackers loop "
-              f"~7,600-token prompts with max_tokens 1; --max-sessions {args.sessions}; tiny-random\n")
+              f"~7,500-token prompts with max_tokens 1; --max-sessions {args.sessions}; tiny-random\n")
         print("| attackers | replies | first token p50 (ms) | tok/s p50 | what the attackers got |")
         print("|---|---|---|---|---|")
         for attackers, replies, first, rate, tally in rows:

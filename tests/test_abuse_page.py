@@ -26,6 +26,9 @@ def page(app_engine):
     os.environ.pop("GRADIO_IS_E2E_TEST", None)
 
 
+NO_MICROPHONE = {"webrtc_id": ""}  # the microphone component's value on a page that has not connected it
+
+
 def write_wav(path, audio: np.ndarray) -> str:
     with wave.open(str(path), "wb") as out:
         out.setnchannels(1)
@@ -53,16 +56,31 @@ def join(http: httpx.Client, served, name: str, data: list, session: str) -> htt
                            "event_data": None, "trigger_id": None})
 
 
-def outcome(http: httpx.Client, served, session: str, timeout_s: float = 60) -> dict:
-    """The session's events' messages until one completes: its process_completed message."""
+def outcome(http: httpx.Client, served, session: str, timeout_s: float = 60, logs: list | None = None) -> dict:
+    """The session's events' messages until one completes: its process_completed message (the
+    warnings it showed on the way go to `logs`)."""
     with http.stream("GET", f"{served.url}/gradio_api/queue/data", params={"session_hash": session},
                      timeout=timeout_s) as events:
         for line in events.iter_lines():
             if line.startswith("data:"):
                 message = json.loads(line[5:])
+                if message.get("msg") == "log" and logs is not None:
+                    logs.append(message.get("log"))
                 if message.get("msg") == "process_completed":
                     return message
     raise AssertionError("the event stream ended without a result")
+
+
+def drain(http: httpx.Client, served, session: str, count: int) -> int:
+    """Read the session's event stream until `count` events have completed."""
+    done = 0
+    with http.stream("GET", f"{served.url}/gradio_api/queue/data", params={"session_hash": session}) as events:
+        for line in events.iter_lines():
+            if line.startswith("data:") and json.loads(line[5:]).get("msg") == "process_completed":
+                done += 1
+                if done == count:
+                    break
+    return done
 
 
 def upload(http: httpx.Client, served, path: str) -> str:
@@ -130,11 +148,15 @@ def test_one_address_may_hold_only_a_few_page_events(page):
     bound = 8  # ServerOptions.page_events_per_address
     with client() as http, client("127.0.0.2") as elsewhere:
         session = secrets.token_hex(5)
-        codes = [join(http, page, "send_text", ["", None, "chat", "auto", 0.2], session).status_code
+        codes = [join(http, page, "send_text", ["", NO_MICROPHONE, "chat", "auto", 0.2], session).status_code
                  for _ in range(bound + 1)]  # never read: each stays pending
-        newcomer = join(elsewhere, page, "send_text", ["", None, "chat", "auto", 0.2], secrets.token_hex(5))
+        newcomer = join(elsewhere, page, "send_text", ["", NO_MICROPHONE, "chat", "auto", 0.2], secrets.token_hex(5))
+        read = drain(http, page, session, bound)  # a page reads its events: then the address may send more
+        after = join(http, page, "send_text", ["", NO_MICROPHONE, "chat", "auto", 0.2], session).status_code
+        drain(http, page, session, 1)
     assert codes == [200] * bound + [503]
     assert newcomer.status_code == 200
+    assert read == bound and after == 200
 
 
 MALFORMED_UPLOADS = {  # body, content type
@@ -155,3 +177,23 @@ def test_a_malformed_upload_gets_a_4xx_without_a_traceback(page):
     assert {name: r.status_code // 100 for name, r in answers.items()} == dict.fromkeys(answers, 4), \
         {name: (r.status_code, r.text[:200]) for name, r in answers.items()}
     assert not [r for r in answers.values() if "Traceback" in r.text or "site-packages" in r.text]
+
+
+def test_one_address_opens_at_most_two_page_conversations(page, app_engine):
+    """Made-up page sessions typing into the text box each opened a conversation: a few took every slot."""
+    uploads = page.app.state.ui.uploads
+    sessions = [secrets.token_hex(5) for _ in range(3)]
+    newcomer = secrets.token_hex(5)
+    warnings = {}
+    try:
+        with client() as http, client("127.0.0.2") as elsewhere:
+            for session, via in [(s, http) for s in sessions] + [(newcomer, elsewhere)]:
+                warnings[session] = []
+                join(via, page, "send_text", ["Hello there.", NO_MICROPHONE, "chat", "auto", 0.2], session)
+                outcome(via, page, session, logs=warnings[session])
+        opened = [s for s in sessions + [newcomer] if uploads.get(s) is not None]
+    finally:
+        for session in sessions + [newcomer]:
+            uploads.close(session)
+    assert opened == sessions[:2] + [newcomer]
+    assert any("conversations open on this page" in w for w in warnings[sessions[2]]), warnings

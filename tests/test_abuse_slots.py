@@ -53,3 +53,19 @@ def test_a_session_socket_that_never_speaks_is_closed_and_says_why(app_engine):
         served.stop()
     closed = [m for m in messages if m.get("type") == "error" and m.get("code") == "closed"]
     assert closed and "without speech" in closed[0]["message"], messages
+
+
+def test_one_address_holds_at_most_two_unconnected_sessions_and_a_newcomer_gets_a_slot(app_engine):
+    served = BackgroundServer(create_app(app_engine, app_options(app_engine)))
+    local = httpx.HTTPTransport(local_address="127.0.0.2")
+    try:
+        with httpx.Client(timeout=10) as hoarder, httpx.Client(timeout=10, transport=local) as newcomer:
+            hoarded = [hoarder.post(served.url + "/session/create") for _ in range(4)]
+            arrived = newcomer.post(served.url + "/session/create")
+        codes = [r.status_code for r in hoarded]
+        expires = [r.json()["expires_in_s"] for r in hoarded if r.status_code == 200]
+    finally:
+        served.stop()
+    assert codes == [200, 200, 429, 429]
+    assert arrived.status_code == 200  # 3 slots: the hoarder's 2, and one for someone else
+    assert all(seconds <= 10 for seconds in expires)

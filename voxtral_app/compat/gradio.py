@@ -47,6 +47,13 @@ def _check_allowed(path, check_in_upload_folder: bool) -> None:
 processing_utils._check_allowed = _check_allowed
 
 
+def event_address() -> str | None:
+    """The client address of the page event running in this context (gradio copies the context into
+    the worker thread of a sync event function); None outside one."""
+    event = _event.get()
+    return event[1] if event is not None else None
+
+
 def guard_input_files(blocks, allowed: Callable[[str, str, str], bool],
                       on_unload: Callable[[str], None] | None = None) -> None:
     """Accept an input file of one of `blocks`' events only if `allowed(path, session_hash, address)`;

@@ -225,7 +225,10 @@ class Engine:
         (a turn that may go on) joins at most one per round, so it never holds up a finished turn.
         While such a prompt waits, the replies in flight step only every `decode_gap_s`: a person
         waiting for the first word comes before the next word of a reply already streaming. Prompts
-        waited for take turns, one piece each, so a long one does not hold up the others."""
+        waited for take turns, one piece each and a new one first, so a long one does not hold up the
+        others; and the later pieces of a long prompt are paid for: the replies in flight then get as
+        much decode time as those pieces took, so a client looping long prompts cannot starve them."""
+        owed = 0.0  # seconds of decoding the replies in flight are owed for long prompts' later pieces
         while True:
             with self.wake:
                 while (not self.pending and not self.filling and not self.active and not self.closed
@@ -241,20 +244,28 @@ class Engine:
             self.beat = time.monotonic()
             for generation in [g for g in self.filling if g.cancelled.is_set()]:
                 self.finish(generation)
-            self.filling = sorted((g for g in self.filling if not g.done.is_set()), key=lambda g: not g.wanted.is_set())
-            if self.filling:
+            self.filling = sorted((g for g in self.filling if not g.done.is_set()),  # waited for, then not yet begun
+                                  key=lambda g: (not g.wanted.is_set(), g.filled > 0))
+            if self.filling and not (self.active and owed > 0):
                 head = self.filling[0]
+                started, later_piece = time.perf_counter(), head.filled > 0
                 if self.prefill(head):
                     self.filling.pop(0)
                 elif not any(g.slot == head.slot for g in self.filling[1:]):
                     self.filling.append(self.filling.pop(0))  # one piece each in turn: a long prompt (one
                     # client's) cannot hold up a short one waiting behind it
+                if later_piece:
+                    owed += time.perf_counter() - started
             for generation in self.active:
                 if generation.cancelled.is_set():
                     self.finish(generation)
             self.active = [g for g in self.active if not g.done.is_set()]
-            if self.active and (not self.turn_waits() or time.perf_counter() - self.stepped >= self.options.decode_gap_s):
+            if not self.active:
+                owed = 0.0
+            elif owed > 0 or not self.turn_waits() or time.perf_counter() - self.stepped >= self.options.decode_gap_s:
+                started = time.perf_counter()
                 self.decode(self.active)
+                owed = max(0.0, owed - (time.perf_counter() - started))
                 self.active = [g for g in self.active if not g.done.is_set()]
 
     def turn_waits(self) -> bool:

@@ -41,7 +41,7 @@ from .openai_routes import add_openai_routes
 from .session_api import SessionOptions, add_session_routes
 from .sockets import CheckedWebSocket, SocketClosed, call_token
 from .ui import build_ui
-from .uploads import UploadGate, UploadLedger, UploadOptions
+from .uploads import UploadGate, UploadLedger, UploadOptions, limit_conversations
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class ServerOptions:
     sessions: SessionOptions = SessionOptions()  # the session API (POST /session/create, WS /ws/audio/{id})
     uploads: UploadOptions = UploadOptions()  # the page's upload quotas
     page_events_per_address: int = 8  # the page's pending events (queued or streaming) per client address
+    page_conversations_per_address: int = 2  # the page's upload/text-box conversations per client address
 
 
 class Offer(BaseModel):
@@ -335,6 +336,7 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
     gr.mount_gradio_app(app, ui, path="/", auth=guard_login(options.guard))
     gradio_compat.guard_input_files(ui, ledger.allowed, ledger.forget)
     gradio_compat.bound_queue(ui, options.page_events_per_address)
+    limit_conversations(ui.uploads, options.page_conversations_per_address, gradio_compat.event_address)
     gradio_compat.check_audio_files(lambda path: check_header(path, engine.options.max_audio_s))
     gradio_compat.quiet_errors(app)
     for component in compat.page_components(ui):

@@ -60,6 +60,7 @@ class SessionOptions:
     connect_timeout_s: float = 10.0  # a created session nobody connects to within this expires, freeing its slot
     max_message_bytes: int = 1_000_000  # larger WebSocket messages get an error (1 MB = 31 s of 16 kHz PCM)
     max_body_bytes: int = 10_000  # /session/create's JSON body
+    pending_per_address: int = 2  # created, not yet connected sessions one client address may hold
 
 
 class BadMessage(ValueError):
@@ -317,8 +318,16 @@ def add_session_routes(app, engine, chat_options: ConversationOptions, speaker,
     sessions = Sessions(engine, chat_options, speaker, options, time_limit_s)
     app.state.sessions = sessions
 
+    created_by: dict[str, str] = {}  # session id -> the address that created it, until it connects or ends
+
     @app.post("/session/create")
     async def create_session(request: Request):
+        for session_id in [i for i in created_by if i not in sessions.sessions or sessions.sessions[i].connected]:
+            del created_by[session_id]
+        address = request.client.host if request.client else ""
+        if sum(a == address for a in created_by.values()) >= options.pending_per_address:
+            return failed(429, "too_many_pending", f"Your address has {options.pending_per_address} sessions "
+                          "nobody has connected to yet; connect to one (or wait 10 s) first.")
         body = b""
         async for chunk in request.stream():
             body += chunk
@@ -336,6 +345,7 @@ def add_session_routes(app, engine, chat_options: ConversationOptions, speaker,
         except EngineFailed as problem:
             metrics.REJECTED.inc()
             return failed(503, "engine_failed", f"The server cannot answer right now ({problem}).")
+        created_by[session.id] = address
         return {"session_id": session.id, "status": "created", "websocket_url": f"/ws/audio/{session.id}",
                 "sample_rate": rate, "settings": asdict(settings), "expires_in_s": options.connect_timeout_s}
 

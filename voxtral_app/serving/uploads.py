@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from ..backends.contract import EngineBusy
 from .guard import refuse
 
 logger = logging.getLogger(__name__)
@@ -126,3 +127,26 @@ class UploadGate:
                 self.ledger.record(address, json.loads(body), size)
             except ValueError:
                 logger.warning("gradio's upload route answered something other than a JSON list")
+
+
+def limit_conversations(uploads, per_address: int, address_of) -> None:
+    """At most `per_address` of the page's own conversations (ui.Uploads: the upload and text boxes',
+    one per page session) per client address: made-up session ids each opened one and took every
+    slot. `address_of()`: the running event's client address. Owners are guarded by `uploads.lock`."""
+    opened = uploads.open
+    owners: dict[str, str] = {}  # page session -> address
+
+    def open_limited(session: str):
+        address = address_of() or ""
+        with uploads.lock:
+            live = {s for s, (conversation, _) in uploads.conversations.items() if not conversation.closed.is_set()}
+            for gone in [s for s in owners if s not in live]:
+                del owners[gone]
+            if session not in live and sum(a == address for a in owners.values()) >= per_address:
+                raise EngineBusy(f"your address has {per_address} conversations open on this page")
+        entry = opened(session)
+        with uploads.lock:
+            owners[session] = address
+        return entry
+
+    uploads.open = open_limited

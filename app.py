@@ -79,7 +79,8 @@ def parse_args(argv=None, environ=None) -> argparse.Namespace:
     add("--auth-token", env=("VOXTRAL_AUTH_TOKEN",),
         help="require this token: `Authorization: Bearer <token>` on the APIs, the password on the page")
     add("--opens-per-minute", type=int, default=30, env=("VOXTRAL_OPENS_PER_MINUTE",),
-        help="offers and socket opens one client address may make per minute (0: no limit; loopback is exempt)")
+        help="offers, socket opens and /v1 requests one client address may make per minute (0: no limit; "
+             "loopback is exempt)")
     add("--forwarded-allow-ips", env=("VOXTRAL_FORWARDED_ALLOW_IPS",),
         help="proxies (addresses or networks, comma-separated; '*': any) whose X-Forwarded-For names the client, "
              "for the rate limits (default: 127.0.0.1,::1; on a Hugging Face Space, whose proxy is the only way in: *)")

@@ -35,9 +35,8 @@ _original_check = processing_utils._check_allowed
 def _check_allowed(path, check_in_upload_folder: bool) -> None:
     """gradio's check, with the app's for input files (check_in_upload_folder: an event's inputs)."""
     event = _event.get()
-    if check_in_upload_folder and event is not None and event[2] in _checks:
-        session, address, blocks_id = event
-        if not _checks[blocks_id](str(path), session, address):
+    if check_in_upload_folder and _checks:  # an event's input, with the app's check installed
+        if event is None or event[2] not in _checks or not _checks[event[2]](str(path), event[0], event[1]):
             # one message whether or not the file exists: no oracle for the server's disk
             raise InvalidPathError("This file was not uploaded by this page.")
         return
@@ -94,15 +93,17 @@ def check_audio_files(check: Callable[[str], object]) -> None:
     processing_utils.audio_from_file = checked_audio_from_file
 
 
-def bound_queue(blocks, per_address: int) -> None:
-    """At most `per_address` pending events per client address in the page's queue (gradio answers
-    the rest 503 "queue_full"). Owned by the event loop, as gradio's queue is."""
+def bound_queue(blocks, per_address: int, exempt: Callable[[str], bool] = lambda address: False) -> None:
+    """At most `per_address` pending events per client address (but those `exempt`) in the page's
+    queue (gradio answers the rest 503 "queue_full"). Owned by the event loop, as gradio's queue is."""
     queue = blocks._queue
     push = queue.push
     pending: dict[str, list[tuple[str, str]]] = {}  # address -> [(session_hash, event_id)]
 
     async def bounded_push(body, request, username):
         address = getattr(request.client, "host", "") if request.client else ""
+        if exempt(address):
+            return await push(body, request, username)
         live = [(s, e) for s, e in pending.get(address, []) if e in queue.pending_event_ids_session.get(s, ())]
         if len(live) >= per_address:
             pending[address] = live

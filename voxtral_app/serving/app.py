@@ -35,7 +35,7 @@ from ..model.engine import Engine
 from . import metrics
 from .access import AccessOptions, Connections
 from .errors import busy, busy_event, failed
-from .guard import Guard, GuardOptions
+from .guard import Guard, GuardOptions, is_loopback
 from .handler import PHONE_RATE, VoxtralHandler
 from .openai_routes import add_openai_routes
 from .session_api import SessionOptions, add_session_routes
@@ -335,7 +335,7 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
     metrics.add_metrics_route(app, engine)  # GET /metrics
     gr.mount_gradio_app(app, ui, path="/", auth=guard_login(options.guard))
     gradio_compat.guard_input_files(ui, ledger.allowed, ledger.forget)
-    gradio_compat.bound_queue(ui, options.page_events_per_address)
+    gradio_compat.bound_queue(ui, options.page_events_per_address, exempt=is_loopback)
     limit_conversations(ui.uploads, options.page_conversations_per_address, gradio_compat.event_address)
     gradio_compat.check_audio_files(lambda path: check_header(path, engine.options.max_audio_s))
     gradio_compat.quiet_errors(app)

@@ -47,6 +47,7 @@ from ..conversation.events import (
 from ..turns.taker import TurnTaker
 from . import metrics
 from .errors import busy, failed
+from .guard import is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ class SessionOptions:
     connect_timeout_s: float = 10.0  # a created session nobody connects to within this expires, freeing its slot
     max_message_bytes: int = 1_000_000  # larger WebSocket messages get an error (1 MB = 31 s of 16 kHz PCM)
     max_body_bytes: int = 10_000  # /session/create's JSON body
-    pending_per_address: int = 2  # created, not yet connected sessions one client address may hold
+    pending_per_address: int = 2  # created, not yet connected sessions one client address may hold (loopback:
+    # any number, as for the other per-address limits)
 
 
 class BadMessage(ValueError):
@@ -325,7 +327,7 @@ def add_session_routes(app, engine, chat_options: ConversationOptions, speaker,
         for session_id in [i for i in created_by if i not in sessions.sessions or sessions.sessions[i].connected]:
             del created_by[session_id]
         address = request.client.host if request.client else ""
-        if sum(a == address for a in created_by.values()) >= options.pending_per_address:
+        if not is_loopback(address) and sum(a == address for a in created_by.values()) >= options.pending_per_address:
             return failed(429, "too_many_pending", f"Your address has {options.pending_per_address} sessions "
                           "nobody has connected to yet; connect to one (or wait 10 s) first.")
         body = b""

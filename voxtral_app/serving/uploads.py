@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from ..backends.contract import EngineBusy
-from .guard import refuse
+from .guard import is_loopback, refuse
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,8 @@ def limit_conversations(uploads, per_address: int, address_of) -> None:
 
     def open_limited(session: str):
         address = address_of() or ""
+        if is_loopback(address):  # exempt, as for the other per-address limits
+            return opened(session)
         with uploads.lock:
             live = {s for s, (conversation, _) in uploads.conversations.items() if not conversation.closed.is_set()}
             for gone in [s for s in owners if s not in live]:

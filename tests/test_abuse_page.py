@@ -199,3 +199,42 @@ def test_one_address_opens_at_most_two_page_conversations(page, app_engine):
             uploads.close(session)
     assert opened == sessions[:2] + [newcomer]
     assert any("conversations open on this page" in w for w in warnings[sessions[2]]), warnings
+
+
+def test_uploads_are_capped_per_address_and_in_total(app_engine, speech, tmp_path):
+    from voxtral_app.serving.app import ServerOptions
+    from voxtral_app.serving.uploads import UploadOptions
+
+    clip = write_wav(tmp_path / "clip.wav", speech[: 2 * SAMPLE_RATE])  # ~64 kB
+    size = os.path.getsize(clip)
+    caps = UploadOptions(per_address_bytes=int(1.5 * size) + 1_000, total_bytes=int(2.5 * size) + 2_000)
+    served = BackgroundServer(create_app(app_engine, app_options(app_engine), options=ServerOptions(uploads=caps)))
+
+    def send(visitor: str) -> int:
+        with client(visitor) as http, open(clip, "rb") as f:
+            return http.post(f"{served.url}/gradio_api/upload", files={"files": ("clip.wav", f)}).status_code
+
+    try:
+        codes = [send("203.0.113.1"), send("203.0.113.1"), send("203.0.113.2"), send("203.0.113.3")]
+    finally:
+        served.stop()
+    assert codes == [200, 429, 200, 429]  # the first address's second; then the server's total
+    # the same file from two visitors is one path with two owners: each may use it
+    path = next(iter(served.app.state.uploads_ledger.uploads))
+    assert served.app.state.uploads_ledger.allowed(path, "page-a", "203.0.113.1")
+    assert served.app.state.uploads_ledger.allowed(path, "page-b", "203.0.113.2")
+    assert not served.app.state.uploads_ledger.allowed(path, "page-c", "203.0.113.1")
+
+
+def test_an_uploaded_audio_bomb_is_refused_from_its_header(page, tmp_path):
+    """10 minutes of 8-channel silence in ~80 kB of FLAC: refused before gr.Audio decodes it."""
+    import soundfile as sf
+
+    bomb = str(tmp_path / "bomb.flac")
+    sf.write(bomb, np.zeros((16_000 * 600, 8), np.float32), 16_000, format="FLAC")
+    with client("203.0.113.9") as http:
+        uploaded = upload(http, page, bomb)
+        session = secrets.token_hex(5)
+        join(http, page, "send_upload", [file_data(uploaded), "chat", "auto", 0.2], session)
+        refused = outcome(http, page, session)
+    assert not refused["success"] and "600 s long" in refused["output"]["error"], refused

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 
 from gradio import processing_utils
-from gradio.exceptions import InvalidPathError
+from gradio.exceptions import Error, InvalidPathError
 
 from . import WRITTEN_FOR, check_versions
 
@@ -80,13 +80,17 @@ def guard_input_files(blocks, allowed: Callable[[str, str, str], bool],
 
 
 def check_audio_files(check: Callable[[str], object]) -> None:
-    """Run `check(path)` (raising to refuse) on every audio file before gr.Audio decodes it."""
+    """Run `check(path)` (raising ValueError to refuse, with a message for the person) on every audio
+    file before gr.Audio decodes it."""
     decode = processing_utils.audio_from_file
     if getattr(decode, "checked", False):
         return
 
     def checked_audio_from_file(filename: str, *args, **kwargs):
-        check(filename)
+        try:
+            check(filename)
+        except ValueError as error:  # gradio shows an Error's message to the person (others: "Error")
+            raise Error(str(error)) from None
         return decode(filename, *args, **kwargs)
 
     checked_audio_from_file.checked = True

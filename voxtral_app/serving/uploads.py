@@ -38,47 +38,62 @@ class Upload:
 
 
 class UploadLedger:
-    """Uploaded paths and their owners. Owned by the event loop: the middleware, gradio's event
-    processing and its unload events all run there; files are deleted on a worker thread."""
+    """Uploaded paths and their owners: gradio names an upload by its contents' hash, so two people
+    who upload the same file get the same path, each with an entry. Owned by the event loop: the
+    middleware, gradio's event processing and its unload events all run there; files are deleted on
+    a worker thread."""
 
     def __init__(self, options: UploadOptions = UploadOptions(), clock=time.monotonic):
         self.options = options
         self.clock = clock
-        self.uploads: dict[str, Upload] = {}
+        self.uploads: dict[str, list[Upload]] = {}  # path -> one entry per upload of it
+
+    def entries(self) -> list[Upload]:
+        return [upload for entries in self.uploads.values() for upload in entries]
 
     def prune(self) -> None:
         now = self.clock()
-        self.uploads = {p: u for p, u in self.uploads.items() if now - u.at < self.options.kept_s}
+        kept = {p: [u for u in entries if now - u.at < self.options.kept_s] for p, entries in self.uploads.items()}
+        self.uploads = {p: entries for p, entries in kept.items() if entries}
 
     def room(self, address: str, size: int) -> str | None:
         """Why an upload of `size` bytes from `address` is refused now, or None."""
         self.prune()
-        mine = sum(u.size for u in self.uploads.values() if u.address == address)
-        if mine + size > self.options.per_address_bytes:
+        entries = self.entries()
+        if sum(u.size for u in entries if u.address == address) + size > self.options.per_address_bytes:
             return f"your uploads are over {self.options.per_address_bytes // 1_048_576} MB this hour"
-        if sum(u.size for u in self.uploads.values()) + size > self.options.total_bytes:
+        if sum(u.size for u in entries) + size > self.options.total_bytes:
             return "the server holds too many uploads; try again later"
         return None
 
     def record(self, address: str, paths: list, size: int) -> None:
         paths = [p for p in paths if isinstance(p, str)]
         for path in paths:
-            self.uploads[os.path.normpath(path)] = Upload(address, size // max(1, len(paths)), self.clock())
+            upload = Upload(address, size // max(1, len(paths)), self.clock())
+            self.uploads.setdefault(os.path.normpath(path), []).append(upload)
 
     def allowed(self, path: str, session: str, address: str) -> bool:
         """Whether this page session (from this address) may use this file as an event's input."""
-        upload = self.uploads.get(os.path.normpath(path))
-        if upload is None or upload.address != address or upload.session not in (None, session):
+        entries = self.uploads.get(os.path.normpath(path), [])
+        upload = next((u for u in entries if u.address == address and u.session == session), None) or next(
+            (u for u in entries if u.address == address and u.session is None), None)
+        if upload is None:
             logger.warning("refused an event's input file that this page session did not upload")
             return False
         upload.session = session
         return True
 
     def forget(self, session: str) -> None:
-        """The page closed: delete its files."""
-        gone = [p for p, u in self.uploads.items() if u.session == session]
-        for path in gone:
-            del self.uploads[path]
+        """The page closed: forget its uploads, and delete the files nobody else uploaded."""
+        gone = []
+        for path, entries in list(self.uploads.items()):
+            left = [u for u in entries if u.session != session]
+            if len(left) < len(entries) and not left:
+                gone.append(path)
+            if left:
+                self.uploads[path] = left
+            else:
+                del self.uploads[path]
         if gone:
             asyncio.get_running_loop().run_in_executor(None, delete, gone)
 

@@ -100,6 +100,9 @@ def test_with_an_auth_token_every_route_but_health_needs_it(app_engine):
                                            headers={"Authorization": f"Bearer {secret}"}).status_code
         with client("127.0.0.2", Authorization=f"Bearer {secret}") as elsewhere:
             right = elsewhere.get(served.url + "/metrics").status_code
+        with client(**{"X-Forwarded-For": "203.0.113.50"}) as visitor:  # through the trusted local proxy
+            logins = [visitor.post(served.url + "/login", data={"username": "me", "password": f"guess{i}"}).status_code
+                      for i in range(11)]
     finally:
         served.stop()
     assert health == 200
@@ -107,6 +110,7 @@ def test_with_an_auth_token_every_route_but_health_needs_it(app_engine):
     assert incoming == 401 and forged == 4401  # no Twilio signing configured: the phone needs the token
     assert guesses == [401] * 8 + [429] * 3  # 10 wrong a minute: the two phone requests were the first two
     assert right_but_throttled == 429 and right == 200  # throttled per address, without an oracle
+    assert all(400 <= code < 500 and code != 429 for code in logins[:10]) and logins[10] == 429, logins
 
 
 def test_one_call_token_opens_one_stream(app_engine):

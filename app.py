@@ -95,7 +95,11 @@ def parse_args(argv=None, environ=None) -> argparse.Namespace:
     add("--auth-token", env=("VOXTRAL_AUTH_TOKEN",),
         help="require this token: `Authorization: Bearer <token>` on the APIs, the password on the page")
     add("--opens-per-minute", type=int, default=30, env=("VOXTRAL_OPENS_PER_MINUTE",),
-        help="offers and socket opens one client address may make per minute (0: no limit; loopback is exempt)")
+        help="offers, socket opens and /v1 requests one client address may make per minute (0: no limit; "
+             "loopback is exempt)")
+    add("--forwarded-allow-ips", env=("VOXTRAL_FORWARDED_ALLOW_IPS",),
+        help="proxies (addresses or networks, comma-separated; '*': any) whose X-Forwarded-For names the client, "
+             "for the rate limits (default: 127.0.0.1,::1; on a Hugging Face Space, whose proxy is the only way in: *)")
     add("--twilio-auth-token", env=("TWILIO_AUTH_TOKEN",),
         help="check Twilio's request signature on /telephone/incoming")
     add("--turn-url", env=("VOXTRAL_TURN_URL",),
@@ -114,6 +118,8 @@ def parse_args(argv=None, environ=None) -> argparse.Namespace:
     add("--share", action="store_true", help="also serve through a public Gradio link")
     args = parser.parse_args(argv)
     args.log_level = "DEBUG" if args.debug else args.log_level
+    if args.forwarded_allow_ips is None:
+        args.forwarded_allow_ips = "*" if parser.environ.get("SPACE_ID") else "127.0.0.1,::1"
     if args.backend == "openai" and not args.backend_url:
         parser.error("--backend openai needs --backend-url (or VOXTRAL_BACKEND_URL), e.g. http://vllm:8000/v1")
     args.ice = IceOptions(args.turn_url, args.turn_username, args.turn_credential, args.rtc_configuration,
@@ -217,7 +223,8 @@ def main(argv=None) -> None:
         except ModelLoadError as error:
             sys.exit(f"error: {error}")
     chat_options = conversation_options(args, engine)
-    guard = GuardOptions(auth_token=args.auth_token or None, opens_per_minute=max(0, args.opens_per_minute))
+    guard = GuardOptions(auth_token=args.auth_token or None, opens_per_minute=max(0, args.opens_per_minute),
+                         forwarded_allow_ips=tuple(p.strip() for p in args.forwarded_allow_ips.split(",") if p.strip()))
     server_options = ServerOptions(guard=guard, session_time_limit_s=args.session_time_limit or None,
                                    twilio_auth_token=args.twilio_auth_token, rtc_configuration=args.rtc_configuration,
                                    debug=args.log_level == "DEBUG", resume_s=args.resume_s,

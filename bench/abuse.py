@@ -1,12 +1,17 @@
 """Floods against `python app.py` on 127.0.0.1 while a live client keeps talking.
 
     python bench/abuse.py --seconds 60        # baseline minute, then a minute under every flood
+    python bench/abuse.py --v1 --seconds 30   # a /v1 streaming user alone, then beside a long-prompt flood
 
 A live WebRTC client speaks a sentence every 6 s throughout. First alone (baseline), then while
 this process floods the server, all at once: idle phone sockets that only say `start` (each holds
 a slot until its 10 s media deadline), WebRTC offers that never connect, 20 MB request bodies,
 /outputs readers guessing tokens, and WebSocket junk. Prints the live client's end of speech ->
 first reply text p50/p90, whether it was ever refused or missed a reply, and what the floods got.
+
+`--v1`: a /v1 client streams short replies (its first token and tokens/s measured) alone, then while
+attackers loop ~7,500-token prompts with `max_tokens: 1` (the engine must keep stepping its reply
+and let its short prompt in between the long ones' prefill pieces).
 """
 
 import argparse
@@ -14,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 from collections import Counter
@@ -92,6 +98,62 @@ async def junk(ws_url: str, until: float, tally: Counter) -> None:
         await asyncio.sleep(0.2)
 
 
+LONG_TEXT = "the quick brown fox jumps over the lazy dog " * 230  # ~2,500 tokens (a message may have 32,000
+LONG_PROMPT = [{"role": role, "content": LONG_TEXT} for role in ("user", "assistant", "user")]  # characters)
+
+
+async def long_prompts(url: str, model: str, until: float, tally: Counter) -> None:
+    async with httpx.AsyncClient(timeout=120) as http:
+        while time.monotonic() < until:
+            response = await http.post(f"{url}/v1/chat/completions", json={
+                "model": model, "max_tokens": 1, "messages": LONG_PROMPT})
+            tally[f"long prompt: {response.status_code}"] += 1
+
+
+async def v1_user(url: str, model: str, until: float, turns: list) -> None:
+    """Short streamed replies back to back: (first token s, tokens/s after it) each."""
+    async with httpx.AsyncClient(timeout=120) as http:
+        while time.monotonic() < until:
+            started, first, pieces = time.perf_counter(), None, 0
+            async with http.stream("POST", f"{url}/v1/chat/completions", json={
+                    "model": model, "max_tokens": 64, "stream": True, "temperature": 0,
+                    "messages": [{"role": "user", "content": "Tell me a story."}]}) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {") and json.loads(line[6:])["choices"] and \
+                            json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                        first = first or time.perf_counter()
+                        pieces += 1
+            if first is not None:
+                ended = time.perf_counter()
+                turns.append((first - started, (pieces - 1) / (ended - first) if ended > first else None))
+            await asyncio.sleep(0.5)
+
+
+async def run_v1(url: str, seconds: float, attackers: int) -> tuple[list, Counter]:
+    until = time.monotonic() + seconds
+    tally: Counter = Counter()
+    turns: list = []
+    async with httpx.AsyncClient(timeout=10) as http:
+        model = (await http.get(f"{url}/v1/models")).json()["data"][0]["id"]
+
+    async def floods():
+        await asyncio.sleep(1)
+        await asyncio.gather(*[long_prompts(url, model, until, tally) for _ in range(attackers)])
+
+    await asyncio.gather(v1_user(url, model, until, turns), floods())
+    return turns, tally
+
+
+def v1_table(url: str, seconds: float) -> list:
+    rows = []
+    for attackers in (0, 1, 3):
+        turns, tally = asyncio.run(run_v1(url, seconds, attackers))
+        rates = [rate for _, rate in turns if rate is not None]
+        rows.append((attackers, len(turns), percentile([first for first, _ in turns], 50),
+                     f"{statistics.median(rates):.0f}" if rates else "-", dict(tally)))
+    return rows
+
+
 async def run(url: str, seconds: float, flood: bool) -> tuple[list, Counter]:
     until = time.monotonic() + seconds
     heard: dict = {}
@@ -115,8 +177,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--v1", action="store_true", help="the /v1 long-prompt flood instead")
     args = parser.parse_args()
     os.makedirs(os.path.join(ROOT, "test-output"), exist_ok=True)
+    if args.v1:
+        return main_v1(args)
     rows = []
     with app_process("tiny-random", args.sessions) as (url, _):
         for name, flood in (("alone", False), ("under every flood", True)):
@@ -133,6 +198,20 @@ def main() -> None:
             print(f"| {name} | {turns} | {answered} | {percentile(latencies, 50)} / {percentile(latencies, 90)} | "
                   f"{'yes' if refused else 'no'} | {got} |")
     results.write("abuse", printed.text, {"rows": rows})
+
+
+def main_v1(args) -> None:
+    with app_process("tiny-random", args.sessions) as (url, _):
+        rows = v1_table(url, args.seconds)
+    with results.recording() as printed:
+        print(f"\n/v1 user: 64-token streamed replies back to back for {args.seconds:g} s; attackers loop "
+              f"~7,500-token prompts with max_tokens 1; --max-sessions {args.sessions}; tiny-random\n")
+        print("| attackers | replies | first token p50 (ms) | tok/s p50 | what the attackers got |")
+        print("|---|---|---|---|---|")
+        for attackers, replies, first, rate, tally in rows:
+            got = ", ".join(f"{key} x{count}" for key, count in sorted(tally.items())) or "-"
+            print(f"| {attackers} | {replies} | {first} | {rate} | {got} |")
+    results.write("abuse-v1", printed.text, {"rows": rows})
 
 
 if __name__ == "__main__":

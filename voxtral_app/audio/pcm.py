@@ -78,6 +78,50 @@ def prepare(rate: int, samples: np.ndarray, max_seconds: float) -> np.ndarray:
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
+MAX_CHANNELS = 8  # channels a decoded file may have (7.1); more is refused before decoding
+BLOCK_FRAMES = 1_048_576  # frames decoded at a time (~22 s at 48 kHz): memory stays ~ the mono result's
+
+
+def check_header(source, max_seconds: float):
+    """soundfile's info for a sound file (path or file object), or AudioError when its header says it
+    is over `max_seconds`, has more than `MAX_CHANNELS` or an unusable rate: read before decoding any of it."""
+    try:
+        info = sf.info(source)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as error:
+        raise AudioError(f"not a sound file soundfile can read ({error})") from None
+    if hasattr(source, "seek"):
+        source.seek(0)
+    if not 1 <= info.channels <= MAX_CHANNELS:
+        raise AudioError(f"the audio has {info.channels} channels; send at most {MAX_CHANNELS}")
+    if not MIN_RATE <= info.samplerate <= MAX_RATE:
+        raise AudioError(f"sample rate {info.samplerate} Hz is not supported; send {MIN_RATE}-{MAX_RATE} Hz audio")
+    if info.frames > max_seconds * info.samplerate:
+        raise AudioError(f"the audio is {info.frames / info.samplerate:.0f} s long; the limit is {max_seconds:.0f} s")
+    return info
+
+
+def decode_file(source, max_seconds: float) -> np.ndarray:
+    """A sound file (path or file object) -> mono float32 at 16 kHz: refused from its header
+    (`check_header`), then decoded, downmixed and resampled in blocks, so a small compressed file
+    cannot blow up in memory."""
+    info = check_header(source, max_seconds)
+    stream = soxr.ResampleStream(info.samplerate, SAMPLE_RATE, 1, dtype="float32")
+    pieces = []
+    with sf.SoundFile(source) as audio:
+        read = 0
+        while read <= max_seconds * info.samplerate:  # the header may understate the length: stop anyway
+            block = audio.read(BLOCK_FRAMES, dtype="float32", always_2d=True)
+            read += len(block)
+            last = len(block) < BLOCK_FRAMES
+            mono = np.nan_to_num(block.mean(axis=1), nan=0.0, posinf=0.0, neginf=0.0)
+            pieces.append(stream.resample_chunk(mono, last=last))
+            if last:
+                break
+        else:
+            raise AudioError(f"the audio is over the {max_seconds:.0f} s limit")
+    return prepare(SAMPLE_RATE, np.concatenate(pieces), max_seconds)
+
+
 def wav_bytes(audio: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
     """Float32 samples -> a lossless (32-bit float) WAV file in memory."""
     buffer = io.BytesIO()

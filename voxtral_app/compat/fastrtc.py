@@ -162,3 +162,43 @@ async def serve_websocket(stream: Stream, handler, websocket) -> None:
     socket = WebSocketHandler(handler, register, stream.clean_up, lambda socket_id: bounded_outputs(stream, socket_id))
     await socket.handle_websocket(websocket)
 
+
+
+def end_unknown_outputs(component) -> None:
+    """fastrtc's `output_stream` (the page's chat updates) waits for ever for an id that never
+    connects, holding one of the event's `concurrency_limit` places: a few made-up ids stopped every
+    page's chat. Here it ends at once for an id that is not a peer of `component` (the page asks for
+    its updates only once its peer is up: fastrtc's "fetch_output" message), and when the peer goes.
+    Nothing is made for an unknown id."""
+    streamed = component.output_stream
+
+    def known(webrtc_id) -> bool:
+        return isinstance(webrtc_id, str) and webrtc_id in component.pcs
+
+    async def output_stream(webrtc_id):
+        if not known(webrtc_id):
+            logger.info("ended a request for the chat updates of a connection that is not up")
+            return
+        async for outputs in streamed(webrtc_id):
+            yield outputs
+            if not known(webrtc_id):
+                return
+
+    component.output_stream = output_stream
+
+
+def check_page_offers(component, check) -> None:
+    """Run `check(body)` (raising ValueError to refuse) on a worker thread before the page's WebRTC
+    component handles an offer or ICE candidate (gradio's component_server "offer"): its SDP is
+    parsed off the event loop, and malformed ones never reach fastrtc, as on /webrtc/offer."""
+    offer = component.offer
+
+    async def checked_offer(body):
+        try:
+            await asyncio.to_thread(check, body)
+        except ValueError as error:
+            return {"status": "failed", "meta": {"error": "bad_offer"}, "message": f"Malformed offer: {error}"}
+        return await offer(body)
+
+    checked_offer._is_server_fn = True  # gradio's component_server calls only functions marked so
+    component.offer = checked_offer

@@ -82,7 +82,8 @@ class ConversationOptions:
     reply_tokens: int = CHAT.max_new_tokens  # longest chat reply, tokens
     ui_interval_s: float = 0.05  # a streaming reply's deltas come at most this often (the first token at once)
     phone_spoken: bool = True  # phone callers cannot read: calls get spoken replies unless this is off
-    idle_timeout_s: float = 300.0  # a conversation with no turn or message for this long closes itself
+    idle_timeout_s: float = 60.0  # a conversation with no speech, turn or message for this long closes itself
+    # (frees its slot: an open socket or page that never speaks must not hold one)
     temperature: float = CHAT.temperature  # chat temperature a new conversation starts with (--temperature)
     clips: int = 8  # the page plays back the last 8 spoken turns (older ones show their label; 0: labels only)
     clip_s: float = 30.0  # a turn's clip keeps its last 30 s (960 KB of 16-bit 16 kHz audio)
@@ -191,7 +192,8 @@ class Conversation:
                 self.handle(kind, value)
         except queue.Empty:
             logger.info("%s: closing after %.0f s without a turn", self.name, self.options.idle_timeout_s)
-            closed = Closed("idle", "This conversation was closed after a long silence.")
+            closed = Closed("idle", f"This conversation was closed after {self.options.idle_timeout_s:.0f} s without "
+                            "speech or a message; start a new one to go on.")
         except Exception:  # noqa: BLE001 - a bug must not leak the slot
             logger.exception("%s: conversation failed", self.name)
             closed = Closed("failed", "This conversation failed; please start a new one.")

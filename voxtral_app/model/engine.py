@@ -48,8 +48,9 @@ class EngineOptions:
     stuck_after_s: float = 30.0  # the decode thread has work but has not stepped for this long: stuck
     prefill_chunk: int = 512  # prompt tokens prefilled between two decode steps: a long prompt (a 5 min
     # upload, a trimmed conversation's re-prefill) never holds up the replies in flight for long
-    decode_gap_s: float = 0.2  # while a finished turn waits for its prefill, replies in flight get a step
-    # only this often: 4 turns ending at once each waited for the others' decode steps too
+    decode_gap_s: float = 0.05  # while a finished turn waits for its prefill, replies in flight get a step
+    # only this often: 4 turns ending at once each waited for the others' decode steps too, but a stream of
+    # long prompts must not starve the replies in flight either
     model_process: bool = False  # the model in a child process with its own GIL (model_process.py); app.py's default
     transcript_tokens: int = 1024  # longest transcript, tokens (a chat reply's cap: ConversationOptions.reply_tokens)
     side_slots: int = 1  # KV rows beyond the conversations' for transcripts beside them (transcripts.py)
@@ -304,7 +305,11 @@ class Engine:
         for every reply in flight. Prompts someone waits for are prefilled first; a speculative one
         (a turn that may go on) joins at most one per round, so it never holds up a finished turn.
         While such a prompt waits, the replies in flight step only every `decode_gap_s`: a person
-        waiting for the first word comes before the next word of a reply already streaming."""
+        waiting for the first word comes before the next word of a reply already streaming. Prompts
+        waited for take turns, one piece each and a new one first, so a long one does not hold up the
+        others; and the later pieces of a long prompt are paid for: the replies in flight then get as
+        much decode time as those pieces took, so a client looping long prompts cannot starve them."""
+        owed = 0.0  # seconds of decoding the replies in flight are owed for long prompts' later pieces
         while True:
             with self.wake:
                 while (not self.pending and not self.filling and not self.active and not self.closed
@@ -323,19 +328,40 @@ class Engine:
                 self.rows.forget(seat)
             for generation in [g for g in self.filling if g.cancelled.is_set()]:
                 self.finish(generation)
-            self.filling = sorted((g for g in self.filling if not g.done.is_set()), key=lambda g: not g.wanted.is_set())
-            seated = self.next_seated()
-            if seated is not None and self.prefill(seated):
-                self.filling.remove(seated)
+            self.filling = sorted((g for g in self.filling if not g.done.is_set()),  # waited for, then not yet begun
+                                  key=lambda g: (not g.wanted.is_set(), g.filled > 0))
+            blocked = False  # every KV row is busy with a reply in flight: decoding frees one
+            if self.filling and not (self.active and owed > 0):
+                owed, blocked = self.prefill_next(owed)
             for generation in self.active:
                 if generation.cancelled.is_set():
                     self.finish(generation)
             self.active = [g for g in self.active if not g.done.is_set()]
-            blocked = seated is None and bool(self.filling)  # waiting for a row: decoding frees one
-            if self.active and (blocked or not self.turn_waits()
-                                or time.perf_counter() - self.stepped >= self.options.decode_gap_s):
+            if not self.active:
+                owed = 0.0
+            elif (blocked or owed > 0 or not self.turn_waits()
+                  or time.perf_counter() - self.stepped >= self.options.decode_gap_s):
+                started = time.perf_counter()
                 self.decode(self.active)
+                owed = max(0.0, owed - (time.perf_counter() - started))
                 self.active = [g for g in self.active if not g.done.is_set()]
+
+    def prefill_next(self, owed: float) -> tuple[float, bool]:
+        """One piece of the first prompt in line that has a KV row (or gets one now). Prompts take
+        turns, one piece each: a long prompt (one client's) cannot hold up a short one behind it; a
+        long prompt's later pieces add what they took to `owed`. -> (owed, whether every row is busy)."""
+        head = self.next_seated()
+        if head is None:
+            return owed, bool(self.filling)
+        started, later_piece = time.perf_counter(), head.filled > 0
+        if self.prefill(head):
+            self.filling.remove(head)
+        elif not any(g.slot == head.slot for g in self.filling if g is not head):  # a conversation's stay in order
+            self.filling.remove(head)
+            self.filling.append(head)
+        if later_piece:
+            owed += time.perf_counter() - started
+        return owed, False
 
     def next_seated(self) -> Generation | None:
         """The first prompt in line that has a KV row or gets one now (rows.Rows.seat); None while every

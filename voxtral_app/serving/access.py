@@ -71,9 +71,9 @@ class Connections:
                 age = now - (claim.claimed if claim else self.seen.setdefault(connection_id, now))
                 conversation = getattr(handler, "conversation", None)
                 if state != "connected" and age > self.options.offer_deadline_s:
-                    logger.info("dropping connection %s: not connected after %.0f s", connection_id, age)
+                    logger.info("dropping connection %s…: not connected after %.0f s", connection_id[:4], age)
                 elif conversation is not None and conversation.closed.is_set():
-                    logger.info("dropping connection %s: its conversation has ended", connection_id)
+                    logger.info("dropping connection %s…: its conversation has ended", connection_id[:4])
                 else:
                     continue
                 await compat.drop_connection(mixin, connection_id)

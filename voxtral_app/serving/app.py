@@ -13,8 +13,10 @@ import contextlib
 import hmac
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from urllib.parse import urlencode
 
 import gradio as gr
 from aiortc.sdp import SessionDescription
@@ -23,6 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastrtc import Stream
 from pydantic import BaseModel, ValidationError
 
+from ..audio.pcm import check_header
 from ..compat import fastrtc as compat
 from ..compat import gradio as gradio_compat
 from ..conversation.conversation import ConversationOptions
@@ -32,12 +35,13 @@ from ..model.engine import Engine
 from . import metrics
 from .access import AccessOptions, Connections
 from .errors import busy, busy_event, failed
-from .guard import Guard, GuardOptions
+from .guard import Guard, GuardOptions, is_loopback
 from .handler import PHONE_RATE, VoxtralHandler
 from .openai_routes import add_openai_routes
 from .session_api import SessionOptions, add_session_routes
 from .sockets import CheckedWebSocket, SocketClosed, call_token
 from .ui import build_ui
+from .uploads import UploadGate, UploadLedger, UploadOptions, limit_conversations
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,9 @@ class ServerOptions:
     access: AccessOptions = AccessOptions()  # offer deadline
     sessions: SessionOptions = SessionOptions()  # the session API (POST /session/create, WS /ws/audio/{id})
     resume_s: float = 120.0  # a dropped connection's conversation (a page's between its calls) waits this long
+    uploads: UploadOptions = UploadOptions()  # the page's upload quotas
+    page_events_per_address: int = 8  # the page's pending events (queued or streaming) per client address
+    page_conversations_per_address: int = 2  # the page's upload/text-box conversations per client address
 
 
 class Offer(BaseModel):
@@ -106,7 +113,9 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
     ui = build_ui(engine, handler, slots, options.session_time_limit_s, options.rtc_configuration, options.debug,
                   options.resume_s)
     app = app or FastAPI(title="Voxtral realtime", docs_url=None, redoc_url=None)  # their pages load from a CDN
-    app.add_middleware(Guard, options=options.guard)
+    ledger = UploadLedger(options.uploads)
+    app.add_middleware(UploadGate, ledger=ledger)  # inside the guard: it sees the client's own address
+    app.add_middleware(Guard, options=replace(options.guard, twilio_signed=bool(options.twilio_auth_token)))
     connections = Connections(options.access)
     app.state.stream = stream
     app.state.engine = engine
@@ -114,6 +123,7 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
     app.state.connections = connections
     sweeper: list[asyncio.Task] = []  # started by the first request (an app mounted elsewhere has no startup of ours)
     closing = asyncio.Event()  # set at shutdown: streams end, so the server can exit
+    calls: dict[str, float] = {}  # CallSid -> when its stream started: a call token opens one stream
 
     def sweep_soon() -> None:
         if not sweeper:
@@ -279,6 +289,12 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
                     given, call_token(options.twilio_auth_token, str(call_sid))):
                 logger.warning("refused a phone stream without a valid call token")
                 return await socket.close("refused: this stream has no valid call token", code=4403)
+            now = time.monotonic()
+            for sid in [sid for sid, at in calls.items() if now - at > 86_400]:  # calls are shorter than a day
+                del calls[sid]
+            if call_sid in calls:
+                return await socket.close("refused: this call already has its stream", code=4409)
+            calls[call_sid] = now
         try:
             token = connections.claim(connection_id, "phone" if phone else "websocket",
                                       taken=compat.is_known(stream, connection_id))
@@ -327,7 +343,18 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
 
     sessions = add_session_routes(app, engine, chat_options, speaker, options.sessions, options.session_time_limit_s)
     metrics.add_metrics_route(app, engine)  # GET /metrics
-    return gr.mount_gradio_app(app, ui, path="/", auth=guard_login(options.guard))
+    gr.mount_gradio_app(app, ui, path="/", auth=guard_login(options.guard))
+    gradio_compat.guard_input_files(ui, ledger.allowed, ledger.forget)
+    gradio_compat.bound_queue(ui, options.page_events_per_address, exempt=is_loopback)
+    limit_conversations(ui.conversations, options.page_conversations_per_address, gradio_compat.event_address,
+                        gr.Warning)
+    gradio_compat.check_audio_files(lambda path: check_header(path, engine.options.max_audio_s))
+    gradio_compat.quiet_errors(app)
+    for component in compat.page_components(ui):
+        compat.end_unknown_outputs(component)
+        compat.check_page_offers(component, lambda body: check_offer(json.dumps(body).encode()))
+    app.state.uploads_ledger = ledger
+    return app
 
 
 def add_lifespan(app: FastAPI, shut_down: Callable[[], Awaitable[None]]) -> None:
@@ -356,7 +383,10 @@ def twiml(request: Request, form: dict, secret: str | None) -> str:
     path = request.url.path.removesuffix("/telephone/incoming")
     response = VoiceResponse()
     connect = Connect()
-    media = connect.stream(url=f"{'wss' if secure else 'ws'}://{host}{path}/telephone/handler")
+    url = f"{'wss' if secure else 'ws'}://{host}{path}/telephone/handler"
+    if not secret and request.query_params.get("token"):  # no Twilio signing: the stream needs the access token too
+        url += "?" + urlencode({"token": request.query_params["token"]})
+    media = connect.stream(url=url)
     if secret:
         media.parameter(name="token", value=call_token(secret, str(form.get("CallSid", ""))))
     response.append(connect)

@@ -1,17 +1,21 @@
 """The front door: every HTTP request and WebSocket passes here before any route reads it.
 
-`Guard` is plain ASGI middleware: it refuses an over-size body with 413 before reading it (by its
-Content-Length, and by counting when the body is streamed), asks for the server's access token
-when one is set (`--auth-token`), and limits how often one address may open offers and sockets.
+`Guard` is plain ASGI middleware: it takes the client's address from X-Forwarded-For only when the
+peer is a trusted proxy (`--forwarded-allow-ips`), refuses an over-size body with 413 before reading
+it (by its Content-Length, and by counting when the body is streamed) and a JSON body nested too
+deeply with 400, asks for the server's access token when one is set (`--auth-token`, throttling
+wrong guesses per address), and limits how often one address may open offers and sockets.
 """
 
+import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 from urllib.parse import parse_qs
 
 logger = logging.getLogger(__name__)
@@ -23,6 +27,7 @@ class GuardOptions:
     default_body_bytes: int = 1_048_576  # 1 MB: any request body not named below
     body_bytes: tuple[tuple[str, int], ...] = (  # (path prefix, cap); the first match wins
         ("/webrtc/offer", 65_536),  # an SDP offer is a few kB
+        ("/gradio_api/component_server", 65_536),  # the page's own WebRTC offers
         ("/input", 4_096),
         ("/telephone/incoming", 65_536),
         ("/gradio_api/upload", 64 * 1_048_576),  # a 5 min upload at 48 kHz stereo is ~58 MB
@@ -30,18 +35,25 @@ class GuardOptions:
         ("/v1/audio", 26_214_400),  # OpenAI's own 25 MB audio limit
         ("/v1/chat", 26_214_400),
     )
-    opens_per_minute: int = 30  # offers + socket opens one client address may make per minute (0: no limit)
+    opens_per_minute: int = 30  # offers, socket opens and /v1 requests one client address may make per minute
+    # (0: no limit)
     limit_loopback: bool = False  # also limit 127.0.0.1/::1 (off: local tests and reverse proxies)
     open_paths: tuple[str, ...] = ("/webrtc/offer", "/websocket/offer", "/telephone/handler", "/session/create",
-                                   "/ws/audio")
-    public_paths: tuple[str, ...] = ("/health", "/telephone/")  # no token: health checks; Twilio signs its own
+                                   "/ws/audio", "/v1/chat", "/v1/audio")
+    public_paths: tuple[str, ...] = ("/health",)  # no token: health checks
+    twilio_signed: bool = False  # --twilio-auth-token is set: the phone routes check Twilio's signatures instead
+    failed_auth_per_minute: int = 10  # wrong tokens and page logins one address may try a minute (then 429)
+    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")  # proxies whose X-Forwarded-For names the
+    # client (addresses or networks; "*": any peer, e.g. on a Space, whose own proxy is the only way in)
+    json_depth: int = 64  # deepest nesting of a JSON body (and socket message); deeper gets 400
+    json_paths: tuple[str, ...] = ("/input", "/session/create", "/v1/", "/webrtc/offer", "/gradio_api/")
 
     def body_cap(self, path: str) -> int:
         return next((cap for prefix, cap in self.body_bytes if path.startswith(prefix)), self.default_body_bytes)
 
 
 class RateLimit:
-    """Opens per client address in the last minute. Owned by the event loop (only the middleware uses it)."""
+    """Tries (opens, failed logins) per client address in the last minute. Owned by the event loop (only the middleware uses it)."""
 
     def __init__(self, per_minute: int):
         self.per_minute = per_minute
@@ -55,9 +67,62 @@ class RateLimit:
         if len(times) >= self.per_minute:
             return False
         times.append(now)
+        self.forget_idle(now)
+        return True
+
+    def full(self, address: str) -> bool:
+        """Whether `allow` would refuse now (without counting a try)."""
+        now = time.monotonic()
+        times = self.seen.get(address) or deque()
+        return sum(1 for t in times if now - t <= 60) >= self.per_minute
+
+    def forget_idle(self, now: float) -> None:
         if len(self.seen) > 10_000:  # forget idle addresses rather than grow without bound
             self.seen = {a: t for a, t in self.seen.items() if t and now - t[-1] < 60}
+
+
+def too_deep(raw: bytes, limit: int) -> bool:
+    """Whether a JSON text nests arrays/objects deeper than `limit` (strings are skipped). Python's
+    json module raises RecursionError (a 500) a few thousand levels down."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    depth = 0
+    for token in JSON_TOKENS.finditer(raw):
+        match token.group()[:1]:
+            case b"[" | b"{":
+                depth += 1
+                if depth > limit:
+                    return True
+            case b"]" | b"}":
+                depth -= 1
+    return False
+
+
+JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def trusted(address: str, proxies: tuple[str, ...]) -> bool:
+    if "*" in proxies:
         return True
+    try:
+        ip = ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ip_network(proxy, strict=False) for proxy in proxies)
+
+
+def client_address(scope, proxies: tuple[str, ...]) -> str:
+    """The client's address: the peer's, or, behind trusted proxies, the last untrusted one of
+    X-Forwarded-For (each proxy appends the address it saw; anything left of it could be forged)."""
+    peer = (scope.get("client") or ("", 0))[0]
+    if not proxies or not trusted(peer, proxies):
+        return peer
+    forwarded = b",".join(v for k, v in scope.get("headers") or [] if k == b"x-forwarded-for").decode("latin-1")
+    hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not trusted(hop, proxies):
+            return hop
+    return hops[0] if hops else peer
 
 
 def is_loopback(address: str) -> bool:
@@ -81,18 +146,28 @@ class Guard:
         self.app = app
         self.options = options
         self.rate = RateLimit(options.opens_per_minute)
+        self.failures = RateLimit(options.failed_auth_per_minute)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         o = self.options
-        if o.auth_token and not path.startswith(o.public_paths) and not self.page_request(scope, path):
+        address = client_address(scope, o.forwarded_allow_ips)
+        if address != (scope.get("client") or ("", 0))[0]:
+            scope = dict(scope, client=(address, 0))  # every route (and gradio) sees the client's own address
+        public = o.public_paths + (("/telephone/",) if o.twilio_signed else ())
+        if o.auth_token and not path.startswith(public) and not self.page_request(scope, path):
+            if o.failed_auth_per_minute and self.failures.full(address):  # even a right guess: no oracle
+                return await refuse(scope, receive, send, 429, "rate_limited",
+                                    "Too many wrong tokens from your address; wait a minute.")
             if not hmac.compare_digest((bearer(scope) or "").encode(), o.auth_token.encode()):
+                self.failures.allow(address)
                 return await refuse(scope, receive, send, 401, "unauthorized", "This server needs its access token: "
                                     "send `Authorization: Bearer <token>` (or ?token=).")
+        if o.auth_token and path == "/login" and scope["type"] == "http":
+            return await self.login(scope, receive, send, address)
         if o.opens_per_minute and path.startswith(o.open_paths):
-            address = (scope.get("client") or ("", 0))[0]
             if (o.limit_loopback or not is_loopback(address)) and not self.rate.allow(address):
                 logger.warning("rate limit: %s opened over %d connections in a minute", address, o.opens_per_minute)
                 return await refuse(scope, receive, send, 429, "rate_limited",
@@ -101,10 +176,23 @@ class Guard:
             return await self.capped(scope, receive, send, o.body_cap(path))
         return await self.app(scope, receive, send)
 
+    async def login(self, scope, receive, send, address: str):
+        """The page's login (gradio's /login): refused for a minute after too many wrong passwords."""
+        if self.options.failed_auth_per_minute and self.failures.full(address):
+            return await refuse(scope, receive, send, 429, "rate_limited",
+                                "Too many wrong passwords from your address; wait a minute.")
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.failures.allow(address)
+            await send(message)
+
+        return await self.capped(scope, receive, counted_send, self.options.body_cap("/login"))
+
     def page_request(self, scope, path: str) -> bool:
         """The Gradio page has its own login (mount_gradio_app(auth=...)); its routes pass here."""
         return scope["type"] == "http" and not path.startswith(("/webrtc", "/websocket", "/outputs", "/input",
-                                                                "/session", "/ws/", "/v1/", "/metrics"))
+                                                                "/telephone", "/session", "/ws/", "/v1/", "/metrics"))
 
     async def capped(self, scope, receive, send, cap: int):
         headers = dict(scope.get("headers") or [])
@@ -116,6 +204,8 @@ class Guard:
         if declared is not None and declared > cap:
             return await refuse(scope, receive, send, 413, "body_too_large",
                                 f"The request body is over the {cap}-byte limit of this route.")
+        if self.json_body(scope, headers):
+            return await self.checked_json(scope, receive, send, cap)
         received = 0
         started = False
 
@@ -139,6 +229,58 @@ class Guard:
             if not started:
                 await refuse(scope, receive, send, 413, "body_too_large",
                              f"The request body is over the {cap}-byte limit of this route.")
+
+
+    def json_body(self, scope, headers: dict) -> bool:
+        kind = headers.get(b"content-type", b"")
+        return (scope.get("method") in ("POST", "PUT", "PATCH") and b"multipart" not in kind
+                and b"form-urlencoded" not in kind and scope.get("path", "").startswith(self.options.json_paths))
+
+    async def checked_json(self, scope, receive, send, cap: int):
+        """Read the whole (capped) body, refuse it if nested too deeply, else hand it on as it came."""
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > cap:
+                return await refuse(scope, receive, send, 413, "body_too_large",
+                                    f"The request body is over the {cap}-byte limit of this route.")
+        limit = self.options.json_depth
+        deep = await asyncio.to_thread(too_deep, body, limit) if len(body) > 65_536 else too_deep(body, limit)
+        if deep:
+            return await refuse(scope, receive, send, 400, "bad_request",
+                                f"The JSON body is nested deeper than {limit} levels.")
+        if self.page_offer(scope, body) and not self.rate.allow((scope.get("client") or ("", 0))[0]):
+            return await refuse(scope, receive, send, 429, "rate_limited", "Too many connections from your "
+                                f"address (over {self.options.opens_per_minute} a minute).")
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+    def page_offer(self, scope, body: bytes) -> bool:
+        """A WebRTC offer to the page's own component (gradio's component_server), which the open
+        limit counts like /webrtc/offer; its ICE candidates are not counted."""
+        o = self.options
+        address = (scope.get("client") or ("", 0))[0]
+        if not o.opens_per_minute or (is_loopback(address) and not o.limit_loopback) or not scope.get(
+                "path", "").startswith("/gradio_api/component_server") or b'"offer"' not in body:
+            return False
+        try:
+            request = json.loads(body)
+            return request.get("fn_name") == "offer" and request["data"].get("type") == "offer"
+        except (ValueError, AttributeError, KeyError, TypeError):
+            return False
 
 
 class BodyTooLarge(Exception):

@@ -179,6 +179,8 @@ class VoxtralHandler(StreamHandler):
         with self.lock:
             self.conversation = conversation
             settings = self.settings  # arrived while the slot was being taken
+            if self.last_frame is None:  # the no-audio rule counts from the connection, not its first frame
+                self.last_frame = self.clock()
         conversation.post("settings", settings)
         if self.on_open is not None:
             self.on_open(conversation, self.transport_name)

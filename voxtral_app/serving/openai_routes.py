@@ -28,11 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import soundfile as sf
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from ..audio.pcm import AudioError, prepare, wav_bytes
+from ..audio.pcm import AudioError, decode_file, wav_bytes
 from ..backends.contract import (
     CHAT,
     MAX_AUDIO_TURNS,
@@ -83,17 +82,14 @@ class ChatRequest:
 # -- request parsing (on the pool: audio decoding is CPU work) -----------------------------------------
 
 def decode_audio(data: bytes, max_audio_s: float, param: str) -> np.ndarray:
+    """Refused from the file's header when too long or too wide, then decoded in blocks (pcm.decode_file):
+    a small compressed file can hold hours of many-channel silence."""
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32")
+        return decode_file(io.BytesIO(data), max_audio_s)
+    except AudioError as error:
+        raise ApiError(400, f"{error}; send WAV, FLAC or OGG", param=param) from None
     except Exception as error:  # noqa: BLE001 - libsndfile's errors are all "cannot read this"
         raise ApiError(400, f"could not read the audio ({error}); send WAV, FLAC or OGG", param=param) from None
-    if len(samples) > max_audio_s * rate:
-        raise ApiError(400, f"the audio is {len(samples) / rate:.0f} s long; the limit is {max_audio_s:.0f} s",
-                       param=param)
-    try:
-        return prepare(rate, samples, max_audio_s)
-    except AudioError as error:
-        raise ApiError(400, str(error), param=param) from None
 
 
 def audio_part(part: dict, max_audio_s: float, param: str) -> np.ndarray:

@@ -53,6 +53,7 @@ from ..conversation.parking import Parking
 from ..turns.taker import TurnTaker
 from . import metrics
 from .errors import busy, failed
+from .guard import is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +65,13 @@ CLIENT_TYPES = ("text_input", "config", "cancel", "clear")
 
 @dataclass(frozen=True)
 class SessionOptions:
-    connect_timeout_s: float = 60.0  # a created session nobody connects to within this expires, freeing its slot
+    connect_timeout_s: float = 10.0  # a created session nobody connects to within this expires, freeing its slot
     max_message_bytes: int = 1_000_000  # larger WebSocket messages get an error (1 MB = 31 s of 16 kHz PCM)
     max_body_bytes: int = 10_000  # /session/create's JSON body
     resume_s: float = 120.0  # a session whose socket closed keeps its conversation this long for a reconnect (0: off)
     kept_limit: int = 64  # sessions kept for a reconnect at most; past it the oldest ends (each holds its history)
+    pending_per_address: int = 2  # created, not yet connected sessions one client address may hold (loopback:
+    # any number, as for the other per-address limits)
 
 
 class BadMessage(ValueError):
@@ -360,8 +363,8 @@ class Sessions:
         """One JSON message from the client -> posted to the conversation (and maybe an answer)."""
         try:
             message = json.loads(text)
-        except ValueError as problem:
-            raise BadMessage("bad_json", f"not JSON: {problem}") from None
+        except (ValueError, RecursionError) as problem:  # RecursionError: nested thousands of levels deep
+            raise BadMessage("bad_json", f"not JSON: {type(problem).__name__}") from None
         if not isinstance(message, dict) or message.get("type") not in CLIENT_TYPES:
             raise BadMessage("unknown_type", f"a text message is a JSON object with a type in {list(CLIENT_TYPES)}")
         kind = message["type"]
@@ -393,6 +396,10 @@ def session_request(body: dict, chat_options: ConversationOptions) -> tuple[Sett
         raise ValueError(f"sample_rate must be a whole number of Hz in {MIN_RATE}-{MAX_RATE}")
     if body.get("mode") is not None and body["mode"] not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}")
+    temperature = body.get("temperature")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not 0.0 <= temperature <= 2.0):  # NaN compares false too
+        raise ValueError("temperature must be a number from 0 to 2")
     return Settings.from_dict(body, Settings(temperature=chat_options.temperature)), rate
 
 
@@ -403,8 +410,16 @@ def add_session_routes(app, engine, chat_options: ConversationOptions, speaker,
     sessions = Sessions(engine, chat_options, speaker, options, time_limit_s)
     app.state.sessions = sessions
 
+    created_by: dict[str, str] = {}  # session id -> the address that created it, until it connects or ends
+
     @app.post("/session/create")
     async def create_session(request: Request):
+        for session_id in [i for i in created_by if i not in sessions.sessions or sessions.sessions[i].connected]:
+            del created_by[session_id]
+        address = request.client.host if request.client else ""
+        if not is_loopback(address) and sum(a == address for a in created_by.values()) >= options.pending_per_address:
+            return failed(429, "too_many_pending", f"Your address has {options.pending_per_address} sessions "
+                          "nobody has connected to yet; connect to one (or wait 10 s) first.")
         body = b""
         async for chunk in request.stream():
             body += chunk
@@ -422,6 +437,7 @@ def add_session_routes(app, engine, chat_options: ConversationOptions, speaker,
         except EngineFailed as problem:
             metrics.REJECTED.inc()
             return failed(503, "engine_failed", f"The server cannot answer right now ({problem}).")
+        created_by[session.id] = address
         return {"session_id": session.id, "status": "created", "websocket_url": f"/ws/audio/{session.id}",
                 "sample_rate": rate, "settings": asdict(settings), "expires_in_s": options.connect_timeout_s}
 

@@ -35,7 +35,10 @@ def check_message(text: str) -> dict:
     """One WebSocket message (fastrtc's or Twilio's Media Streams protocol) -> dict, or ValueError."""
     if len(text) > MAX_MESSAGE_BYTES:
         raise ValueError(f"a message may have at most {MAX_MESSAGE_BYTES} characters")
-    message = json.loads(text)
+    try:
+        message = json.loads(text)
+    except RecursionError:  # nested a few thousand levels deep
+        raise ValueError("the message is nested too deeply") from None
     if not isinstance(message, dict) or not isinstance(message.get("event"), str):
         raise ValueError("a message must be a JSON object with an 'event'")
     event = message["event"]

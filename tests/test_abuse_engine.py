@@ -1,0 +1,43 @@
+"""The engine shared fairly (issue 29): a client's long prompt does not hold up another's short one."""
+
+import threading
+
+from voxtral_app.backends.contract import Sampling
+from voxtral_app.model.engine import EngineOptions
+from voxtral_app.model.loading import load_engine
+
+GREEDY = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=4)
+
+
+def test_prompts_waited_for_take_turns_piece_by_piece(tiny_checkpoint, speech):
+    """A long prompt (a /v1 flood's) is prefilled in pieces; a short one that arrives meanwhile gets
+    its own piece next instead of waiting for every piece of the long one."""
+    engine = load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=2, max_tokens=2048,
+                                       prefill_chunk=32, warmup=False))
+    long_chat, short_chat = engine.open_chat(), engine.open_chat()
+    calls = []
+    prefill = engine.decoder.prefill
+    long_started, short_sent = threading.Event(), threading.Event()
+
+    def prefilled(slot, *args, **kwargs):
+        calls.append(slot)
+        if slot == long_chat.slot and not long_started.is_set():
+            long_started.set()
+            assert short_sent.wait(30)  # the short prompt arrives while the long one's first piece runs
+        return prefill(slot, *args, **kwargs)
+
+    engine.decoder.prefill = prefilled
+    try:
+        long_reply = long_chat.start(speech, sampling=GREEDY)  # ~390 prompt tokens: 13 pieces of 32
+        assert long_started.wait(30)
+        short_reply = short_chat.start(text="Hi.", sampling=GREEDY)  # one piece
+        short_sent.set()
+        assert short_reply.next_piece(timeout=60) is not None and long_reply.next_piece(timeout=60) is not None
+    finally:
+        engine.decoder.prefill = prefill
+        long_chat.close()
+        short_chat.close()
+        engine.close()
+    long_pieces = [i for i, slot in enumerate(calls) if slot == long_chat.slot]
+    assert len(long_pieces) > 10, calls
+    assert calls.index(short_chat.slot) < long_pieces[2], calls  # within a piece or two of arriving

@@ -1,0 +1,240 @@
+"""The page's own (gradio) routes against hostile clients (issue 29): files, made-up ids, queue floods,
+errors. Raw httpx requests, as a script would send them, not the page's own client."""
+
+import json
+import os
+import secrets
+import time
+import wave
+
+import httpx
+import numpy as np
+import pytest
+from conftest import app_options
+from servers import BackgroundServer
+
+from voxtral_app.audio.pcm import SAMPLE_RATE
+from voxtral_app.serving.app import create_app
+
+
+@pytest.fixture(scope="module")
+def page(app_engine):
+    os.environ["GRADIO_IS_E2E_TEST"] = "1"  # gradio's heartbeat every 0.25 s: a closed page is noticed at once
+    served = BackgroundServer(create_app(app_engine, app_options(app_engine, reply_tokens=8)))
+    yield served
+    served.stop()
+    os.environ.pop("GRADIO_IS_E2E_TEST", None)
+
+
+NO_MICROPHONE = {"webrtc_id": ""}  # the microphone component's value on a page that has not connected it
+
+
+def write_wav(path, audio: np.ndarray) -> str:
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SAMPLE_RATE)
+        out.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    return str(path)
+
+
+def fn_index(served, name: str) -> int:
+    return next(i for i, fn in served.app.state.ui.fns.items() if fn.name == name)
+
+
+def file_data(path: str) -> dict:
+    return {"path": path, "meta": {"_type": "gradio.FileData"}, "orig_name": os.path.basename(path)}
+
+
+def client(visitor: str = "203.0.113.1") -> httpx.Client:
+    """A visitor from `visitor`, through a reverse proxy on this host (which the server trusts by
+    default): loopback itself is exempt from the per-address limits."""
+    return httpx.Client(timeout=30, headers={"X-Forwarded-For": visitor})
+
+
+def join(http: httpx.Client, served, name: str, data: list, session: str) -> httpx.Response:
+    return http.post(f"{served.url}/gradio_api/queue/join",
+                     json={"data": data, "fn_index": fn_index(served, name), "session_hash": session,
+                           "event_data": None, "trigger_id": None})
+
+
+def outcome(http: httpx.Client, served, session: str, timeout_s: float = 60, logs: list | None = None) -> dict:
+    """The session's events' messages until one completes: its process_completed message (the
+    warnings it showed on the way go to `logs`)."""
+    with http.stream("GET", f"{served.url}/gradio_api/queue/data", params={"session_hash": session},
+                     timeout=timeout_s) as events:
+        for line in events.iter_lines():
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") == "log" and logs is not None:
+                    logs.append(message.get("log"))
+                if message.get("msg") == "process_completed":
+                    return message
+    raise AssertionError("the event stream ended without a result")
+
+
+def drain(http: httpx.Client, served, session: str, count: int) -> int:
+    """Read the session's event stream until `count` events have completed."""
+    done = 0
+    with http.stream("GET", f"{served.url}/gradio_api/queue/data", params={"session_hash": session}) as events:
+        for line in events.iter_lines():
+            if line.startswith("data:") and json.loads(line[5:]).get("msg") == "process_completed":
+                done += 1
+                if done == count:
+                    break
+    return done
+
+
+def upload(http: httpx.Client, served, path: str) -> str:
+    with open(path, "rb") as f:
+        response = http.post(f"{served.url}/gradio_api/upload", files={"files": (os.path.basename(path), f)})
+    assert response.status_code == 200, response.text
+    return response.json()[0]
+
+
+def file_events(served) -> list[str]:
+    """The page's events that take a file (an audio or file component) as an input."""
+    return sorted(fn.name for fn in served.app.state.ui.fns.values()
+                  if any(getattr(block, "data_model", None) is not None and "File" in block.data_model.__name__
+                         for block in fn.inputs))
+
+
+def test_page_events_take_only_files_their_own_session_uploaded(page, speech, tmp_path):
+    secret = write_wav(tmp_path / "voicemail.wav", speech[: 2 * SAMPLE_RATE])  # on the server's disk, never uploaded
+    mine = write_wav(tmp_path / "mine.wav", speech[: 2 * SAMPLE_RATE])
+    assert file_events(page) == ["send_upload"]
+    controls = ["chat", "auto", 0.2]
+    with client() as http, client("203.0.113.2") as elsewhere:
+        refused = {}
+        for label, path in (("exists", secret), ("missing", str(tmp_path / "nothing.wav"))):
+            session = secrets.token_hex(5)
+            assert join(http, page, "send_upload", [file_data(path), *controls], session).status_code == 200
+            refused[label] = outcome(http, page, session)
+        uploaded = upload(http, page, mine)
+        owner = secrets.token_hex(5)
+        join(http, page, "send_upload", [file_data(uploaded), *controls], owner)
+        answered = outcome(http, page, owner)
+        other_session = secrets.token_hex(5)
+        join(http, page, "send_upload", [file_data(uploaded), *controls], other_session)
+        stolen = outcome(http, page, other_session)
+        other_address = secrets.token_hex(5)
+        join(elsewhere, page, "send_upload", [file_data(uploaded), *controls], other_address)
+        stolen_elsewhere = outcome(elsewhere, page, other_address)
+        with http.stream("GET", f"{page.url}/gradio_api/heartbeat/{owner}") as beat:
+            next(beat.iter_lines())  # the page is open; leaving the block closes it: its unload runs
+        deadline = time.monotonic() + 10
+        while os.path.exists(uploaded) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    for message in (refused["exists"], refused["missing"], stolen, stolen_elsewhere):
+        assert not message["success"], message
+    assert refused["exists"]["output"] == refused["missing"]["output"]  # no oracle for the server's disk
+    assert answered["success"], answered
+    history = answered["output"]["data"][0]
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    assert not os.path.exists(uploaded)  # deleted when its page closed
+
+
+def test_made_up_connection_ids_end_their_chat_updates_at_once(page, app_engine):
+    """fastrtc's chat-update event for an id that never connected used to run for ever, and
+    `--max-sessions` of them stopped every page's chat."""
+    with client() as http:
+        sessions = [secrets.token_hex(5) for _ in range(app_engine.options.slots + 1)]
+        for session in sessions:
+            made_up = {"webrtc_id": secrets.token_hex(6)}
+            assert join(http, page, "handler", [made_up, [], ""], session).status_code == 200
+        ended = [outcome(http, page, session, timeout_s=20) for session in sessions]
+    assert all(message["msg"] == "process_completed" for message in ended)
+
+
+def test_one_address_may_hold_only_a_few_page_events(page):
+    bound = 8  # ServerOptions.page_events_per_address
+    with client() as http, client("203.0.113.2") as elsewhere:
+        session = secrets.token_hex(5)
+        codes = [join(http, page, "send_text", ["", NO_MICROPHONE, "chat", "auto", 0.2], session).status_code
+                 for _ in range(bound + 1)]  # never read: each stays pending
+        newcomer = join(elsewhere, page, "send_text", ["", NO_MICROPHONE, "chat", "auto", 0.2], secrets.token_hex(5))
+        read = drain(http, page, session, bound)  # a page reads its events: then the address may send more
+        after = join(http, page, "send_text", ["", NO_MICROPHONE, "chat", "auto", 0.2], session).status_code
+        drain(http, page, session, 1)
+    assert codes == [200] * bound + [503]
+    assert newcomer.status_code == 200
+    assert read == bound and after == 200
+
+
+MALFORMED_UPLOADS = {  # body, content type
+    "no boundary": (b"junk", "multipart/form-data"),
+    "no name": (b"--x\r\nContent-Disposition: form-data\r\n\r\n", "multipart/form-data; boundary=x"),
+    "a field, not a file": (b'--x\r\nContent-Disposition: form-data; name="files"\r\n\r\nabc\r\n--x--\r\n',
+                            "multipart/form-data; boundary=x"),
+    "no header value": (b"--x\r\nContent-Disposition\r\n\r\nabc\r\n--x--\r\n", "multipart/form-data; boundary=x"),
+    "a path for a name": (b'--x\r\nContent-Disposition: form-data; name="files"; filename="../.."\r\n\r\nabc\r\n'
+                          b"--x--\r\n", "multipart/form-data; boundary=x"),
+}
+
+
+def test_a_malformed_upload_gets_a_4xx_without_a_traceback(page):
+    with client() as http:
+        answers = {name: http.post(f"{page.url}/gradio_api/upload", content=body, headers={"content-type": kind})
+                   for name, (body, kind) in MALFORMED_UPLOADS.items()}
+    assert {name: r.status_code // 100 for name, r in answers.items()} == dict.fromkeys(answers, 4), \
+        {name: (r.status_code, r.text[:200]) for name, r in answers.items()}
+    assert not [r for r in answers.values() if "Traceback" in r.text or "site-packages" in r.text]
+
+
+def test_one_address_opens_at_most_two_page_conversations(page, app_engine):
+    """Made-up page sessions typing into the text box each opened a conversation: a few took every slot."""
+    parking = page.app.state.ui.parking
+    sessions = [secrets.token_hex(5) for _ in range(3)]
+    newcomer = secrets.token_hex(5)
+    warnings, kept_before = {}, len(parking)
+    try:
+        with client() as http, client("203.0.113.2") as elsewhere:
+            for session, via in [(s, http) for s in sessions] + [(newcomer, elsewhere)]:
+                warnings[session] = []
+                join(via, page, "send_text", ["Hello there.", None, "chat", "auto", 0.2], session)
+                outcome(via, page, session, logs=warnings[session])
+        kept = len(parking) - kept_before  # each page's conversation waits in the parking between its turns
+    finally:
+        parking.close_all()
+    assert kept == 3, warnings  # two from the hoarding address, one from the newcomer
+    assert any("conversations open on this page" in w for w in warnings[sessions[2]]), warnings
+    assert not any("conversations open" in w for s in sessions[:2] + [newcomer] for w in warnings[s]), warnings
+
+
+def test_uploads_are_capped_per_address_and_in_total(app_engine, speech, tmp_path):
+    from voxtral_app.serving.app import ServerOptions
+    from voxtral_app.serving.uploads import UploadOptions
+
+    clip = write_wav(tmp_path / "clip.wav", speech[: 2 * SAMPLE_RATE])  # ~64 kB
+    size = os.path.getsize(clip)
+    caps = UploadOptions(per_address_bytes=int(1.5 * size) + 1_000, total_bytes=int(2.5 * size) + 2_000)
+    served = BackgroundServer(create_app(app_engine, app_options(app_engine), options=ServerOptions(uploads=caps)))
+
+    def send(visitor: str) -> int:
+        with client(visitor) as http, open(clip, "rb") as f:
+            return http.post(f"{served.url}/gradio_api/upload", files={"files": ("clip.wav", f)}).status_code
+
+    try:
+        codes = [send("203.0.113.1"), send("203.0.113.1"), send("203.0.113.2"), send("203.0.113.3")]
+    finally:
+        served.stop()
+    assert codes == [200, 429, 200, 429]  # the first address's second; then the server's total
+    # the same file from two visitors is one path with two owners: each may use it
+    path = next(iter(served.app.state.uploads_ledger.uploads))
+    assert served.app.state.uploads_ledger.allowed(path, "page-a", "203.0.113.1")
+    assert served.app.state.uploads_ledger.allowed(path, "page-b", "203.0.113.2")
+    assert not served.app.state.uploads_ledger.allowed(path, "page-c", "203.0.113.1")
+
+
+def test_an_uploaded_audio_bomb_is_refused_from_its_header(page, tmp_path):
+    """10 minutes of 8-channel silence in ~80 kB of FLAC: refused before gr.Audio decodes it."""
+    import soundfile as sf
+
+    bomb = str(tmp_path / "bomb.flac")
+    sf.write(bomb, np.zeros((16_000 * 600, 8), np.float32), 16_000, format="FLAC")
+    with client("203.0.113.9") as http:
+        uploaded = upload(http, page, bomb)
+        session = secrets.token_hex(5)
+        join(http, page, "send_upload", [file_data(uploaded), "chat", "auto", 0.2], session)
+        refused = outcome(http, page, session)
+    assert not refused["success"] and "600 s long" in refused["output"]["error"], refused

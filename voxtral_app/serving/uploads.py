@@ -1,0 +1,172 @@
+"""The page's uploaded files: who uploaded each, how much, and when it goes.
+
+gradio keeps every upload under its cache directory and lets any event name any file there. Here
+each upload is recorded (by the middleware around gradio's upload route) with the address it came
+from; an event may use it only from that address and, from its first use on, only from that page
+session (compat.gradio.guard_input_files asks `allowed`). Each address may upload
+`per_address_bytes` an hour, the server keeps at most `total_bytes`, and a session's files are
+deleted when its page closes.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from .guard import is_loopback, refuse
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UploadOptions:
+    path: str = "/gradio_api/upload"  # gradio's upload route, where the page is mounted at /
+    per_address_bytes: int = 128 * 1_048_576  # one address's uploads in an hour: two 5-minute 48 kHz stereo files
+    total_bytes: int = 2 * 1_073_741_824  # all kept uploads together (2 GB)
+    kept_s: float = 3_600.0  # an upload no page session closed is forgotten (and gradio's cache deletes it) after an hour
+
+
+@dataclass
+class Upload:
+    address: str
+    size: int  # bytes charged (its share of the request body)
+    at: float  # monotonic
+    session: str | None = None  # the page session that used it first
+
+
+class UploadLedger:
+    """Uploaded paths and their owners: gradio names an upload by its contents' hash, so two people
+    who upload the same file get the same path, each with an entry. Owned by the event loop: the
+    middleware, gradio's event processing and its unload events all run there; files are deleted on
+    a worker thread."""
+
+    def __init__(self, options: UploadOptions = UploadOptions(), clock=time.monotonic):
+        self.options = options
+        self.clock = clock
+        self.uploads: dict[str, list[Upload]] = {}  # path -> one entry per upload of it
+
+    def entries(self) -> list[Upload]:
+        return [upload for entries in self.uploads.values() for upload in entries]
+
+    def prune(self) -> None:
+        now = self.clock()
+        kept = {p: [u for u in entries if now - u.at < self.options.kept_s] for p, entries in self.uploads.items()}
+        self.uploads = {p: entries for p, entries in kept.items() if entries}
+
+    def room(self, address: str, size: int) -> str | None:
+        """Why an upload of `size` bytes from `address` is refused now, or None."""
+        self.prune()
+        entries = self.entries()
+        if sum(u.size for u in entries if u.address == address) + size > self.options.per_address_bytes:
+            return f"your uploads are over {self.options.per_address_bytes // 1_048_576} MB this hour"
+        if sum(u.size for u in entries) + size > self.options.total_bytes:
+            return "the server holds too many uploads; try again later"
+        return None
+
+    def record(self, address: str, paths: list, size: int) -> None:
+        paths = [p for p in paths if isinstance(p, str)]
+        for path in paths:
+            upload = Upload(address, size // max(1, len(paths)), self.clock())
+            self.uploads.setdefault(os.path.normpath(path), []).append(upload)
+
+    def allowed(self, path: str, session: str, address: str) -> bool:
+        """Whether this page session (from this address) may use this file as an event's input."""
+        entries = self.uploads.get(os.path.normpath(path), [])
+        upload = next((u for u in entries if u.address == address and u.session == session), None) or next(
+            (u for u in entries if u.address == address and u.session is None), None)
+        if upload is None:
+            logger.warning("refused an event's input file that this page session did not upload")
+            return False
+        upload.session = session
+        return True
+
+    def forget(self, session: str) -> None:
+        """The page closed: forget its uploads, and delete the files nobody else uploaded."""
+        gone = []
+        for path, entries in list(self.uploads.items()):
+            left = [u for u in entries if u.session != session]
+            if len(left) < len(entries) and not left:
+                gone.append(path)
+            if left:
+                self.uploads[path] = left
+            else:
+                del self.uploads[path]
+        if gone:
+            asyncio.get_running_loop().run_in_executor(None, delete, gone)
+
+
+def delete(paths: list[str]) -> None:
+    for path in paths:
+        try:
+            os.remove(path)
+            os.rmdir(os.path.dirname(path))  # gradio's per-upload folder, when empty
+        except OSError:
+            pass
+
+
+class UploadGate:
+    """ASGI middleware around gradio's upload route: quota first, then the ledger learns the paths."""
+
+    def __init__(self, app, ledger: UploadLedger):
+        self.app = app
+        self.ledger = ledger
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") != self.ledger.options.path:
+            return await self.app(scope, receive, send)
+        address = (scope.get("client") or ("", 0))[0]
+        headers = dict(scope.get("headers") or [])
+        try:
+            size = int(headers[b"content-length"])
+        except (KeyError, ValueError):
+            return await refuse(scope, receive, send, 411, "length_required", "Uploads need a Content-Length.")
+        if why := self.ledger.room(address, size):
+            return await refuse(scope, receive, send, 429, "upload_quota", f"Upload refused: {why}.")
+        status = 0
+        body = b""
+
+        async def recorded_send(message):
+            nonlocal status, body
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and status == 200 and len(body) < 65_536:
+                body += message.get("body", b"")
+            await send(message)
+
+        await self.app(scope, receive, recorded_send)
+        if status == 200:
+            try:
+                self.ledger.record(address, json.loads(body), size)
+            except ValueError:
+                logger.warning("gradio's upload route answered something other than a JSON list")
+
+
+def limit_conversations(pages, per_address: int, address_of, refuse_turn) -> None:
+    """At most `per_address` conversations opened by the page's typed or uploaded turns without a call
+    (ui.PageConversations.take: a script's request without a page load gets a new page key each
+    time, so made-up requests each opened one and took every slot) per client address.
+    `address_of()`: the running event's client address; `refuse_turn(message)` tells the person.
+    `owners` is guarded by `lock`."""
+    take = pages.take
+    lock = threading.Lock()
+    owners: dict[str, tuple[str, object]] = {}  # page key -> (address, the conversation it opened)
+
+    def take_limited(key):
+        address = address_of() or ""
+        if is_loopback(address):  # exempt, as for the other per-address limits
+            return take(key)
+        with lock:
+            for gone in [k for k, (_, page) in owners.items() if page.closed.is_set()]:
+                del owners[gone]
+            if key.value not in owners and sum(a == address for a, _ in owners.values()) >= per_address:
+                refuse_turn(f"Your address has {per_address} conversations open on this page; close one first.")
+                return None
+            page = take(key)  # under the lock: two requests at once cannot both take the last place
+            if page is not None:
+                owners.setdefault(key.value, (address, page))
+        return page
+
+    pages.take = take_limited

@@ -59,8 +59,9 @@ def join(http: httpx.Client, served, name: str, data: list, session: str) -> htt
 
 
 def outcome(http: httpx.Client, served, session: str, timeout_s: float = 60, logs: list | None = None) -> dict:
-    """The session's events' messages until one completes: its process_completed message (the
-    warnings it showed on the way go to `logs`)."""
+    """The session's events' messages until one completes: its process_completed message, with the
+    last whole chat it streamed as "chat" (the warnings it showed on the way go to `logs`)."""
+    chat = None
     with http.stream("GET", f"{served.url}/gradio_api/queue/data", params={"session_hash": session},
                      timeout=timeout_s) as events:
         for line in events.iter_lines():
@@ -68,8 +69,12 @@ def outcome(http: httpx.Client, served, session: str, timeout_s: float = 60, log
                 message = json.loads(line[5:])
                 if message.get("msg") == "log" and logs is not None:
                     logs.append(message.get("log"))
+                if message.get("msg") == "process_generating":  # the chat's updates come as diffs after the first
+                    for op in ((message.get("output") or {}).get("data") or [[]])[0] or []:
+                        if isinstance(op, list) and op[:2] == ["replace", []] and isinstance(op[2], list):
+                            chat = op[2]  # the whole chat
                 if message.get("msg") == "process_completed":
-                    return message
+                    return {**message, "chat": chat}
     raise AssertionError("the event stream ended without a result")
 
 
@@ -103,7 +108,7 @@ def test_page_events_take_only_files_their_own_session_uploaded(page, speech, tm
     secret = write_wav(tmp_path / "voicemail.wav", speech[: 2 * SAMPLE_RATE])  # on the server's disk, never uploaded
     mine = write_wav(tmp_path / "mine.wav", speech[: 2 * SAMPLE_RATE])
     assert file_events(page) == ["send_upload"]
-    controls = ["chat", "auto", 0.2]
+    controls = [None, "chat", "auto", 0.2]  # the page's key (server-side state), mode, language, temperature
     with client() as http, client("203.0.113.2") as elsewhere:
         refused = {}
         for label, path in (("exists", secret), ("missing", str(tmp_path / "nothing.wav"))):
@@ -129,7 +134,7 @@ def test_page_events_take_only_files_their_own_session_uploaded(page, speech, tm
         assert not message["success"], message
     assert refused["exists"]["output"] == refused["missing"]["output"]  # no oracle for the server's disk
     assert answered["success"], answered
-    history = answered["output"]["data"][0]
+    history = answered["chat"]  # the last chat the event streamed
     assert [m["role"] for m in history] == ["user", "assistant"]
     assert not os.path.exists(uploaded)  # deleted when its page closed
 
@@ -235,6 +240,7 @@ def test_an_uploaded_audio_bomb_is_refused_from_its_header(page, tmp_path):
     with client("203.0.113.9") as http:
         uploaded = upload(http, page, bomb)
         session = secrets.token_hex(5)
-        join(http, page, "send_upload", [file_data(uploaded), "chat", "auto", 0.2], session)
-        refused = outcome(http, page, session)
-    assert not refused["success"] and "600 s long" in refused["output"]["error"], refused
+        warnings = []
+        join(http, page, "send_upload", [file_data(uploaded), None, "chat", "auto", 0.2], session)
+        outcome(http, page, session, logs=warnings)
+    assert any("600 s long" in warning for warning in warnings), warnings

@@ -19,7 +19,7 @@ import numpy as np
 import soundfile as sf
 from fastrtc import WebRTC
 
-from ..audio.pcm import read_wav
+from ..audio.pcm import SAMPLE_RATE, AudioError, decode_file
 from ..backends.contract import EngineBusy, EngineFailed
 from ..conversation.conversation import Conversation
 from ..conversation.parking import Parking
@@ -247,10 +247,11 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
 
         def send_upload(path, key, mode, language, temperature, request: gr.Request):  # text replies
             key = own_key(key)
-            try:
-                rate, samples = read_wav(path)
-            except (TypeError, RuntimeError, sf.LibsndfileError) as error:  # no file, or not a sound file
-                gr.Warning(f"That file could not be read as audio ({type(error).__name__}).")
+            try:  # refused from its header, then decoded in blocks: a small file cannot blow up in memory
+                rate, samples = SAMPLE_RATE, decode_file(path, handler.options.max_audio_s)
+            except (TypeError, RuntimeError, sf.LibsndfileError, AudioError) as error:  # no file, or not usable
+                reason = str(error) if isinstance(error, AudioError) else type(error).__name__
+                gr.Warning(f"That file could not be used as audio ({reason}).")
                 yield gr.skip(), gr.skip(), gr.skip(), key
                 return
             conversation = pages.live(key)

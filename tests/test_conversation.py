@@ -288,3 +288,27 @@ def test_spoken_turns_show_as_clips_and_replies_say_their_mode(engine, speech):
         rendered += view.render(conversation.outbox.get(timeout=10))
     assert not os.path.exists(clip_dir)
     assert not os.path.exists(clip_dir)
+
+
+@pytest.mark.slow
+def test_audio_keeps_a_conversation_from_idling_and_a_kept_one_waits_for_its_owner(engine):
+    """Idle means no audio, turn or message: a silent live microphone ("alive") keeps the conversation, a
+    conversation kept for its owner after a dropped connection ("kept") outlives the idle time, then idles."""
+    options = ConversationOptions(idle_timeout_s=1.0)  # wide margins: a loaded machine may oversleep
+    listening = Conversation(engine, options, name="alive").open()
+    kept = Conversation(engine, options, name="kept").open()
+    try:
+        kept.post("kept", 6.0)
+        for _ in range(25):  # 2.5 s of audio arriving, more than twice the idle time
+            listening.post("alive")
+            time.sleep(0.1)
+        assert not listening.closed.is_set() and not kept.closed.is_set()
+        assert listening.closed.wait(10) and kept.closed.wait(10)  # then silence: both idle out
+    finally:
+        listening.close()
+        kept.close()
+    for conversation in (listening, kept):  # they closed on their own: idle
+        events = []
+        while not conversation.outbox.empty():
+            events.append(conversation.outbox.get_nowait())
+        assert isinstance(events[-1], Closed) and events[-1].reason == "idle"

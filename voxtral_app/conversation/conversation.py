@@ -82,8 +82,9 @@ class ConversationOptions:
     reply_tokens: int = CHAT.max_new_tokens  # longest chat reply, tokens
     ui_interval_s: float = 0.05  # a streaming reply's deltas come at most this often (the first token at once)
     phone_spoken: bool = True  # phone callers cannot read: calls get spoken replies unless this is off
-    idle_timeout_s: float = 60.0  # a conversation with no speech, turn or message for this long closes itself
-    # (frees its slot: an open socket or page that never speaks must not hold one)
+    idle_timeout_s: float = 60.0  # a conversation with no audio, turn or message for this long closes itself
+    # (frees its slot: an open socket that never sends audio must not hold one; a live microphone, even
+    # silent, keeps it: its connection posts "alive")
     temperature: float = CHAT.temperature  # chat temperature a new conversation starts with (--temperature)
     clips: int = 8  # the page plays back the last 8 spoken turns (older ones show their label; 0: labels only)
     clip_s: float = 30.0  # a turn's clip keeps its last 30 s (960 KB of 16-bit 16 kHz audio)
@@ -143,6 +144,7 @@ class Conversation:
         self.closing = False
         self.voice_state = ""  # the last StateChanged emitted
         self.captioning: dict = {}  # turn -> the Future of its caption, until it is told
+        self.kept_s = 0.0  # kept this long for its owner after its connection dropped (Parking): not idle meanwhile
 
     # -- any thread -----------------------------------------------------------------------------
 
@@ -157,7 +159,9 @@ class Conversation:
     def post(self, kind: str, value=None) -> None:
         """kind: "pause" / "continue" / "end" / "resume" / "speech" (TurnEvents), "audio" ((rate, samples),
         a whole turn), "text" (a typed turn), "settings", "cancel" (stop the reply), "clear", "close";
-        and "caption" ((turn, Future)), posted by a caption as it is done."""
+        and "caption" ((turn, Future)), posted by a caption as it is done; "alive" (the connection still
+        sends audio, silence included: not idle) and "kept" (seconds: its connection dropped and it waits
+        that long for its owner, then Parking closes it; not idle before)."""
         if not self.closed.is_set():
             self.inbox.put((kind, value))
 
@@ -188,7 +192,9 @@ class Conversation:
                 if self.deferred:
                     kind, value = self.deferred.popleft()
                 else:
-                    kind, value = self.inbox.get(timeout=self.options.idle_timeout_s)
+                    kind, value = self.inbox.get(timeout=max(self.options.idle_timeout_s, self.kept_s))
+                if kind not in ("kept", "caption"):
+                    self.kept_s = 0.0  # its connection is back (or it never left)
                 self.handle(kind, value)
         except queue.Empty:
             logger.info("%s: closing after %.0f s without a turn", self.name, self.options.idle_timeout_s)
@@ -210,6 +216,10 @@ class Conversation:
             self.settings = value
         elif kind == "caption":
             self.captioned(*value)
+        elif kind == "kept":
+            self.kept_s = float(value)
+        elif kind == "alive":
+            pass  # audio still arrives (silence included): the idle clock starts again
         elif kind == "pause":  # maybe the end: prepare the reply now, unseen
             self.drop_speculation()
             self.speculation = self.start_audio(value.audio, value.speech_end, "speech", speculative=True)
@@ -393,6 +403,9 @@ class Conversation:
                 return retract
             if kind == "caption":  # told now, beside the reply
                 self.captioned(*value)
+                continue
+            if kind in ("alive", "kept"):
+                self.handle(kind, value)
                 continue
             if kind not in INTERRUPTS:
                 self.deferred.append((kind, value))

@@ -36,6 +36,7 @@ EMIT_WAIT_S = 0.02  # emit() blocks this long for an output (fastrtc calls it in
 PHONE_RATE = 8_000  # Hz, Twilio's mu-law; phone audio is resampled on our threads, never on the event loop
 PEER_SILENT_S = 5.0  # a live microphone sends frames even in silence: none for this long means the peer is gone
 HEARD_FRAMES_MAX = 250  # WebRTC frames (5 s) waiting for the hearing thread; more are dropped, not queued
+ALIVE_EVERY_S = 10.0  # while audio arrives, the conversation hears so this often (its idle clock starts again)
 HEARING_IDLE_S = 10.0  # the hearing thread ends after this long without a frame (it restarts on the next)
 
 
@@ -64,8 +65,8 @@ def refusal(engine, error: Exception) -> str:
 class VoxtralHandler(StreamHandler):
     """A connection's turn-taking in front of its Conversation.
 
-    Threads: `receive()` alone owns `turns`: it runs on the connection's hearing thread for WebRTC
-    (`resample()`, on the event loop, only queues frames for it) and on fastrtc's receive worker for
+    Threads: `receive()` alone owns `turns` and `alive_at`: it runs on the connection's hearing thread for
+    WebRTC (`resample()`, on the event loop, only queues frames for it) and on fastrtc's receive worker for
     WebSocket and phone. `emit()` runs on fastrtc's emit worker and alone reads the outbox;
     start_up/set_args/shutdown only post messages; `view` and `rendered` belong to the emit worker.
     `hearing` belongs to the event loop. `settings`, `conversation`, `view` (until emit reads the
@@ -90,6 +91,7 @@ class VoxtralHandler(StreamHandler):
         self.on_open = on_open  # called with each connection's Conversation (the server's registry)
         self.clock = clock  # -> seconds, monotonic: when frames arrive (tests pass one they move by hand)
         self.turns = TurnTaker(options.turns)
+        self.alive_at = float("-inf")  # perf_counter() when the conversation last heard "alive" (receive's thread)
         self.lock = threading.Lock()
         self.settings = Settings(temperature=options.temperature)
         self.conversation: Conversation | None = None
@@ -282,6 +284,9 @@ class VoxtralHandler(StreamHandler):
         started = time.perf_counter()
         events = self.turns.feed(to_16k(rate, samples))
         metrics.AUDIO.observe(time.perf_counter() - started)
+        if np.size(samples) and started - self.alive_at >= ALIVE_EVERY_S:  # audio arrives: not idle
+            self.alive_at = started
+            conversation.post("alive")
         for event in events:
             logger.debug("%s: turn event %s", self.transport_name, event.kind)
             if event.kind == "end":

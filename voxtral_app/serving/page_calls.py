@@ -64,6 +64,7 @@ class PageCalls:
         """Keep the page's conversation for its next call (or typed turn). It still counts against
         --max-sessions: the page is open (its unload closes it), someone may type into it any time."""
         self.release(key, holder)
+        page.conversation.post("kept", self.parking.resume_s)  # not idle while it waits for the page
         self.parking.park(key.value, page)
 
     def release(self, key: PageKey, holder: "object | None") -> None:

@@ -54,6 +54,7 @@ from ..turns.taker import TurnTaker
 from . import metrics
 from .errors import busy, failed
 from .guard import is_loopback
+from .handler import ALIVE_EVERY_S
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,8 @@ def error(code: str, message: str) -> dict:
 
 class Session:
     """One created session. `connected`, `parked`, `deadline`, `replies`, `settings` and `expiry` belong
-    to the event loop (creation, expiry, parking and the socket's receive loop run there); `turns` and
-    `resampler` to its audio thread."""
+    to the event loop (creation, expiry, parking and the socket's receive loop run there); `turns`,
+    `resampler` and `alive_at` to its audio thread."""
 
     def __init__(self, conversation: Conversation, rate: int, settings: Settings, on_close=None):
         self.id = secrets.token_urlsafe(24)  # the only credential: unguessable
@@ -104,6 +105,7 @@ class Session:
         # audio-thread-owned (built there on the first chunk: the VAD takes a moment to load)
         self.turns: TurnTaker | None = None
         self.resampler: soxr.ResampleStream | None = None
+        self.alive_at = float("-inf")  # perf_counter() when the conversation last heard "alive"
 
     @property
     def closed(self) -> threading.Event:
@@ -125,6 +127,9 @@ class Session:
             audio = self.resampler.resample_chunk(audio)
         events = self.turns.feed(audio)
         metrics.AUDIO.observe(time.perf_counter() - started)
+        if len(audio) and started - self.alive_at >= ALIVE_EVERY_S:  # audio arrives: the conversation is not idle
+            self.alive_at = started
+            self.conversation.post("alive")
         for event in events:
             self.conversation.post(event.kind, event)
         return [event.kind for event in events]
@@ -242,6 +247,7 @@ class Sessions:
         """The socket closed but the session did not end: keep it `resume_s` for a reconnect."""
         session.connected, session.parked = False, True
         session.conversation.post("cancel")  # nobody hears the rest of a reply in progress; what it said stays
+        session.conversation.post("kept", self.options.resume_s)  # not idle while it waits
         self.engine.leave(session.conversation.chat)
         self.parking.park(session.id, session)  # ends it at once when resume is off or it has closed
         asyncio.get_running_loop().call_later(self.options.resume_s + 0.1, self.parking.sweep)

@@ -30,6 +30,8 @@ from .transcripts import Transcriber
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "mistralai/Voxtral-Mini-3B-2507"
+PAYBACK = 1.5  # decode seconds the replies in flight are owed per second of a long prompt's later pieces:
+# above 1, so that a client looping long prompts gets less than half of the engine while a reply streams
 
 
 @dataclass(frozen=True)
@@ -307,8 +309,8 @@ class Engine:
         While such a prompt waits, the replies in flight step only every `decode_gap_s`: a person
         waiting for the first word comes before the next word of a reply already streaming. Prompts
         waited for take turns, one piece each and a new one first, so a long one does not hold up the
-        others; and the later pieces of a long prompt are paid for: the replies in flight then get as
-        much decode time as those pieces took, so a client looping long prompts cannot starve them."""
+        others; and the later pieces of a long prompt are paid for: the replies in flight then get
+        PAYBACK times the time those pieces took, so a client looping long prompts cannot starve them."""
         owed = 0.0  # seconds of decoding the replies in flight are owed for long prompts' later pieces
         while True:
             with self.wake:
@@ -360,7 +362,7 @@ class Engine:
             self.filling.remove(head)
             self.filling.append(head)
         if later_piece:
-            owed += time.perf_counter() - started
+            owed += PAYBACK * (time.perf_counter() - started)
         return owed, False
 
     def next_seated(self) -> Generation | None:

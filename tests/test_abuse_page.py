@@ -139,6 +139,23 @@ def test_page_events_take_only_files_their_own_session_uploaded(page, speech, tm
     assert not os.path.exists(uploaded)  # deleted when its page closed
 
 
+def test_a_page_connection_answers_only_the_page_session_that_offered_it(page):
+    """Knowing a page connection's id is not enough to read its chat or change its settings: an event that
+    names it is taken only from the gradio session whose offer used it."""
+    connection = {"webrtc_id": secrets.token_hex(6)}
+    owner, stranger = secrets.token_hex(5), secrets.token_hex(5)
+    component = next(block._id for block in page.app.state.ui.blocks.values() if type(block).__name__ == "WebRTC")
+    with client() as http:
+        http.post(f"{page.url}/gradio_api/component_server", json={  # the owner's offer (its SDP is refused)
+            "session_hash": owner, "component_id": component, "fn_name": "offer",
+            "data": {**connection, "type": "offer", "sdp": "v=0"}})
+        stolen = join(http, page, "handler", [connection, [], ""], stranger)
+        owned = join(http, page, "handler", [connection, [], ""], owner)
+        ended = outcome(http, page, owner, timeout_s=20)  # read: no event stays pending for this address
+    assert stolen.status_code == 403 and "another page" in stolen.text
+    assert owned.status_code == 200 and ended["msg"] == "process_completed"
+
+
 def test_made_up_connection_ids_end_their_chat_updates_at_once(page, app_engine):
     """fastrtc's chat-update event for an id that never connected used to run for ever, and
     `--max-sessions` of them stopped every page's chat."""

@@ -4,7 +4,8 @@
 peer is a trusted proxy (`--forwarded-allow-ips`), refuses an over-size body with 413 before reading
 it (by its Content-Length, and by counting when the body is streamed) and a JSON body nested too
 deeply with 400, asks for the server's access token when one is set (`--auth-token`, throttling
-wrong guesses per address), and limits how often one address may open offers and sockets.
+wrong guesses per address), limits how often one address may open offers and sockets, and takes a
+page event that names one of the page's connections only from the page session that offered it.
 """
 
 import asyncio
@@ -13,7 +14,7 @@ import json
 import logging
 import re
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from ipaddress import ip_address, ip_network
 from urllib.parse import parse_qs
@@ -141,12 +142,48 @@ def bearer(scope) -> str | None:
     return (query.get("token") or [None])[0]
 
 
+class PageConnections:
+    """Which of the page's sessions (gradio's session_hash) offered each page connection id: an event
+    that names an id (its chat updates, its settings) is taken only from that session, so knowing a
+    connection id is not enough to read or steer someone's call. Owned by the event loop."""
+
+    def __init__(self, limit: int = 10_000):
+        self.limit = limit  # ids remembered at most (the oldest go first)
+        self.owners: OrderedDict[str, str] = OrderedDict()  # webrtc_id -> session_hash
+
+    def allowed(self, path: str, body: bytes) -> bool:
+        """Whether this gradio request (its JSON body) may name the connection ids it names; an
+        offer's id is bound to its session on first use."""
+        if b"webrtc_id" not in body or not path.startswith(("/gradio_api/component_server", "/gradio_api/queue/join")):
+            return True
+        if len(body) > 65_536:  # the page's own such requests are a few kB: not parsed on the event loop
+            return False
+        try:
+            request = json.loads(body)
+        except ValueError:
+            return True  # gradio answers it 4xx itself
+        if not isinstance(request, dict) or not isinstance(request.get("session_hash"), str):
+            return True
+        session, data = request["session_hash"], request.get("data")
+        items = [data] if isinstance(data, dict) else data if isinstance(data, list) else []
+        ids = [item["webrtc_id"] for item in items if isinstance(item, dict) and isinstance(item.get("webrtc_id"), str)
+               and item["webrtc_id"]]
+        if path.startswith("/gradio_api/component_server") and request.get("fn_name") == "offer":
+            for connection in ids:
+                self.owners.setdefault(connection, session)
+                self.owners.move_to_end(connection)
+            while len(self.owners) > self.limit:
+                self.owners.popitem(last=False)
+        return all(hmac.compare_digest(self.owners.get(connection, session), session) for connection in ids)
+
+
 class Guard:
     def __init__(self, app, options: GuardOptions):
         self.app = app
         self.options = options
         self.rate = RateLimit(options.opens_per_minute)
         self.failures = RateLimit(options.failed_auth_per_minute)
+        self.connections = PageConnections()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
@@ -253,6 +290,8 @@ class Guard:
         if deep:
             return await refuse(scope, receive, send, 400, "bad_request",
                                 f"The JSON body is nested deeper than {limit} levels.")
+        if not self.connections.allowed(scope.get("path", ""), body):
+            return await refuse(scope, receive, send, 403, "forbidden", "That connection belongs to another page.")
         if self.page_offer(scope, body) and not self.rate.allow((scope.get("client") or ("", 0))[0]):
             return await refuse(scope, receive, send, 429, "rate_limited", "Too many connections from your "
                                 f"address (over {self.options.opens_per_minute} a minute).")

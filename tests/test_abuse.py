@@ -76,6 +76,7 @@ def test_a_websocket_cannot_adopt_a_live_connection(server, app_engine, speech):
     wait_until(lambda: app_engine.active_chats == 0, 10)
 
 
+@pytest.mark.slow  # over 4 s: the fast subset stays under 2.5 min
 def test_outputs_and_input_need_the_connection_token(server, speech):
     async def run():
         owner = await Client.connect(server.url)

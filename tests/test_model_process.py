@@ -68,6 +68,7 @@ def test_a_clip_crosses_as_its_sound_and_is_padded_again_in_the_child(engine, sp
     assert length == 375 and torch.equal(calls.audio[key], engine.decoder.encode_clips([clip]))
 
 
+@pytest.mark.slow  # over 4 s: the fast subset stays under 2.5 min
 def test_a_model_process_that_dies_fails_turns_at_once(tiny_checkpoint, speech):
     failures = []
     told = threading.Event()

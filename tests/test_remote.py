@@ -187,6 +187,7 @@ def streaming(turns: int):
     return lambda h, final: len(h) == 2 * turns and h[-1]["role"] == "assistant" and bool(h[-1]["content"])
 
 
+@pytest.mark.slow  # over 4 s: the fast subset stays under 2.5 min
 def test_turn_and_barge_in_over_webrtc(app_engine, speaker, speech, other_speech):
     """A (openai backend) -> B (local engine): a turn streams, then a barge-in stops B's generation."""
     b = BackgroundServer(create_app(app_engine, app_options(app_engine), speaker=speaker))
@@ -223,6 +224,7 @@ def test_turn_and_barge_in_over_webrtc(app_engine, speaker, speech, other_speech
         b.stop()
 
 
+@pytest.mark.slow  # over 4 s: the fast subset stays under 2.5 min
 def test_server_gone_mid_reply_is_a_message_and_a_keeps_serving(app_engine, speaker, speech, other_speech):
     b = BackgroundServer(create_app(app_engine, app_options(app_engine), speaker=speaker))
     port = int(b.url.rsplit(":", 1)[1])

@@ -48,6 +48,7 @@ def test_health(live_server):
     assert "active_sessions" in body
 
 
+@pytest.mark.slow  # over 4 s: the fast subset stays under 2.5 min
 def test_two_turns_over_webrtc(live_server, speech, other_speech):
     async def run():
         client = await Client.connect(live_server.url)
@@ -212,6 +213,7 @@ def test_over_the_limit_gets_a_clear_message(live_server, app_engine):
     assert app_engine.active_chats == 0
 
 
+@pytest.mark.slow  # over 4 s: the fast subset stays under 2.5 min
 def test_mid_sentence_pause_stays_one_turn(live_server):
     first, second = espeak("I was thinking about"), espeak("going to the beach tomorrow")
     gap = np.zeros(int(0.4 * SAMPLE_RATE), np.float32)

@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 import glob
 import re
 import threading
+import wave
 
 import numpy as np
 import pytest
@@ -153,3 +154,13 @@ def shadowed(engine, monkeypatch):
     monkeypatch.setattr(Chat, "launch", launched)
     monkeypatch.setattr(Chat, "settle", settled)
     return shadow
+
+
+def write_wav(path, audio: np.ndarray) -> str:
+    """16 kHz float samples -> a 16-bit mono WAV file at `path` (what a person would upload)."""
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SAMPLE_RATE)
+        out.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    return str(path)

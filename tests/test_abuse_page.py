@@ -5,12 +5,11 @@ import json
 import os
 import secrets
 import time
-import wave
 
 import httpx
 import numpy as np
 import pytest
-from conftest import app_options
+from conftest import app_options, write_wav
 from servers import BackgroundServer
 
 from voxtral_app.audio.pcm import SAMPLE_RATE
@@ -28,14 +27,6 @@ def page(app_engine):
 
 NO_MICROPHONE = {"webrtc_id": ""}  # the microphone component's value on a page that has not connected it
 
-
-def write_wav(path, audio: np.ndarray) -> str:
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(SAMPLE_RATE)
-        out.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
-    return str(path)
 
 
 def fn_index(served, name: str) -> int:

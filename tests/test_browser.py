@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
-from conftest import app_options
+from conftest import app_options, write_wav
 from servers import BackgroundServer
 
 from voxtral_app.audio.pcm import SAMPLE_RATE
@@ -59,13 +59,6 @@ def write_fake_mic(path: str, speech: np.ndarray) -> str:
                                     np.zeros(int(SILENCE_S * SAMPLE_RATE), np.float32)]))
     return path
 
-
-def write_wav(path, audio: np.ndarray) -> None:
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(SAMPLE_RATE)
-        out.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
 
 
 def active_sessions(server) -> int:

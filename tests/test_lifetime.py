@@ -8,12 +8,11 @@ import socket
 import subprocess
 import sys
 import time
-import wave
 
 import httpx
 import numpy as np
 import pytest
-from conftest import app_options
+from conftest import app_options, write_wav
 from servers import BackgroundServer
 
 from voxtral_app.audio.pcm import SAMPLE_RATE
@@ -22,14 +21,6 @@ from voxtral_app.serving.app import create_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def write_wav(path, audio: np.ndarray) -> str:
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(SAMPLE_RATE)
-        out.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
-    return str(path)
 
 
 def test_uploads_from_more_page_sessions_than_slots_give_their_slots_back(app_engine, speech, tmp_path, monkeypatch):

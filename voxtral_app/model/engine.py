@@ -226,7 +226,7 @@ class Engine:
         with self.wake:
             if self.failure is not None:
                 raise EngineFailed(f"the model server has failed ({self.failure}); it needs a restart")
-            side = generation.row >= 0  # a transcript on its own side row
+            side = self.aside_row(generation)
             if not side and self.in_flight - self.aside >= self.options.conversation_rows + self.options.turn_queue:
                 raise EngineBusy("every KV slot is busy with a reply and the queue is full; try again shortly")
             self.pending.append(generation)
@@ -456,6 +456,10 @@ class Engine:
             return False
         return True
 
+    def aside_row(self, generation: Generation) -> bool:
+        """A transcript on a side row (transcripts.py gives it its row before it is submitted)."""
+        return generation.row >= self.options.conversation_rows
+
     def finish(self, generation: Generation) -> None:
         if not generation.done.is_set():
             generation.finished = time.perf_counter()
@@ -463,5 +467,5 @@ class Engine:
             generation.tokens.put(None)
             with self.wake:
                 self.in_flight -= 1
-                self.aside -= generation.row >= self.options.conversation_rows
+                self.aside -= self.aside_row(generation)
             generation.done.set()

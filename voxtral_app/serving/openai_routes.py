@@ -177,9 +177,9 @@ def parse_chat(raw: bytes, model: str, max_audio_s: float) -> ChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise ApiError(400, "stream must be true or false, stream_options an object", param="stream")
-    clips = sum(isinstance(part, dict) and part.get("type") in ("input_audio", "audio_url")
-                for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list) for part in m["content"])
-    if clips > MAX_CLIPS:  # vLLM's answer, word for word, so a client built against this server works against vLLM
+    audio_parts = sum(isinstance(part, dict) and part.get("type") in ("input_audio", "audio_url") for m in messages
+                      if isinstance(m, dict) and isinstance(m.get("content"), list) for part in m["content"])
+    if audio_parts > MAX_CLIPS:  # vLLM's answer, word for word, so a client built against this server works against vLLM
         raise ApiError(400, f"At most {MAX_CLIPS} audio(s) may be provided in one prompt.", type="BadRequestError",
                        code=400)
     parsed = [parse_message(m, i, max_audio_s) for i, m in enumerate(messages)]
@@ -259,6 +259,11 @@ def next_pieces(reply) -> str | None:
             break  # the end stays queued for the next call
         piece += more
     return piece
+
+
+def failure_event(message: str) -> str:
+    """A streamed answer's last event when generation fails part-way: OpenAI's error body."""
+    return f"data: {json.dumps(ApiError(500, message, type='server_error').body())}\n\n"
 
 
 def whole_reply(reply) -> str:
@@ -342,17 +347,12 @@ def add_openai_routes(app: FastAPI, engine, pool_threads: int | None = None) -> 
         async def events():
             try:
                 yield chunk(delta({"role": "assistant", "content": ""}))
-                while True:
-                    try:
-                        piece = await run(next_pieces, reply)
-                    except RuntimeError as error:
-                        failure = ApiError(500, f"generation failed: {error}", type="server_error")
-                        yield f"data: {json.dumps(failure.body())}\n\n"
-                        return
-                    if piece is None:
-                        break
-                    if piece:
+                try:
+                    async for piece in streamed(reply):
                         yield chunk(delta({"content": piece}))
+                except RuntimeError as error:
+                    yield failure_event(f"generation failed: {error}")
+                    return
                 yield chunk(delta({}, finish_reason(reply, parsed.sampling, engine.options.max_tokens)))
                 if parsed.include_usage:
                     yield chunk([], usage=usage(reply))
@@ -401,7 +401,8 @@ def add_openai_routes(app: FastAPI, engine, pool_threads: int | None = None) -> 
             close(chat)
             raise
         if stream == "true":
-            return StreamingResponse(transcription_chunks(reply, chat), media_type="text/event-stream",
+            limit = tokens or engine.options.transcript_tokens
+            return StreamingResponse(transcription_chunks(reply, chat, limit), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
             text = await run(whole_reply, reply)
@@ -416,8 +417,9 @@ def add_openai_routes(app: FastAPI, engine, pool_threads: int | None = None) -> 
                                         "output_tokens": stats["tokens"],
                                         "total_tokens": len(reply.prompt_ids) + stats["tokens"]}}
 
-    async def transcription_chunks(reply, chat):
-        """A streamed transcription as vLLM streams one: `transcription.chunk` deltas, then [DONE]."""
+    async def transcription_chunks(reply, chat, limit: int):
+        """A streamed transcription as vLLM streams one: `transcription.chunk` deltas, then [DONE].
+        `limit`: the transcript's token cap (its finish_reason is "length" when it is reached)."""
         ident, now = f"trsc-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(content: str, reason: str | None = None) -> str:
@@ -426,26 +428,24 @@ def add_openai_routes(app: FastAPI, engine, pool_threads: int | None = None) -> 
                                                        "stop_reason": None}]}) + "\n\n"
 
         try:
-            while True:
-                try:
-                    piece = await run(next_pieces, reply)
-                except RuntimeError as error:
-                    failure = ApiError(500, f"transcription failed: {error}", type="server_error")
-                    yield f"data: {json.dumps(failure.body())}\n\n"
-                    return
-                if piece is None:
-                    break
-                if piece:
+            try:
+                async for piece in streamed(reply):
                     yield chunk(piece)
-            yield chunk("", "length" if reply.stats["tokens"] >= reply_limit(reply) else "stop")
+            except RuntimeError as error:
+                yield failure_event(f"transcription failed: {error}")
+                return
+            yield chunk("", "length" if reply.stats["tokens"] >= limit else "stop")
             yield "data: [DONE]\n\n"
         finally:  # also when the client went away: stop transcribing
             reply.cancel()
             close(chat)
 
-    def reply_limit(reply) -> int:
-        sampling = getattr(getattr(reply, "generation", None), "sampling", None)
-        return sampling.max_new_tokens if sampling is not None else engine.options.transcript_tokens
+    async def streamed(reply):
+        """The reply's text pieces as they arrive, empty ones skipped, read on the pool; RuntimeError
+        if generation failed or stalled."""
+        while (piece := await run(next_pieces, reply)) is not None:
+            if piece:
+                yield piece
 
     def transcribe(chat, audio: np.ndarray, language: str | None, tokens: int | None):
         try:

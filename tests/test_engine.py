@@ -288,7 +288,7 @@ def test_long_prompts_are_prefilled_in_pieces_between_decode_steps(tiny_checkpoi
     """A prompt prefilled 32 tokens at a time (audio split across pieces) gives the same tokens as in
     one go, and the replies in flight keep getting a decode step between its pieces."""
     chunked = load_engine(EngineOptions(model=tiny_checkpoint, device="cpu", slots=2, max_tokens=2048,
-                                        prefill_chunk=32, decode_gap_s=0.0, warmup=False))
+                                        prefill_chunk=32, later_chunk=32, decode_gap_s=0.0, warmup=False))
     replies = []
     for eng in (chunked, engine):
         chat = eng.open_chat()

@@ -50,6 +50,8 @@ class EngineOptions:
     stuck_after_s: float = 30.0  # the decode thread has work but has not stepped for this long: stuck
     prefill_chunk: int = 512  # prompt tokens prefilled between two decode steps: a long prompt (a 5 min
     # upload, a trimmed conversation's re-prefill) never holds up the replies in flight for long
+    later_chunk: int = 256  # a long prompt's pieces after its first: a turn that arrives meanwhile waits for at
+    # most one of them (a piece in flight is never cut short)
     decode_gap_s: float = 0.05  # while a finished turn waits for its prefill, replies in flight get a step
     # only this often: 4 turns ending at once each waited for the others' decode steps too, but a stream of
     # long prompts must not starve the replies in flight either
@@ -68,6 +70,13 @@ class EngineOptions:
     def rows(self) -> int:
         """KV-cache rows the decoder holds: the conversations' and the side rows after them."""
         return self.conversation_rows + self.side_slots
+
+
+def in_line(generation: Generation) -> tuple:
+    """Prefill order: prompts someone waits for, then those not yet begun, shortest first (a person's
+    turn is a piece or two; a flood of long prompts goes after it), then the rest in turn."""
+    begun = generation.filled > 0
+    return not generation.wanted.is_set(), begun, 0 if begun else len(generation.ids)
 
 
 class Engine:
@@ -308,8 +317,8 @@ class Engine:
         (a turn that may go on) joins at most one per round, so it never holds up a finished turn.
         While such a prompt waits, the replies in flight step only every `decode_gap_s`: a person
         waiting for the first word comes before the next word of a reply already streaming. Prompts
-        waited for take turns, one piece each and a new one first, so a long one does not hold up the
-        others; and the later pieces of a long prompt are paid for: the replies in flight then get
+        waited for take turns, one piece each and new ones first, shortest first (`in_line`), so a long
+        one does not hold up the others; its pieces after the first are smaller (`later_chunk`); and the later pieces of a long prompt are paid for: the replies in flight then get
         PAYBACK times the time those pieces took, so a client looping long prompts cannot starve them."""
         owed = 0.0  # seconds of decoding the replies in flight are owed for long prompts' later pieces
         while True:
@@ -330,8 +339,7 @@ class Engine:
                 self.rows.forget(seat)
             for generation in [g for g in self.filling if g.cancelled.is_set()]:
                 self.finish(generation)
-            self.filling = sorted((g for g in self.filling if not g.done.is_set()),  # waited for, then not yet begun
-                                  key=lambda g: (not g.wanted.is_set(), g.filled > 0))
+            self.filling = sorted((g for g in self.filling if not g.done.is_set()), key=in_line)
             blocked = False  # every KV row is busy with a reply in flight: decoding frees one
             if self.filling and not (self.active and owed > 0):
                 owed, blocked = self.prefill_next(owed)
@@ -392,7 +400,8 @@ class Engine:
         """Prefill the next piece of a prompt; at its end, sample the first token. -> whether the
         prompt is done with (all prefilled, or failed)."""
         started = time.perf_counter()
-        piece = generation.ids[generation.filled: generation.filled + self.options.prefill_chunk]
+        size = self.options.prefill_chunk if generation.filled == 0 else self.options.later_chunk
+        piece = generation.ids[generation.filled: generation.filled + size]
         last = generation.filled + len(piece) == len(generation.ids)
         try:
             if generation.clips and generation.audio is None:

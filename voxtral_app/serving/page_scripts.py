@@ -15,16 +15,23 @@ from .page_sessions import PAGE_TOKEN_HEADER
 # for streamed audio or video outputs, which this page has none of) does not carry it.
 PAGE_TOKEN = """<script>
 (() => {
-  if (window.voxtralPageToken) return;  // gradio adds the head again after a dev-mode reload
+  if (window.voxtralPageFetch) return;  // gradio adds the head again after a dev-mode reload
+  window.voxtralPageFetch = true;
   const bytes = crypto.getRandomValues(new Uint8Array(24));
   const token = btoa(String.fromCharCode(...bytes)).replace(/[+]/g, "-").replace(/[/]/g, "_");
-  Object.defineProperty(window, "voxtralPageToken", {value: token});
   const pageFetch = window.fetch;
-  window.fetch = function (input, init) {
-    const request = input instanceof Request;
-    const url = new URL(request ? input.url : input, location.href);
-    if (url.origin === location.origin && url.pathname.includes("/gradio_api/")) {
-      const headers = new Headers(init && init.headers !== undefined ? init.headers : request ? input.headers : {});
+  const ours = (input) => {  // the page's own gradio routes: the token never leaves for another origin
+    try {
+      const url = new URL(input instanceof Request ? input.url : input, location.href);
+      return url.origin === location.origin && url.pathname.includes("/gradio_api/");
+    } catch (error) {
+      return false;  // fetch itself rejects it
+    }
+  };
+  window.fetch = (input, init) => {
+    if (ours(input)) {
+      const headers = new Headers(init && init.headers !== undefined ? init.headers
+                                  : input instanceof Request ? input.headers : undefined);
       headers.set("%s", token);
       init = {...init, headers};
     }

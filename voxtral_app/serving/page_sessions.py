@@ -34,7 +34,7 @@ class PageSessions:
     its requests, and even then its next request binds it again."""
 
     def __init__(self, limit: int = 50_000, per_address: int = 64):
-        self.limit = limit  # ~400 bytes each: ~20 MB at most
+        self.limit = limit  # ~760 bytes each at worst (every one from its own address): ~38 MB
         self.per_address = per_address  # a household or office behind one address, many tabs each
         self.tokens: OrderedDict[str, tuple[str, str]] = OrderedDict()  # session_hash -> (token, address)
         self.by_address: dict[str, OrderedDict[str, None]] = {}  # address -> its sessions, oldest first

@@ -266,12 +266,15 @@ def test_a_page_session_obeys_only_the_token_it_was_bound_to(page):
     turn = {"session_hash": session, "component_id": component, "fn_name": "turn", "data": None}
 
     def routes(http: httpx.Client) -> list[httpx.Response]:
-        """Each kind of route that names the session: queue/join, queue/data, component_server, heartbeat."""
+        """Each kind of route that names the session (in its body, query string or path)."""
         return [join(http, page, "handler", [connection, [], ""], session),
                 http.get(f"{page.url}/gradio_api/queue/data", params={"session_hash": session}),
                 http.post(f"{page.url}/gradio_api/component_server", json=turn),
                 http.get(f"{page.url}/gradio_api/heartbeat/{session}"),
-                http.get(f"{page.url}/gradio_api/queue/data?session%5Fhash={session}")]  # as Starlette decodes it
+                http.get(f"{page.url}/gradio_api/queue/data?session%5Fhash={session}"),  # as Starlette decodes it
+                http.get(f"{page.url}/gradio_api/deep_link", params={"session_hash": session}),  # the page's state
+                http.post(f"{page.url}/gradio_api/cancel", json={"session_hash": session, "fn_index": 0,
+                                                                 "event_id": "x"})]
 
     with client("203.0.113.20") as owner, client("203.0.113.21") as tokenless, \
             client("203.0.113.21") as other, client("203.0.113.21") as malformed:
@@ -290,7 +293,7 @@ def test_a_page_session_obeys_only_the_token_it_was_bound_to(page):
                    owner.post(f"{page.url}/gradio_api/component_server", files={"session_hash": (None, session)})]
     assert owned.status_code == 200, owned.text
     for label, answers in refused.items():
-        assert [r.status_code for r in answers] == [403] * 5, (label, [(r.status_code, r.text) for r in answers])
+        assert [r.status_code for r in answers] == [403] * 7, (label, [(r.status_code, r.text) for r in answers])
         assert all(r.json()["meta"]["error"] == "forbidden" and session not in r.text for r in answers)
     assert ended["msg"] == "process_completed" and ended["success"], ended
     assert ice.status_code == 200 and ice.json() == {}

@@ -252,3 +252,92 @@ def test_an_uploaded_audio_bomb_is_refused_from_its_header(page, tmp_path):
         join(http, page, "send_upload", [file_data(uploaded), None, "chat", "auto", 0.2], session)
         outcome(http, page, session, logs=warnings)
     assert any("600 s long" in warning for warning in warnings), warnings
+
+
+PAGE = "X-Voxtral-Page"  # page_sessions.PAGE_TOKEN_HEADER: the page's own token, made once per page load
+
+
+def test_a_page_session_obeys_only_the_token_it_was_bound_to(page):
+    """gradio's browser client names its session with Math.random(); the page's requests carry a token of
+    its own, and its session answers only that token on every route that names it (body, query, path)."""
+    session, mine = secrets.token_hex(5), secrets.token_urlsafe(24)
+    connection = {"webrtc_id": secrets.token_hex(6)}  # never connected: its chat updates end at once
+    component = next(block._id for block in page.app.state.ui.blocks.values() if type(block).__name__ == "WebRTC")
+    turn = {"session_hash": session, "component_id": component, "fn_name": "turn", "data": None}
+
+    def routes(http: httpx.Client) -> list[httpx.Response]:
+        """Each kind of route that names the session (in its body, query string or path)."""
+        return [join(http, page, "handler", [connection, [], ""], session),
+                http.get(f"{page.url}/gradio_api/queue/data", params={"session_hash": session}),
+                http.post(f"{page.url}/gradio_api/component_server", json=turn),
+                http.get(f"{page.url}/gradio_api/heartbeat/{session}"),
+                http.get(f"{page.url}/gradio_api/queue/data?session%5Fhash={session}"),  # as Starlette decodes it
+                http.get(f"{page.url}/gradio_api/deep_link", params={"session_hash": session}),  # the page's state
+                http.post(f"{page.url}/gradio_api/cancel", json={"session_hash": session, "fn_index": 0,
+                                                                 "event_id": "x"})]
+
+    with client("203.0.113.20") as owner, client("203.0.113.21") as tokenless, \
+            client("203.0.113.21") as other, client("203.0.113.21") as malformed:
+        # the page's client opens its heartbeat before the page's scripts run: without the token, binding nothing
+        with owner.stream("GET", f"{page.url}/gradio_api/heartbeat/{session}") as beat:
+            next(beat.iter_lines())
+            owner.headers[PAGE] = mine
+            owned = join(owner, page, "handler", [connection, [], ""], session)  # binds the session to `mine`
+            other.headers[PAGE] = secrets.token_urlsafe(24)
+            refused = {"no token": routes(tokenless), "another token": routes(other)}
+            ended = outcome(owner, page, session, timeout_s=20)  # the owner's events still stream
+            ice = owner.post(f"{page.url}/gradio_api/component_server", json=turn)
+            malformed.headers[PAGE] = "short"
+            odd = [malformed.post(f"{page.url}/gradio_api/component_server", json=turn),
+                   tokenless.get(f"{page.url}/gradio_api/heartbeat/{'x' * 65}"),
+                   owner.post(f"{page.url}/gradio_api/component_server", files={"session_hash": (None, session)})]
+    assert owned.status_code == 200, owned.text
+    for label, answers in refused.items():
+        assert [r.status_code for r in answers] == [403] * 7, (label, [(r.status_code, r.text) for r in answers])
+        assert all(r.json()["meta"]["error"] == "forbidden" and session not in r.text for r in answers)
+    assert ended["msg"] == "process_completed" and ended["success"], ended
+    assert ice.status_code == 200 and ice.json() == {}
+    assert [r.status_code for r in odd] == [400, 400, 415]  # a malformed token or name; a form gradio would read
+
+
+def test_a_tokenless_gradio_client_session_works_and_one_with_the_header_is_bound(page, speech, tmp_path):
+    """gradio_client names its session with uuid4 and sends no page token: its session stays tokenless (and
+    works end to end); given the header (`Client(..., headers=...)`) it is bound like the page's."""
+    from gradio_client import Client as PageClient
+    from gradio_client import handle_file
+
+    clip = write_wav(tmp_path / "turn.wav", speech[: 2 * SAMPLE_RATE])
+    token = secrets.token_urlsafe(24)
+    answers, probes = [], []
+    for headers in (None, {PAGE: token}):
+        caller = PageClient(page.url + "/", verbose=False, headers=headers)
+        try:
+            job = caller.submit(handle_file(clip), "chat", "auto", 0.2, api_name="/send_upload")
+            job.result(timeout=60)
+            answers.append([update[0] for update in job.outputs() if isinstance(update[0], list)][-1])
+            probe = {"session_hash": caller.session_hash, "fn_index": fn_index(page, "send_upload"), "event_id": "x"}
+            probes.append([httpx.post(f"{page.url}/gradio_api/cancel", json=probe, headers=h, timeout=10).status_code
+                           for h in ({}, {PAGE: token}, {PAGE: secrets.token_urlsafe(24)})])
+        finally:
+            caller.close()
+    assert all([m["role"] for m in history] == ["user", "assistant"] for history in answers), answers
+    assert probes == [[200, 403, 403],  # tokenless: only tokenless requests
+                      [403, 200, 403]]  # bound to its header's token
+
+
+def test_page_sessions_stay_bounded_and_keep_the_live_ones():
+    """An address that mints sessions forgets its own oldest; past the total, the least recently used
+    anywhere goes, and a session in use stays."""
+    from voxtral_app.serving.page_sessions import PageSessions
+
+    pages = PageSessions(limit=6, per_address=3)
+    live = "live-page"
+    assert pages.allowed(live, "t" * 32, "198.51.100.7")
+    minted = [f"minted-{i}" for i in range(20)]
+    for i, session in enumerate(minted):
+        assert pages.allowed(session, "", f"203.0.113.{i % 4}")  # a few addresses, many sessions
+        assert pages.allowed(live, "t" * 32, "198.51.100.7")  # the live page keeps asking
+    assert len(pages) == 6 and all(len(mine) <= 3 for mine in pages.by_address.values())
+    assert live in pages.tokens and not pages.allowed(live, "", "203.0.113.1")  # still bound to its token
+    assert minted[0] not in pages.tokens  # forgotten: its next request binds it again
+    assert sum(len(mine) for mine in pages.by_address.values()) == len(pages)

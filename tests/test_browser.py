@@ -332,6 +332,9 @@ def test_one_conversation_per_page_through_voice_text_upload_stop_and_start(page
         app.expect_reply(0, "💬 Reply", "you sent it")
         assert app.reused_tokens()[0] < reused[1]  # forgotten: only the system prompt is reused
 
+        session = page.evaluate("window.__gradio_session_hash__")  # bound to the page's token by its requests:
+        assert httpx.get(f"{page_server.url}/gradio_api/deep_link", params={"session_hash": session}).status_code \
+            == 403  # so a request naming it without the token is refused (it would read the page's state)
         assert len(app.console) <= CONSOLE_LINES_MAX, "\n".join(app.console)
         assert set(app.elsewhere) <= {IFRAME_RESIZER}, app.elsewhere  # works offline: nothing from a CDN
         assert httpx.get(f"{page_server.url}/docs").status_code == 404  # FastAPI's pages load from a CDN

@@ -4,8 +4,10 @@
 peer is a trusted proxy (`--forwarded-allow-ips`), refuses an over-size body with 413 before reading
 it (by its Content-Length, and by counting when the body is streamed) and a JSON body nested too
 deeply with 400, asks for the server's access token when one is set (`--auth-token`, throttling
-wrong guesses per address), limits how often one address may open offers and sockets, and takes a
-page event that names one of the page's connections only from the page session that offered it.
+wrong guesses per address), limits how often one address may open offers and sockets, takes a
+request that names a page session (gradio's session_hash) only with the token that session was
+bound to (page_sessions.py), and a page event that names one of the page's connections only from
+the page session that offered it.
 """
 
 import asyncio
@@ -18,6 +20,9 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from ipaddress import ip_address, ip_network
 from urllib.parse import parse_qs
+
+from . import page_sessions
+from .page_sessions import PREFIX, PageSessions
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +189,7 @@ class Guard:
         self.rate = RateLimit(options.opens_per_minute)
         self.failures = RateLimit(options.failed_auth_per_minute)
         self.connections = PageConnections()
+        self.pages = PageSessions()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
@@ -209,9 +215,26 @@ class Guard:
                 logger.warning("rate limit: %s opened over %d connections in a minute", address, o.opens_per_minute)
                 return await refuse(scope, receive, send, 429, "rate_limited",
                                     f"Too many connections from your address (over {o.opens_per_minute} a minute).")
+        if scope["type"] == "http" and path.startswith(PREFIX):
+            if refusal := self.page_refusal(scope, address, page_sessions.named_sessions(scope)):
+                return await refuse(scope, receive, send, *refusal)
         if scope["type"] == "http":
             return await self.capped(scope, receive, send, o.body_cap(path))
         return await self.app(scope, receive, send)
+
+    def page_refusal(self, scope, address: str, sessions: list[str] | None) -> tuple[int, str, str] | None:
+        """Why a gradio request may not name these page sessions (None: it may): each must be
+        well-formed and bound to the request's page token, or be bound to it now."""
+        token = page_sessions.page_token(scope)
+        if token is None or sessions is None:
+            return 400, "bad_request", "Malformed page token or session_hash."
+        kind = dict(scope.get("headers") or []).get(b"content-type", b"")
+        if scope.get("path", "").startswith(PREFIX + "component_server") and b"multipart" in kind.lower():
+            return 415, "unsupported_media_type", "The page's component calls are JSON."  # its session_hash unread
+        binds = not scope.get("path", "").startswith(page_sessions.HEARTBEAT)
+        if not all(self.pages.allowed(session, token, address, binds) for session in sessions):
+            return 403, "forbidden", "That page session belongs to another page (another page token)."
+        return None
 
     async def login(self, scope, receive, send, address: str):
         """The page's login (gradio's /login): refused for a minute after too many wrong passwords."""
@@ -270,8 +293,12 @@ class Guard:
 
     def json_body(self, scope, headers: dict) -> bool:
         kind = headers.get(b"content-type", b"")
-        return (scope.get("method") in ("POST", "PUT", "PATCH") and b"multipart" not in kind
-                and b"form-urlencoded" not in kind and scope.get("path", "").startswith(self.options.json_paths))
+        path = scope.get("path", "")
+        if scope.get("method") not in ("POST", "PUT", "PATCH") or not path.startswith(self.options.json_paths):
+            return False
+        if path.startswith(PREFIX):  # gradio reads some bodies as JSON whatever their type: all but its uploads
+            return not path.startswith((PREFIX + "upload", PREFIX + "process_recording"))
+        return b"multipart" not in kind and b"form-urlencoded" not in kind
 
     async def checked_json(self, scope, receive, send, cap: int):
         """Read the whole (capped) body, refuse it if nested too deeply, else hand it on as it came."""
@@ -290,6 +317,10 @@ class Guard:
         if deep:
             return await refuse(scope, receive, send, 400, "bad_request",
                                 f"The JSON body is nested deeper than {limit} levels.")
+        if scope.get("path", "").startswith(PREFIX):
+            named = page_sessions.body_sessions(await self.parsed(body))
+            if refusal := self.page_refusal(scope, (scope.get("client") or ("", 0))[0], named):
+                return await refuse(scope, receive, send, *refusal)
         if not self.connections.allowed(scope.get("path", ""), body):
             return await refuse(scope, receive, send, 403, "forbidden", "That connection belongs to another page.")
         if self.page_offer(scope, body) and not self.rate.allow((scope.get("client") or ("", 0))[0]):
@@ -306,6 +337,15 @@ class Guard:
 
         return await self.app(scope, replay, send)
 
+
+    @staticmethod
+    async def parsed(body: bytes):
+        """A JSON body, or None if it is not JSON (gradio answers that 4xx itself); a large one is
+        parsed off the event loop."""
+        try:
+            return await asyncio.to_thread(json.loads, body) if len(body) > 65_536 else json.loads(body)
+        except ValueError:
+            return None
 
     def page_offer(self, scope, body: bytes) -> bool:
         """A WebRTC offer to the page's own component (gradio's component_server), which the open

@@ -4,6 +4,41 @@ Written against fastrtc 0.0.34's WebRTC component (its DOM and its logging) and 
 page; voxtral_app/compat/fastrtc.py refuses any other fastrtc version at import.
 """
 
+from .page_sessions import PAGE_TOKEN_HEADER
+
+# The page's own secret (serving/page_sessions.py): 192 random bits made once per page load, sent with each
+# same-origin gradio request, to which the server binds the page's gradio session on its first request.
+# gradio 5.50's client sends queue/join, queue/data (a fetch stream, not EventSource), heartbeat,
+# component_server, run/predict and upload through the global fetch, looked up at each call. Only its
+# heartbeat starts before these scripts run (Client.connect opens it; the head comes after): the server
+# never binds a session on a heartbeat, and this script's later requests bind it. XMLHttpRequest (hls.js,
+# for streamed audio or video outputs, which this page has none of) does not carry it.
+PAGE_TOKEN = """<script>
+(() => {
+  if (window.voxtralPageFetch) return;  // gradio adds the head again after a dev-mode reload
+  window.voxtralPageFetch = true;
+  const bytes = crypto.getRandomValues(new Uint8Array(24));
+  const token = btoa(String.fromCharCode(...bytes)).replace(/[+]/g, "-").replace(/[/]/g, "_");
+  const pageFetch = window.fetch;
+  const ours = (input) => {  // the page's own gradio routes: the token never leaves for another origin
+    try {
+      const url = new URL(input instanceof Request ? input.url : input, location.href);
+      return url.origin === location.origin && url.pathname.includes("/gradio_api/");
+    } catch (error) {
+      return false;  // fetch itself rejects it
+    }
+  };
+  window.fetch = (input, init) => {
+    if (ours(input)) {
+      const headers = new Headers(init && init.headers !== undefined ? init.headers
+                                  : input instanceof Request ? input.headers : undefined);
+      headers.set("%s", token);
+      init = {...init, headers};
+    }
+    return pageFetch(input, init);
+  };
+})();
+</script>""" % PAGE_TOKEN_HEADER
 # fastrtc's WebRTC component logs every data-channel message and connection state change: 3 lines per
 # chat update (83 lines in 30 s with one short reply from the tiny model; hundreds with real replies).
 # The page keeps warnings and errors; `python app.py --debug` keeps all.

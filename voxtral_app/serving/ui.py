@@ -27,7 +27,14 @@ from . import metrics
 from .chat_view import STATE_WORDS, ChatView, Output, reply_kind
 from .handler import VoxtralHandler, refusal, settings_from_controls
 from .page_calls import PageCalls, PageConversation, PageKey
-from .page_scripts import CSS, LEVEL_METER, OFFLINE, ONE_CLICK, QUIET_CONSOLE
+from .page_scripts import (
+    CSS,
+    LEVEL_METER,
+    OFFLINE,
+    ONE_CLICK,
+    PAGE_TOKEN,
+    QUIET_CONSOLE,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +151,7 @@ def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit
              rtc_configuration=None, debug: bool = False, resume_s: float = 120.0) -> gr.Blocks:
     """`debug`: keep the browser console's chatter (fastrtc logs every message). `resume_s`: how long
     a page's conversation waits for its next call or turn (ServerOptions.resume_s)."""
-    head = OFFLINE + LEVEL_METER + ("" if debug else QUIET_CONSOLE)
+    head = PAGE_TOKEN + OFFLINE + LEVEL_METER + ("" if debug else QUIET_CONSOLE)
     parking = Parking(resume_s)
     calls = PageCalls(parking)
     page_handler = handler

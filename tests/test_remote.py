@@ -23,8 +23,8 @@ from voxtral_app.backends.openai import (
     BackendUnavailable,
     OpenAIBackend,
     RemoteOptions,
-    wav_base64,
 )
+from voxtral_app.backends.remote_chat import wav_base64
 from voxtral_app.client import Client
 from voxtral_app.conversation.conversation import (
     Conversation,

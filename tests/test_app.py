@@ -1,6 +1,8 @@
 """app.py's start: flags and environment variables, --help speed, binding, one-line errors."""
 
+import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import httpx
 import pytest
 
 import app
+from voxtral_app.client import Client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ("torch", "transformers", "gradio", "fastrtc", "uvicorn", "aiortc")
@@ -144,35 +147,53 @@ def test_listening_addresses_sees_loopback_only_binds():
         assert listening_addresses(listener.getsockname()[1]) == {"127.0.0.1"}
 
 
-@pytest.mark.slow  # app.py in a process of its own, served until /health answers
+@pytest.mark.slow  # app.py in a process of its own, served until /health answers, then stopped with SIGTERM
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's /proc/net/tcp")
-def test_gradio_server_name_binds_all_interfaces(tmp_path):
-    """What a Space does: GRADIO_SERVER_NAME=0.0.0.0 and GRADIO_SERVER_PORT, then `python app.py`."""
+def test_as_a_space_runs_it_and_sigterm_with_open_streams_exits_within_10_s(tmp_path):
+    """What a Space does: GRADIO_SERVER_NAME=0.0.0.0 and GRADIO_SERVER_PORT, then `python app.py`; and
+    what it does to stop it: SIGTERM while clients stream."""
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1"}
     log = open(tmp_path / "app.log", "w+")
-    process = subprocess.Popen([sys.executable, "app.py", "--model", "tiny-random", "--max-sessions", "1"], cwd=ROOT,
-                               env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([sys.executable, "app.py", "--model", "tiny-random", "--max-sessions", "2", "--voice",
+                                "espeak"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and process.poll() is None:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 time.sleep(0.5)
         assert process.poll() is None, (tmp_path / "app.log").read_text()
         assert listening_addresses(port) == {"0.0.0.0"}
         # the loop that serves WebRTC: on asyncio's own, connections drop under load (bench/soak.py)
-        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["event_loop"] == "uvloop"
+        assert httpx.get(f"{url}/health", timeout=5).json()["event_loop"] == "uvloop"
         # the model runs in a child process of its own (--model-process, on by default)
         children = [line for line in subprocess.run(["ps", "-o", "args=", "--ppid", str(process.pid)],
                                                     capture_output=True, text=True).stdout.splitlines()]
         assert any("-m voxtral_app.model.model_process" in line for line in children), children
+
+        async def run():
+            clients = [await Client.connect(url) for _ in range(2)]  # each with its /outputs stream open
+            await asyncio.sleep(1)  # a second of streaming: the shutdown meets streams in use, not just opened
+            process.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            while process.poll() is None and time.monotonic() - sent < 15:
+                await asyncio.sleep(0.1)
+            took = time.monotonic() - sent
+            for client in clients:
+                await client.close()
+            return took
+
+        took = asyncio.run(run())
     finally:
-        process.terminate()
+        process.kill()
         process.wait(30)
         log.close()
+    assert took <= 10, (tmp_path / "app.log").read_text()[-2000:]
+    assert process.returncode in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
 
 
 def test_temperature_is_where_conversations_start(app_engine):

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+from ipaddress import ip_network
 
 from voxtral_app.cli import (
     EnvParser,
@@ -97,6 +98,12 @@ def parse_args(argv=None, environ=None) -> argparse.Namespace:
     add("--opens-per-minute", type=int, default=30, env=("VOXTRAL_OPENS_PER_MINUTE",),
         help="offers, socket opens and /v1 requests one client address may make per minute (0: no limit; "
              "loopback is exempt)")
+    add("--v1-in-flight", type=int, default=2, env=("VOXTRAL_V1_IN_FLIGHT",),
+        help="/v1 chat and transcription requests one client address may have in flight (0: no limit; loopback "
+             "and --front-end-ips are exempt)")
+    add("--front-end-ips", default="", env=("VOXTRAL_FRONT_END_IPS",),
+        help="your own front ends (addresses or networks, comma-separated) that send many people's turns to this "
+             "server's /v1 (--backend openai): exempt from the per-address limits, as loopback is")
     add("--forwarded-allow-ips", env=("VOXTRAL_FORWARDED_ALLOW_IPS",),
         help="proxies (addresses or networks, comma-separated; '*': any) whose X-Forwarded-For names the client, "
              "for the rate limits (default: 127.0.0.1,::1; on a Hugging Face Space, whose proxy is the only way in: *)")
@@ -120,6 +127,11 @@ def parse_args(argv=None, environ=None) -> argparse.Namespace:
     args.log_level = "DEBUG" if args.debug else args.log_level
     if args.forwarded_allow_ips is None:
         args.forwarded_allow_ips = "*" if parser.environ.get("SPACE_ID") else "127.0.0.1,::1"
+    for flag, value in (("--front-end-ips", args.front_end_ips), ("--forwarded-allow-ips", args.forwarded_allow_ips)):
+        try:
+            [ip_network(item, strict=False) for item in addresses(value) if item != "*"]
+        except ValueError as error:
+            parser.error(f"{flag}: {error}")
     if args.backend == "openai" and not args.backend_url:
         parser.error("--backend openai needs --backend-url (or VOXTRAL_BACKEND_URL), e.g. http://vllm:8000/v1")
     args.ice = IceOptions(args.turn_url, args.turn_username, args.turn_credential, args.rtc_configuration,
@@ -224,7 +236,8 @@ def main(argv=None) -> None:
             sys.exit(f"error: {error}")
     chat_options = conversation_options(args, engine)
     guard = GuardOptions(auth_token=args.auth_token or None, opens_per_minute=max(0, args.opens_per_minute),
-                         forwarded_allow_ips=tuple(p.strip() for p in args.forwarded_allow_ips.split(",") if p.strip()))
+                         generations_per_address=max(0, args.v1_in_flight), front_end_ips=addresses(args.front_end_ips),
+                         forwarded_allow_ips=addresses(args.forwarded_allow_ips))
     server_options = ServerOptions(guard=guard, session_time_limit_s=args.session_time_limit or None,
                                    twilio_auth_token=args.twilio_auth_token, rtc_configuration=args.rtc_configuration,
                                    debug=args.log_level == "DEBUG", resume_s=args.resume_s,
@@ -241,6 +254,11 @@ def main(argv=None) -> None:
         engine.close()
     if engine.failure is not None:
         sys.exit(f"error: the decode thread died ({engine.failure}); exiting so a supervisor restarts the app")
+
+
+def addresses(text: str) -> tuple[str, ...]:
+    """A comma-separated list of addresses or networks -> its items."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def given(**values) -> dict:

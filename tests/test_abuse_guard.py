@@ -4,6 +4,7 @@ proxies, JSON depth, NaN, compressed-audio bombs, phone call tokens. Real server
 import asyncio
 import io
 import json
+import time
 
 import httpx
 import numpy as np
@@ -39,6 +40,41 @@ async def first_answer(url: str, message: str):
             return json.loads(await asyncio.wait_for(ws.recv(), 10))
     except websockets.ConnectionClosed as closed:
         return closed.rcvd.code
+
+
+def test_an_address_has_two_v1_requests_in_flight_at_most(server, app_engine):
+    """A client looping long /v1 prompts gets a bounded share of the engine: its third request in flight
+    gets 429, while another address is served and its own next one is served once one has ended."""
+    body = {"model": app_engine.options.model, "stream": True, "max_tokens": 2000, "temperature": 1.0,
+            "messages": [{"role": "user", "content": "Tell me a long story."}]}
+    url = server.url + "/v1/chat/completions"
+    for _ in range(300):  # the slots earlier tests' sessions held are free again (unconnected ones expire in 10 s)
+        if len(app_engine.free_slots) == app_engine.options.slots:
+            break
+        time.sleep(0.05)
+    with client(**{"X-Forwarded-For": "203.0.113.60"}) as greedy, \
+            client(**{"X-Forwarded-For": "203.0.113.61"}) as other:
+        with greedy.stream("POST", url, json=body) as first, greedy.stream("POST", url, json=body) as second:
+            assert (first.status_code, second.status_code) == (200, 200)
+            third = greedy.post(url, json=body | {"stream": False, "max_tokens": 1})
+            assert third.status_code == 429 and third.json()["error"]["code"] == "too_many_requests"
+            answered = other.post(url, json=body | {"stream": False, "max_tokens": 1})
+            assert answered.status_code == 200, answered.text
+        for _ in range(100):  # both streams were closed: the server sees them go
+            again = greedy.post(url, json=body | {"stream": False, "max_tokens": 1})
+            if again.status_code != 429:
+                break
+        assert again.status_code == 200
+    front_end = GuardOptions(front_end_ips=("203.0.113.0/28",))  # --front-end-ips: many people's turns each
+    served = BackgroundServer(create_app(app_engine, app_options(app_engine), options=ServerOptions(guard=front_end)))
+    url = served.url + "/v1/chat/completions"
+    try:
+        with client(**{"X-Forwarded-For": "203.0.113.7"}) as http, http.stream("POST", url, json=body) as first, \
+                http.stream("POST", url, json=body) as second:
+            third = http.post(url, json=body | {"stream": False, "max_tokens": 1})
+            assert (first.status_code, second.status_code, third.status_code) == (200, 200, 200)
+    finally:
+        served.stop()
 
 
 def test_json_nested_thousands_deep_gets_400_or_an_error_event(server, app_engine):

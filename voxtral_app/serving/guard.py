@@ -44,6 +44,8 @@ class GuardOptions:
     opens_per_minute: int = 30  # offers, socket opens and /v1 requests one client address may make per minute
     # (0: no limit)
     limit_loopback: bool = False  # also limit 127.0.0.1/::1 (off: local tests and reverse proxies)
+    front_end_ips: tuple[str, ...] = ()  # your own front ends (addresses or networks) whose /v1 requests
+    # carry many people's turns (--backend openai): exempt from the per-address limits, as loopback is
     open_paths: tuple[str, ...] = ("/webrtc/offer", "/websocket/offer", "/telephone/handler", "/session/create",
                                    "/ws/audio", "/v1/chat", "/v1/audio")
     public_paths: tuple[str, ...] = ("/health",)  # no token: health checks
@@ -51,6 +53,9 @@ class GuardOptions:
     failed_auth_per_minute: int = 10  # wrong tokens and page logins one address may try a minute (then 429)
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")  # proxies whose X-Forwarded-For names the
     # client (addresses or networks; "*": any peer, e.g. on a Space, whose own proxy is the only way in)
+    generations_per_address: int = 2  # /v1 chat and transcription requests one client address may have in
+    # flight (0: no limit): its share of the engine's prefill turns is bounded whatever it sends
+    generation_paths: tuple[str, ...] = ("/v1/chat", "/v1/audio")
     json_depth: int = 64  # deepest nesting of a JSON body (and socket message); deeper gets 400
     json_paths: tuple[str, ...] = ("/input", "/session/create", "/v1/", "/webrtc/offer", "/gradio_api/")
 
@@ -190,6 +195,7 @@ class Guard:
         self.failures = RateLimit(options.failed_auth_per_minute)
         self.connections = PageConnections()
         self.pages = PageSessions()
+        self.generating: dict[str, int] = {}  # client address -> its /v1 requests in flight (the event loop's)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
@@ -211,16 +217,41 @@ class Guard:
         if o.auth_token and path == "/login" and scope["type"] == "http":
             return await self.login(scope, receive, send, address)
         if o.opens_per_minute and path.startswith(o.open_paths):
-            if (o.limit_loopback or not is_loopback(address)) and not self.rate.allow(address):
+            if not self.exempt(address) and not self.rate.allow(address):
                 logger.warning("rate limit: %s opened over %d connections in a minute", address, o.opens_per_minute)
                 return await refuse(scope, receive, send, 429, "rate_limited",
                                     f"Too many connections from your address (over {o.opens_per_minute} a minute).")
         if scope["type"] == "http" and path.startswith(PREFIX):
             if refusal := self.page_refusal(scope, address, page_sessions.named_sessions(scope)):
                 return await refuse(scope, receive, send, *refusal)
+        if (scope["type"] == "http" and path.startswith(o.generation_paths) and o.generations_per_address
+                and not self.exempt(address)):
+            return await self.one_of_few(scope, receive, send, address)
         if scope["type"] == "http":
             return await self.capped(scope, receive, send, o.body_cap(path))
         return await self.app(scope, receive, send)
+
+    def exempt(self, address: str) -> bool:
+        """Whether the per-address limits spare this client: loopback (unless `limit_loopback`) and
+        the operator's own front ends."""
+        o = self.options
+        return (is_loopback(address) and not o.limit_loopback) or (
+            bool(o.front_end_ips) and trusted(address, o.front_end_ips))
+
+    async def one_of_few(self, scope, receive, send, address: str):
+        """A /v1 request, if its address has fewer than `generations_per_address` in flight (429 if
+        not): counted until its answer has been sent, a stream to its end."""
+        limit = self.options.generations_per_address
+        if self.generating.get(address, 0) >= limit:
+            return await refuse(scope, receive, send, 429, "too_many_requests", f"Your address has {limit} "
+                                "requests in flight; wait for one to finish.")
+        self.generating[address] = self.generating.get(address, 0) + 1
+        try:
+            return await self.capped(scope, receive, send, self.options.body_cap(scope.get("path", "")))
+        finally:
+            self.generating[address] -= 1
+            if not self.generating[address]:
+                del self.generating[address]
 
     def page_refusal(self, scope, address: str, sessions: list[str] | None) -> tuple[int, str, str] | None:
         """Why a gradio request may not name these page sessions (None: it may): each must be
@@ -352,7 +383,7 @@ class Guard:
         limit counts like /webrtc/offer; its ICE candidates are not counted."""
         o = self.options
         address = (scope.get("client") or ("", 0))[0]
-        if not o.opens_per_minute or (is_loopback(address) and not o.limit_loopback) or not scope.get(
+        if not o.opens_per_minute or self.exempt(address) or not scope.get(
                 "path", "").startswith("/gradio_api/component_server") or b'"offer"' not in body:
             return False
         try:

@@ -9,6 +9,7 @@ KV-cache slots) covers browsers, WebRTC/WebSocket clients and phone calls alike.
 """
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
@@ -33,7 +34,7 @@ from ..conversation.speech import VoiceOptions, load_speaker_or_none
 from ..model.chat import common_prefix
 from ..model.engine import Engine
 from . import metrics
-from .access import AccessOptions, Connections
+from .access import CANDIDATES_PER_CONNECTION, AccessOptions, Connections, webrtc_key
 from .errors import busy, busy_event, failed
 from .guard import Guard, GuardOptions, is_loopback
 from .handler import PHONE_RATE, VoxtralHandler
@@ -65,6 +66,47 @@ class ServerOptions:
     page_conversations_per_address: int = 2  # the page's upload/text-box conversations per client address
 
 
+SDP_MEDIA_SECTIONS = 4  # m= lines an offer may have: aiortc's and the page's have 2 (audio, data channel),
+# a browser that also offers video 3
+SDP_LINES_OF_A_KIND = 64  # a= lines of one kind in one section (or the session part): an audio section's
+# most, its rtpmap lines, are ~15 in Chrome (4 in aiortc's)
+SDP_LINES = 512  # lines in all: a browser's or aiortc's audio and data channel offer has 40-60, Chrome's
+# with video too ~200
+
+
+def check_sdp(sdp: str) -> None:
+    """Refuse (ValueError) an SDP past the bounds above, before anything parses it: aiortc parses an
+    accepted one again on the event loop, and aioice tries every candidate it lists."""
+    lines = sdp.splitlines()
+    if len(lines) > SDP_LINES:
+        raise ValueError(f"an SDP may have at most {SDP_LINES} lines")
+    sections, candidates, kinds = 0, 0, collections.Counter()
+    for line in lines:
+        if line.startswith("m="):
+            sections += 1
+            kinds.clear()
+            if sections > SDP_MEDIA_SECTIONS:
+                raise ValueError(f"an SDP may have at most {SDP_MEDIA_SECTIONS} media sections")
+        elif line.startswith("a="):
+            kind = line[2:].partition(":")[0]
+            kinds[kind] += 1
+            if kinds[kind] > SDP_LINES_OF_A_KIND:
+                raise ValueError(f"an SDP section may have at most {SDP_LINES_OF_A_KIND} 'a={kind[:20]}' lines")
+            candidates += kind == "candidate"
+            if candidates > CANDIDATES_PER_CONNECTION:
+                raise ValueError(f"an SDP may list at most {CANDIDATES_PER_CONNECTION} ICE candidates")
+
+
+TOO_MANY_PENDING = ("Your address holds connections that have not connected (or started, or spoken) yet; "
+                    "connect one, or wait 10 s.")
+TOO_MANY_CANDIDATES = f"A connection may name at most {CANDIDATES_PER_CONNECTION} ICE candidates."
+
+
+def page_failure(error: str, message: str) -> dict:
+    """fastrtc's failure body, as the page's offer route answers it (the page shows `message`)."""
+    return {"status": "failed", "meta": {"error": error}, "message": message}
+
+
 class Offer(BaseModel):
     sdp: str | None = None
     candidate: dict | None = None
@@ -80,6 +122,7 @@ def check_offer(raw: bytes) -> Offer:
     if offer.type == "offer":
         if not offer.sdp:
             raise ValueError("an offer needs an sdp")
+        check_sdp(offer.sdp)
         try:
             description = SessionDescription.parse(offer.sdp)
         except Exception as error:  # aiortc's parser asserts on some malformed lines
@@ -116,7 +159,8 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
     ledger = UploadLedger(options.uploads)
     app.add_middleware(UploadGate, ledger=ledger)  # inside the guard: it sees the client's own address
     app.add_middleware(Guard, options=replace(options.guard, twilio_signed=bool(options.twilio_auth_token)))
-    connections = Connections(options.access)
+    connections = Connections(options.access, exempt=lambda address: is_loopback(address) and not
+                              options.guard.limit_loopback)
     app.state.stream = stream
     app.state.engine = engine
     app.state.ui = ui
@@ -191,15 +235,21 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
             offer = await asyncio.to_thread(check_offer, await request.body())  # SDP parsing off the event loop
         except (ValueError, ValidationError) as error:
             return failed(400, "bad_offer", f"Malformed offer: {error}")
+        key = webrtc_key(stream, offer.webrtc_id)
         if offer.type != "offer":  # a trickled ICE candidate: useless without the peer's ICE password
+            if not connections.name_candidates(key, 1):
+                return failed(400, "too_many_candidates", TOO_MANY_CANDIDATES)
             return await stream.handle_offer(offer.model_dump(), set_outputs=None)
         if busy := full():
             return busy
+        if not connections.hold(key, request.client.host if request.client else ""):
+            return failed(429, "too_many_pending", TOO_MANY_PENDING)
         try:
             token = connections.claim(offer.webrtc_id, "webrtc", taken=compat.is_known(stream, offer.webrtc_id))
-        except ValueError as error:
-            return failed(400, "bad_offer", f"Malformed offer: {error}")
-        except KeyError as error:
+        except (ValueError, KeyError) as error:
+            connections.let_go(key)
+            if isinstance(error, ValueError):
+                return failed(400, "bad_offer", f"Malformed offer: {error}")
             return failed(409, "connection_exists", f"{error.args[0]}; make a new random id")
         try:
             outputs = compat.bounded_outputs(stream, offer.webrtc_id)
@@ -207,11 +257,42 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
         except Exception as error:  # aiortc rejects what parsed but cannot be negotiated
             logger.info("offer failed: %s", error)
             connections.release(offer.webrtc_id)
+            connections.let_go(key)
             await compat.drop_connection(stream, offer.webrtc_id)
             return failed(400, "bad_offer", f"Could not negotiate: {error}")
         if isinstance(answer, dict):
+            connections.name_candidates(key, offer.sdp.count("a=candidate:"))
             return {**answer, "token": token}
         connections.release(offer.webrtc_id)  # fastrtc refused it (its own checks)
+        connections.let_go(key)
+        return answer
+
+    async def page_offer(component, offer_to, body, address: str):
+        """The page's own offer route (gradio's component_server "offer"), checked as /webrtc/offer
+        is: the SDP off the event loop, the candidates and the address's unconnected offers counted."""
+        sweep_soon()
+        try:
+            offer = await asyncio.to_thread(check_offer, json.dumps(body).encode())
+        except (ValueError, ValidationError) as error:
+            return page_failure("bad_offer", f"Malformed offer: {error}")
+        key = webrtc_key(component, offer.webrtc_id)
+        if offer.type != "offer":
+            if not connections.name_candidates(key, 1):
+                return page_failure("too_many_candidates", TOO_MANY_CANDIDATES)
+            return await offer_to(body)
+        if not connections.hold(key, address):
+            return page_failure("too_many_pending", TOO_MANY_PENDING)
+        try:
+            answer = await offer_to(body)
+        except Exception as error:  # aiortc rejects what parsed but cannot be negotiated
+            logger.info("the page's offer failed: %s", error)
+            connections.let_go(key)
+            await compat.drop_connection(component, offer.webrtc_id)
+            return page_failure("bad_offer", f"Could not negotiate: {error}")
+        if isinstance(answer, dict) and "sdp" in answer:
+            connections.name_candidates(key, offer.sdp.count("a=candidate:"))
+        else:
+            connections.let_go(key)  # refused (fastrtc's own checks)
         return answer
 
     @app.get("/outputs")
@@ -273,10 +354,21 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
     async def serve_socket(websocket: WebSocket, phone: bool):
         sweep_soon()
         socket = CheckedWebSocket(websocket, phone, options.session_time_limit_s)
+        socket.on_audio = lambda: connections.heard(socket)
         if full():
             await socket.accept()
             await websocket.send_json(busy_event(slots))
             return await socket.close()
+        if not connections.hold(socket, websocket.client.host if websocket.client else ""):
+            await socket.accept()
+            return await socket.close(f"refused: {TOO_MANY_PENDING}", code=4429)
+        try:
+            await serve_held_socket(socket, phone)
+        finally:
+            connections.let_go(socket)
+
+    async def serve_held_socket(socket: CheckedWebSocket, phone: bool):
+        websocket = socket.websocket
         try:
             start = await socket.wait_for_start()
         except SocketClosed:
@@ -301,6 +393,7 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
         except (ValueError, KeyError) as error:
             return await socket.close(f"refused: {error.args[0]}", code=4409)
         socket.started = start
+        connections.heard(socket)  # started: it holds nothing until it has been quiet for a while
         try:
             if not phone:
                 await websocket.send_json({"event": "token", "token": token})  # for /outputs and /input
@@ -352,7 +445,7 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
     gradio_compat.quiet_errors(app)
     for component in compat.page_components(ui):
         compat.end_unknown_outputs(component)
-        compat.check_page_offers(component, lambda body: check_offer(json.dumps(body).encode()))
+        compat.check_page_offers(component, page_offer)
     app.state.uploads_ledger = ledger
     return app
 

@@ -42,7 +42,13 @@ from .openai_routes import add_openai_routes
 from .session_api import SessionOptions, add_session_routes
 from .sockets import CheckedWebSocket, SocketClosed, call_token
 from .ui import build_ui
-from .uploads import UploadGate, UploadLedger, UploadOptions, limit_conversations
+from .uploads import (
+    UploadGate,
+    UploadLedger,
+    UploadOptions,
+    limit_conversations,
+    link_uploads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +171,8 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
     app.state.engine = engine
     app.state.ui = ui
     app.state.connections = connections
-    sweeper: list[asyncio.Task] = []  # started by the first request (an app mounted elsewhere has no startup of ours)
+    sweeper: list[asyncio.Task] = []  # started at start-up, or by the first request (an app mounted inside another
+    # has no start-up of ours)
     closing = asyncio.Event()  # set at shutdown: streams end, so the server can exit
     calls: dict[str, float] = {}  # CallSid -> when its stream started: a call token opens one stream
 
@@ -182,6 +189,8 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
         while not closing.is_set():
             try:
                 await connections.sweep(mixins)
+                ui.parking.sweep()  # the pages' conversations nobody came back to close (page open or not)
+                ledger.sweep()  # and the uploads sent into them go
             except Exception:  # noqa: BLE001 - the sweeper must outlive one bad connection
                 logger.exception("sweep failed")
             await asyncio.sleep(options.access.sweep_every_s)
@@ -195,7 +204,7 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
         sessions.end_all()  # free every session's slot (pending expiries would never run)
         ui.parking.close_all()  # the pages' conversations between calls
 
-    add_lifespan(app, shut_down)
+    add_lifespan(app, shut_down, sweep_soon)
 
     def full() -> JSONResponse | None:
         if engine.free_slots:
@@ -441,6 +450,7 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
     gradio_compat.bound_queue(ui, options.page_events_per_address, exempt=is_loopback)
     limit_conversations(ui.conversations, options.page_conversations_per_address, gradio_compat.event_address,
                         gr.Warning)
+    link_uploads(ui.conversations, ledger, gradio_compat.event_session)
     gradio_compat.check_audio_files(lambda path: check_header(path, engine.options.max_audio_s))
     gradio_compat.quiet_errors(app)
     for component in compat.page_components(ui):
@@ -450,14 +460,15 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
     return app
 
 
-def add_lifespan(app: FastAPI, shut_down: Callable[[], Awaitable[None]]) -> None:
-    """Run `shut_down` when `app` stops, inside whatever lifespan the app already has (an app we are
-    mounted into keeps its own start-up and shut-down)."""
+def add_lifespan(app: FastAPI, shut_down: Callable[[], Awaitable[None]], start: Callable[[], None]) -> None:
+    """Run `start` when `app` starts and `shut_down` when it stops, inside whatever lifespan the app
+    already has (an app we are mounted into keeps its own start-up and shut-down)."""
     inner = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
     async def lifespan(served):
         async with inner(served) as state:
+            start()
             try:
                 yield state
             finally:

@@ -164,6 +164,7 @@ def sdp_with(extra: str, sections: int = 2) -> str:
                       for i in range(CANDIDATES_PER_CONNECTION + 1))), "ICE candidates"),
     (sdp_with("".join(f"a=ssrc:{i} cname:x\r\n" for i in range(served_app.SDP_LINES_OF_A_KIND + 1))), "'a=ssrc' lines"),
     (sdp_with("".join(f"a=x-{i}:1\r\n" for i in range(served_app.SDP_LINES))), "lines"),
+    (sdp_with("a=fmtp:96 " + ";".join(f"p{i}=1" for i in range(served_app.SDP_CHARS // 5)) + "\r\n"), "characters"),
 ])
 def test_offers_past_the_sdp_bounds_are_refused_on_both_routes(served, sdp, why):
     body = offer_body(sdp)

@@ -78,11 +78,15 @@ SDP_LINES_OF_A_KIND = 64  # a= lines of one kind in one section (or the session 
 # most, its rtpmap lines, are ~15 in Chrome (4 in aiortc's)
 SDP_LINES = 512  # lines in all: a browser's or aiortc's audio and data channel offer has 40-60, Chrome's
 # with video too ~200
+SDP_CHARS = 32_768  # characters in all: a browser's or aiortc's audio offer is 2-4 kB, Chrome's with video too
+# ~10 kB (aiortc parses a long a=fmtp line parameter by parameter)
 
 
 def check_sdp(sdp: str) -> None:
     """Refuse (ValueError) an SDP past the bounds above, before anything parses it: aiortc parses an
     accepted one again on the event loop, and aioice tries every candidate it lists."""
+    if len(sdp) > SDP_CHARS:
+        raise ValueError(f"an SDP may have at most {SDP_CHARS} characters")
     lines = sdp.splitlines()
     if len(lines) > SDP_LINES:
         raise ValueError(f"an SDP may have at most {SDP_LINES} lines")

@@ -80,8 +80,11 @@ def test_ghost_offers_count_against_their_address_on_both_offer_routes(served):
 
     asyncio.run(connect_for_real())
     with visitor(HOARDER) as hoarder, visitor(NEWCOMER) as newcomer:
+        ghost_offer = offer_body(sdp)
+        ghost = hoarder.post(served.url + "/webrtc/offer", json=ghost_offer)
+        repeated = hoarder.post(served.url + "/webrtc/offer", json=ghost_offer)  # must not free the first's place
+        held_after_repeating = connections.pending(HOARDER)
         page = hoarder.post(served.url + "/gradio_api/component_server", json=page_offer(served, offer_body(sdp)))
-        ghost = hoarder.post(served.url + "/webrtc/offer", json=offer_body(sdp))
         third = hoarder.post(served.url + "/webrtc/offer", json=offer_body(sdp))
         third_on_the_page = hoarder.post(served.url + "/gradio_api/component_server",
                                          json=page_offer(served, offer_body(sdp))).json()
@@ -95,6 +98,7 @@ def test_ghost_offers_count_against_their_address_on_both_offer_routes(served):
         wait_until(lambda: connections.pending(HOARDER) == 0)
     assert page.status_code == 200 and "sdp" in page.json(), page.text
     assert ghost.status_code == 200 and "sdp" in ghost.json()
+    assert repeated.status_code in (409, 429) and held_after_repeating == 1
     assert third.status_code == 429 and third.json()["meta"]["error"] == "too_many_pending"
     assert third_on_the_page["status"] == "failed" and third_on_the_page["meta"]["error"] == "too_many_pending"
     assert arrived.status_code == 200 and "sdp" in arrived.json()  # a newcomer still gets in

@@ -89,7 +89,10 @@ class Connections:
 
     def hold(self, key, address: str) -> bool:
         """Count a new offer or socket (`key`) against `address`; False (refuse it) when the address
-        holds `pending_per_address` already."""
+        holds `pending_per_address` already, or `key` is counted already (a second offer of one id:
+        letting it go would free the first's place)."""
+        if key in self.holds:
+            return False
         if self.exempt(address):
             return True
         if self.pending(address) >= self.options.pending_per_address:

@@ -2,7 +2,7 @@
 
     python bench/sdp_parse.py
 
-`check_offer` (serving/app.py) parses an offer off the event loop and refuses one past the bounds
+`check_offer` (serving/offers.py) parses an offer off the event loop and refuses one past the bounds
 (SDP_MEDIA_SECTIONS, SDP_LINES_OF_A_KIND, SDP_LINES, SDP_CHARS, CANDIDATES_PER_CONNECTION); fastrtc then hands
 the accepted SDP to aiortc, which parses it again on the loop. This times that parse for a real
 aiortc offer, for offers made to sit at the bounds with the lines aiortc parses most slowly, and for
@@ -22,7 +22,7 @@ import results  # noqa: E402  (bench/results.py)
 from aiortc import RTCPeerConnection  # noqa: E402
 from aiortc.sdp import SessionDescription  # noqa: E402
 
-from voxtral_app.serving import app  # noqa: E402
+from voxtral_app.serving import offers  # noqa: E402
 
 REPEATS = 50
 BODY_CAP = 65_536  # GuardOptions' cap of an offer's body
@@ -41,7 +41,7 @@ LINES = {  # the attribute lines aiortc does the most work for
 def section(i: int, kinds: list[str], each: int) -> str:
     payloads = " ".join(str(96 + k) for k in range(32))
     body = "".join(LINES[kind](k) for kind in kinds for k in range(
-        app.CANDIDATES_PER_CONNECTION // 4 if kind == "candidate" else 32 if kind == "rtpmap" else each))
+        offers.CANDIDATES_PER_CONNECTION // 4 if kind == "candidate" else 32 if kind == "rtpmap" else each))
     return (f"m=audio 9 UDP/TLS/RTP/SAVPF {payloads}\r\nc=IN IP4 0.0.0.0\r\na=mid:{i}\r\na=ice-ufrag:abcd\r\n"
             "a=ice-pwd:abcdefghijklmnopqrstuvwx\r\na=setup:actpass\r\na=fingerprint:sha-256 "
             + ":".join(["AB"] * 32) + "\r\n" + body)
@@ -76,20 +76,20 @@ def parse_ms(sdp: str) -> tuple[float, float]:
 
 
 def main() -> None:
-    kind = app.SDP_LINES_OF_A_KIND
+    kind = offers.SDP_LINES_OF_A_KIND
     cases = [("aiortc's own offer (audio, data channel)", asyncio.run(real_offer()))]
     for kinds in (["rtpmap", "rtcp-fb"], ["rtpmap", "fmtp", "rtcp-fb", "ssrc"], ["rtpmap", "fmtp", "ssrc", "candidate"],
                   ["rtpmap", "long fmtp"]):
-        cases.append((f"at the bounds: {app.SDP_MEDIA_SECTIONS} sections, up to {kind} lines each of "
+        cases.append((f"at the bounds: {offers.SDP_MEDIA_SECTIONS} sections, up to {kind} lines each of "
                       f"{', '.join(kinds)}",
-                      offer(kinds, app.SDP_MEDIA_SECTIONS, kind, app.SDP_LINES, app.SDP_CHARS)))
+                      offer(kinds, offers.SDP_MEDIA_SECTIONS, kind, offers.SDP_LINES, offers.SDP_CHARS)))
     cases.append(("64 kB of a=ssrc lines in one section", offer(["ssrc"], 1, 2_000, None)))
     cases.append(("64 kB of a=rtcp-fb lines in one section", offer(["rtpmap", "rtcp-fb"], 1, 3_000, None)))
     cases.append(("64 kB of long a=fmtp lines in 4 sections", offer(["rtpmap", "long fmtp"], 4, kind, None)))
     rows = []
     for label, sdp in cases:
         try:
-            app.check_sdp(sdp)
+            offers.check_sdp(sdp)
             verdict = "accepted"
         except ValueError as error:
             verdict = f"refused ({error})"

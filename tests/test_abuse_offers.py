@@ -14,9 +14,10 @@ from conftest import app_options
 from servers import BackgroundServer
 
 from voxtral_app.client import Client
-from voxtral_app.serving import app as served_app
+from voxtral_app.serving import offers
 from voxtral_app.serving.access import CANDIDATES_PER_CONNECTION, AccessOptions
-from voxtral_app.serving.app import ServerOptions, check_offer, create_app
+from voxtral_app.serving.app import ServerOptions, create_app
+from voxtral_app.serving.offers import check_offer
 
 HOARDER, NEWCOMER = "203.0.113.21", "203.0.113.22"
 
@@ -163,12 +164,12 @@ def sdp_with(extra: str, sections: int = 2) -> str:
 
 
 @pytest.mark.parametrize("sdp, why", [
-    (sdp_with("", served_app.SDP_MEDIA_SECTIONS + 1), "media sections"),
+    (sdp_with("", offers.SDP_MEDIA_SECTIONS + 1), "media sections"),
     (sdp_with("".join(f"a=candidate:{i} 1 udp 1 10.0.0.1 {1000 + i} typ host\r\n"
                       for i in range(CANDIDATES_PER_CONNECTION + 1))), "ICE candidates"),
-    (sdp_with("".join(f"a=ssrc:{i} cname:x\r\n" for i in range(served_app.SDP_LINES_OF_A_KIND + 1))), "'a=ssrc' lines"),
-    (sdp_with("".join(f"a=x-{i}:1\r\n" for i in range(served_app.SDP_LINES))), "lines"),
-    (sdp_with("a=fmtp:96 " + ";".join(f"p{i}=1" for i in range(served_app.SDP_CHARS // 5)) + "\r\n"), "characters"),
+    (sdp_with("".join(f"a=ssrc:{i} cname:x\r\n" for i in range(offers.SDP_LINES_OF_A_KIND + 1))), "'a=ssrc' lines"),
+    (sdp_with("".join(f"a=x-{i}:1\r\n" for i in range(offers.SDP_LINES))), "lines"),
+    (sdp_with("a=fmtp:96 " + ";".join(f"p{i}=1" for i in range(offers.SDP_CHARS // 5)) + "\r\n"), "characters"),
 ])
 def test_offers_past_the_sdp_bounds_are_refused_on_both_routes(served, sdp, why):
     body = offer_body(sdp)

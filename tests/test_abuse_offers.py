@@ -199,3 +199,31 @@ def test_real_offers_are_within_the_bounds_and_trickled_candidates_are_counted(s
         over = trickle(99)
     assert all(r.status_code == 200 and r.json()["status"] == "success" for r in taken), [r.text for r in taken]
     assert over.status_code == 400 and over.json()["meta"]["error"] == "too_many_candidates"
+
+
+def test_sessions_offers_and_sockets_share_one_count_and_a_quiet_session_socket_counts(served):
+    connections = served.app.state.connections
+    visitor_address = "203.0.113.23"
+
+    async def run():
+        async with httpx.AsyncClient(timeout=30, headers={"X-Forwarded-For": visitor_address}) as http:
+            create = lambda: http.post(served.url + "/session/create")  # noqa: E731
+            created = (await create()).json()
+            session = await websockets.connect(served.url.replace("http", "ws") + created["websocket_url"],
+                                               additional_headers={"X-Forwarded-For": visitor_address})
+            unstarted = [await opened(served.url, visitor_address) for _ in range(2)]
+            over_by_sockets = (await create()).status_code  # two sockets not started: the session route refuses
+            served.now[0] += 11  # the session's socket has said nothing for 10 s: it counts too
+            await unstarted[0].close()
+            await asyncio.to_thread(wait_until, lambda: connections.pending(visitor_address) == 2)
+            over_by_quiet = (await create()).status_code
+            await session.send(b"\x00\x00" * 1600)  # 0.1 s of 16 kHz audio (silence all the same)
+            await asyncio.to_thread(wait_until, lambda: connections.pending(visitor_address) == 1)
+            again = await create()
+            for ws in (session, unstarted[1]):
+                await ws.close()
+            return over_by_sockets, over_by_quiet, again
+
+    over_by_sockets, over_by_quiet, again = asyncio.run(run())
+    assert over_by_sockets == 429 and over_by_quiet == 429
+    assert again.status_code == 200, again.text

@@ -7,8 +7,9 @@ token; reading and steering the connection then need that token, and only one re
 `offer_deadline_s` is dropped, and so is a peer whose conversation has ended (its audio stopped).
 
 `hold()` counts what one client address holds without using it: WebRTC offers (the /webrtc/offer
-route's and the page's) that have not connected, sockets that have not said `start`, and started
-sockets that have sent no audio for `quiet_s`. Past `pending_per_address` the route refuses, so one
+route's and the page's) that have not connected, sockets that have not said `start`, session-API
+sessions nobody has connected to, and started sockets (session sockets too) that have sent no audio
+or message for `quiet_s`. Past `pending_per_address` the route refuses, so one
 address cannot keep every slot (or fastrtc's own connection cap) full of ghosts.
 """
 
@@ -101,6 +102,18 @@ class Connections:
             return False
         self.holds[key] = Hold(address, self.clock())
         return True
+
+    def track(self, key, address: str) -> None:
+        """Count a connected socket (`key`, whatever it held before) only once it has been quiet for
+        `quiet_s` (a session-API socket: its session was counted when it was created)."""
+        if not self.exempt(address):
+            now = self.clock()
+            self.holds[key] = Hold(address, now, heard=now)
+
+    def rename(self, key, new_key) -> None:
+        """What `key` holds is held under `new_key` from now on (a request's place, once it has an id)."""
+        if (hold := self.holds.pop(key, None)) is not None:
+            self.holds[new_key] = hold
 
     def pending(self, address: str) -> int:
         """What `address` holds now: offers not connected, sockets not started or quiet."""

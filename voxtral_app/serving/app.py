@@ -384,7 +384,8 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
                                      'Please call again later.</Say><Hangup/></Response>', media_type="application/xml")
         return PlainTextResponse(twiml(request, form, options.twilio_auth_token), media_type="application/xml")
 
-    sessions = add_session_routes(app, engine, chat_options, speaker, options.sessions, options.session_time_limit_s)
+    sessions = add_session_routes(app, engine, chat_options, speaker, options.sessions, options.session_time_limit_s,
+                                  connections)
     metrics.add_metrics_route(app, engine)  # GET /metrics
     gr.mount_gradio_app(app, ui, path="/", auth=guard_login(options.guard))
     gradio_compat.guard_input_files(ui, ledger.allowed, ledger.forget)

@@ -166,7 +166,7 @@ class Connections:
         self.candidates = {key: n for key, n in self.candidates.items() if key in keys}
         for key, hold in list(self.holds.items()):  # an offer whose peer is gone (or never came) holds nothing
             gone = hold.seen or now - hold.since > self.options.offer_deadline_s
-            if isinstance(key, tuple) and key not in keys and gone:
+            if isinstance(key, tuple) and key[0] == "webrtc" and key not in keys and gone:
                 self.let_go(key)
         for connection_id, claim in list(self.claims.items()):  # a WebRTC claim lives as long as its peer
             if claim.transport == "webrtc" and connection_id not in present and not claim.readers and (

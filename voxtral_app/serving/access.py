@@ -9,8 +9,8 @@ token; reading and steering the connection then need that token, and only one re
 `hold()` counts what one client address holds without using it: WebRTC offers (the /webrtc/offer
 route's and the page's) that have not connected, sockets that have not said `start`, session-API
 sessions nobody has connected to, and started sockets (session sockets too) that have sent no audio
-or message for `quiet_s`. Past `pending_per_address` the route refuses, so one
-address cannot keep every slot (or fastrtc's own connection cap) full of ghosts.
+or message for `quiet_s`. Past `pending_per_address` the route refuses, so one address cannot keep
+every slot (or fastrtc's own connection cap) full of ghosts.
 """
 
 import logging
@@ -32,18 +32,19 @@ CANDIDATES_PER_CONNECTION = 32  # remote ICE candidates one connection may name 
 class AccessOptions:
     offer_deadline_s: float = 10.0  # an offer must finish connecting (ICE) within this
     sweep_every_s: float = 1.0
-    pending_per_address: int = 2  # unconnected offers, unstarted sockets and quiet sockets one client address
-    # may hold at once (loopback exempt unless the guard limits it too); the next gets 429 / close 4429
-    quiet_s: float = 10.0  # a started socket that has sent no audio for this long counts as pending again
+    pending_per_address: int = 2  # unconnected offers and sessions, unstarted and quiet sockets one client
+    # address may hold at once (loopback exempt unless the guard limits it too); the next gets 429 / close 4429
+    quiet_s: float = 10.0  # a started socket that has sent no audio (or message) this long counts again
 
 
 @dataclass
 class Hold:
-    """An offer or socket counted against its client address until it connects (or starts)."""
+    """An offer, socket or session counted against its client address until it connects (or starts),
+    and again while its socket is quiet."""
 
     address: str
     since: float  # clock() when it was offered or opened
-    heard: float | None = None  # clock() when a started socket last sent audio; None: not started
+    heard: float | None = None  # clock() when its socket started or last sent audio; None: not started
     seen: bool = False  # the sweeper has seen its peer connection
 
 
@@ -57,9 +58,9 @@ class Claim:
 
 class Connections:
     """Connection ids, their tokens and readers, and what each client address holds (`holds`, keyed
-    by `webrtc_key()` or a socket) with the remote ICE candidates each connection named
-    (`candidates`). Owned by the event loop: the routes, the socket tasks and the sweeper task call
-    it, nothing else. `exempt(address)`: addresses not counted (loopback); `clock`: monotonic
+    by `webrtc_key()`, a socket, or a session's key) with the remote ICE candidates each connection
+    named (`candidates`). Owned by the event loop: the routes, the socket tasks and the sweeper task
+    call it, nothing else. `exempt(address)`: addresses not counted (loopback); `clock`: monotonic
     seconds (tests move it by hand)."""
 
     def __init__(self, options: AccessOptions = AccessOptions(), exempt=lambda address: False, clock=time.monotonic):
@@ -127,7 +128,7 @@ class Connections:
             hold.heard = self.clock()
 
     def let_go(self, key) -> None:
-        """The offer connected or failed, or the socket closed."""
+        """The offer connected or failed, the socket closed, the session ended or hung up."""
         self.holds.pop(key, None)
 
     def name_candidates(self, key: tuple, count: int) -> bool:

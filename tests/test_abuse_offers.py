@@ -158,19 +158,21 @@ def test_unstarted_and_quiet_sockets_count_against_their_address(served):
 
 
 def sdp_with(extra: str, sections: int = 2) -> str:
+    """An audio offer of `sections` sections, each ending in `extra`."""
     head = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
     section = ("m=audio 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:96 opus/48000/2\r\n"
                "a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\n")
-    return head + section * sections + extra
+    return head + (section + extra) * sections
 
 
 @pytest.mark.parametrize("sdp, why", [
     (sdp_with("", offers.SDP_MEDIA_SECTIONS + 1), "media sections"),
-    (sdp_with("".join(f"a=candidate:{i} 1 udp 1 10.0.0.1 {1000 + i} typ host\r\n"
-                      for i in range(CANDIDATES_PER_CONNECTION + 1))), "ICE candidates"),
-    (sdp_with("".join(f"a=ssrc:{i} cname:x\r\n" for i in range(offers.SDP_LINES_OF_A_KIND + 1))), "'a=ssrc' lines"),
-    (sdp_with("".join(f"a=x-{i}:1\r\n" for i in range(offers.SDP_LINES))), "lines"),
-    (sdp_with("a=fmtp:96 " + ";".join(f"p{i}=1" for i in range(offers.SDP_CHARS // 5)) + "\r\n"), "characters"),
+    (sdp_with("".join(f"a=candidate:{i} 1 udp 1 10.0.0.1 {1000 + i} typ host\r\n"  # half in each section
+                      for i in range(CANDIDATES_PER_CONNECTION // 2 + 1))), "ICE candidates"),
+    (sdp_with("".join(f"a=ssrc:{i} cname:x\r\n" for i in range(offers.SDP_LINES_OF_A_KIND + 1)), 1),
+     "'a=ssrc' lines"),
+    (sdp_with("".join(f"a=x-{i}:1\r\n" for i in range(offers.SDP_LINES)), 1), "lines"),
+    (sdp_with("a=fmtp:96 " + ";".join(f"p{i}=1" for i in range(offers.SDP_CHARS // 5)) + "\r\n", 1), "characters"),
 ])
 def test_offers_past_the_sdp_bounds_are_refused_on_both_routes(served, sdp, why):
     body = offer_body(sdp)

@@ -24,8 +24,9 @@ from ..compat import fastrtc as compat
 logger = logging.getLogger(__name__)
 
 ID_FORMAT = re.compile(r"[A-Za-z0-9_-]{8,64}")  # fastrtc's page makes 11+ random characters
-CANDIDATES_PER_CONNECTION = 32  # remote ICE candidates one connection may name (in its offer and trickled):
-# aioice tries each. A browser names one or two per network interface and ICE server; aiortc 2 per section
+CANDIDATES_PER_CONNECTION = 64  # remote ICE candidates one connection may name (in its offer and trickled):
+# aioice tries each. A browser names one or two per network interface and ICE server (a few dozen on a machine
+# with VPNs and container bridges); aiortc 2 per section
 
 
 @dataclass(frozen=True)

@@ -187,18 +187,18 @@ def end_unknown_outputs(component) -> None:
     component.output_stream = output_stream
 
 
-def check_page_offers(component, check) -> None:
-    """Run `check(body)` (raising ValueError to refuse) on a worker thread before the page's WebRTC
-    component handles an offer or ICE candidate (gradio's component_server "offer"): its SDP is
-    parsed off the event loop, and malformed ones never reach fastrtc, as on /webrtc/offer."""
+def check_page_offers(component, handle) -> None:
+    """Send the page's WebRTC offers and ICE candidates (gradio's component_server "offer", which
+    calls the component's `offer(body)`) through `await handle(component, offer, body, address)`,
+    which may answer with fastrtc's failure body instead of calling `offer(body)`; `address` is the
+    client's (gradio hands a server function its request when the parameter is typed gr.Request)."""
+    import gradio as gr
+
     offer = component.offer
 
-    async def checked_offer(body):
-        try:
-            await asyncio.to_thread(check, body)
-        except ValueError as error:
-            return {"status": "failed", "meta": {"error": "bad_offer"}, "message": f"Malformed offer: {error}"}
-        return await offer(body)
+    async def checked_offer(body, request: gr.Request):
+        client = getattr(request, "client", None)
+        return await handle(component, offer, body, getattr(client, "host", "") or "")
 
     checked_offer._is_server_fn = True  # gradio's component_server calls only functions marked so
     component.offer = checked_offer

@@ -60,6 +60,13 @@ def event_address() -> str | None:
     return event[1] if event is not None else None
 
 
+def event_session() -> str | None:
+    """The page session (gradio's session_hash) of the page event running in this context; None
+    outside one."""
+    event = _event.get()
+    return event[0] if event is not None and event[0] else None
+
+
 def guard_input_files(blocks, allowed: Callable[[str, str, str], bool],
                       on_unload: Callable[[str], None] | None = None) -> None:
     """Accept an input file of one of `blocks`' events only if `allowed(path, session_hash, address)`;

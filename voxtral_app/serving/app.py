@@ -19,11 +19,10 @@ from dataclasses import dataclass, replace
 from urllib.parse import urlencode
 
 import gradio as gr
-from aiortc.sdp import SessionDescription
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastrtc import Stream
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from ..audio.pcm import check_header
 from ..compat import fastrtc as compat
@@ -33,15 +32,22 @@ from ..conversation.speech import VoiceOptions, load_speaker_or_none
 from ..model.chat import common_prefix
 from ..model.engine import Engine
 from . import metrics
-from .access import AccessOptions, Connections
+from .access import CANDIDATES_PER_CONNECTION, AccessOptions, Connections, webrtc_key
 from .errors import busy, busy_event, failed
 from .guard import Guard, GuardOptions, is_loopback
 from .handler import PHONE_RATE, VoxtralHandler
+from .offers import check_offer
 from .openai_routes import add_openai_routes
 from .session_api import SessionOptions, add_session_routes
 from .sockets import CheckedWebSocket, SocketClosed, call_token
 from .ui import build_ui
-from .uploads import UploadGate, UploadLedger, UploadOptions, limit_conversations
+from .uploads import (
+    UploadGate,
+    UploadLedger,
+    UploadOptions,
+    limit_conversations,
+    link_uploads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,30 +71,14 @@ class ServerOptions:
     page_conversations_per_address: int = 2  # the page's upload/text-box conversations per client address
 
 
-class Offer(BaseModel):
-    sdp: str | None = None
-    candidate: dict | None = None
-    type: str
-    webrtc_id: str
+TOO_MANY_PENDING = ("Your address holds connections that have not connected (or started, or spoken) yet; "
+                    "connect one, or wait 10 s.")
+TOO_MANY_CANDIDATES = f"A connection may name at most {CANDIDATES_PER_CONNECTION} ICE candidates."
 
 
-def check_offer(raw: bytes) -> Offer:
-    """A request body -> a checked offer (JSON, fields, SDP with an audio track), or ValueError."""
-    offer = Offer.model_validate(json.loads(raw))
-    if not offer.webrtc_id.strip() or len(offer.webrtc_id) > 200:
-        raise ValueError("webrtc_id must be a short non-empty string")
-    if offer.type == "offer":
-        if not offer.sdp:
-            raise ValueError("an offer needs an sdp")
-        try:
-            description = SessionDescription.parse(offer.sdp)
-        except Exception as error:  # aiortc's parser asserts on some malformed lines
-            raise ValueError(f"the SDP does not parse ({type(error).__name__})") from error
-        if not any(media.kind == "audio" for media in description.media):
-            raise ValueError("the offer has no audio track")
-    elif offer.type != "ice-candidate" or offer.candidate is None:
-        raise ValueError("type must be 'offer' (with sdp) or 'ice-candidate' (with candidate)")
-    return offer
+def page_failure(error: str, message: str) -> dict:
+    """fastrtc's failure body, as the page's offer route answers it (the page shows `message`)."""
+    return {"status": "failed", "meta": {"error": error}, "message": message}
 
 
 def create_app(engine: Engine, chat_options: ConversationOptions | None = None, options: ServerOptions = ServerOptions(),
@@ -116,12 +106,14 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
     ledger = UploadLedger(options.uploads)
     app.add_middleware(UploadGate, ledger=ledger)  # inside the guard: it sees the client's own address
     app.add_middleware(Guard, options=replace(options.guard, twilio_signed=bool(options.twilio_auth_token)))
-    connections = Connections(options.access)
+    connections = Connections(options.access, exempt=lambda address: is_loopback(address) and not
+                              options.guard.limit_loopback)
     app.state.stream = stream
     app.state.engine = engine
     app.state.ui = ui
     app.state.connections = connections
-    sweeper: list[asyncio.Task] = []  # started by the first request (an app mounted elsewhere has no startup of ours)
+    sweeper: list[asyncio.Task] = []  # started at start-up, or by the first request (an app mounted inside another
+    # has no start-up of ours)
     closing = asyncio.Event()  # set at shutdown: streams end, so the server can exit
     calls: dict[str, float] = {}  # CallSid -> when its stream started: a call token opens one stream
 
@@ -138,6 +130,8 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
         while not closing.is_set():
             try:
                 await connections.sweep(mixins)
+                ui.parking.sweep()  # the pages' conversations nobody came back to close (page open or not)
+                ledger.sweep()  # and the uploads sent into them go
             except Exception:  # noqa: BLE001 - the sweeper must outlive one bad connection
                 logger.exception("sweep failed")
             await asyncio.sleep(options.access.sweep_every_s)
@@ -151,7 +145,7 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
         sessions.end_all()  # free every session's slot (pending expiries would never run)
         ui.parking.close_all()  # the pages' conversations between calls
 
-    add_lifespan(app, shut_down)
+    add_lifespan(app, shut_down, sweep_soon)
 
     def full() -> JSONResponse | None:
         if engine.free_slots:
@@ -191,15 +185,21 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
             offer = await asyncio.to_thread(check_offer, await request.body())  # SDP parsing off the event loop
         except (ValueError, ValidationError) as error:
             return failed(400, "bad_offer", f"Malformed offer: {error}")
+        key = webrtc_key(stream, offer.webrtc_id)
         if offer.type != "offer":  # a trickled ICE candidate: useless without the peer's ICE password
+            if not connections.name_candidates(key, 1):
+                return failed(400, "too_many_candidates", TOO_MANY_CANDIDATES)
             return await stream.handle_offer(offer.model_dump(), set_outputs=None)
         if busy := full():
             return busy
+        if not connections.hold(key, request.client.host if request.client else ""):
+            return failed(429, "too_many_pending", TOO_MANY_PENDING)
         try:
             token = connections.claim(offer.webrtc_id, "webrtc", taken=compat.is_known(stream, offer.webrtc_id))
-        except ValueError as error:
-            return failed(400, "bad_offer", f"Malformed offer: {error}")
-        except KeyError as error:
+        except (ValueError, KeyError) as error:
+            connections.let_go(key)
+            if isinstance(error, ValueError):
+                return failed(400, "bad_offer", f"Malformed offer: {error}")
             return failed(409, "connection_exists", f"{error.args[0]}; make a new random id")
         try:
             outputs = compat.bounded_outputs(stream, offer.webrtc_id)
@@ -207,11 +207,42 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
         except Exception as error:  # aiortc rejects what parsed but cannot be negotiated
             logger.info("offer failed: %s", error)
             connections.release(offer.webrtc_id)
+            connections.let_go(key)
             await compat.drop_connection(stream, offer.webrtc_id)
             return failed(400, "bad_offer", f"Could not negotiate: {error}")
         if isinstance(answer, dict):
+            connections.name_candidates(key, offer.sdp.count("a=candidate:"))
             return {**answer, "token": token}
         connections.release(offer.webrtc_id)  # fastrtc refused it (its own checks)
+        connections.let_go(key)
+        return answer
+
+    async def page_offer(component, offer_to, body, address: str):
+        """The page's own offer route (gradio's component_server "offer"), checked as /webrtc/offer
+        is: the SDP off the event loop, the candidates and the address's unconnected offers counted."""
+        sweep_soon()
+        try:
+            offer = await asyncio.to_thread(check_offer, json.dumps(body).encode())
+        except (ValueError, ValidationError) as error:
+            return page_failure("bad_offer", f"Malformed offer: {error}")
+        key = webrtc_key(component, offer.webrtc_id)
+        if offer.type != "offer":
+            if not connections.name_candidates(key, 1):
+                return page_failure("too_many_candidates", TOO_MANY_CANDIDATES)
+            return await offer_to(body)
+        if not connections.hold(key, address):
+            return page_failure("too_many_pending", TOO_MANY_PENDING)
+        try:
+            answer = await offer_to(body)
+        except Exception as error:  # aiortc rejects what parsed but cannot be negotiated
+            logger.info("the page's offer failed: %s", error)
+            connections.let_go(key)
+            await compat.drop_connection(component, offer.webrtc_id)
+            return page_failure("bad_offer", f"Could not negotiate: {error}")
+        if isinstance(answer, dict) and "sdp" in answer:
+            connections.name_candidates(key, offer.sdp.count("a=candidate:"))
+        else:
+            connections.let_go(key)  # refused (fastrtc's own checks)
         return answer
 
     @app.get("/outputs")
@@ -273,10 +304,21 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
     async def serve_socket(websocket: WebSocket, phone: bool):
         sweep_soon()
         socket = CheckedWebSocket(websocket, phone, options.session_time_limit_s)
+        socket.on_audio = lambda: connections.heard(socket)
         if full():
             await socket.accept()
             await websocket.send_json(busy_event(slots))
             return await socket.close()
+        if not connections.hold(socket, websocket.client.host if websocket.client else ""):
+            await socket.accept()
+            return await socket.close(f"refused: {TOO_MANY_PENDING}", code=4429)
+        try:
+            await serve_held_socket(socket, phone)
+        finally:
+            connections.let_go(socket)
+
+    async def serve_held_socket(socket: CheckedWebSocket, phone: bool):
+        websocket = socket.websocket
         try:
             start = await socket.wait_for_start()
         except SocketClosed:
@@ -301,6 +343,7 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
         except (ValueError, KeyError) as error:
             return await socket.close(f"refused: {error.args[0]}", code=4409)
         socket.started = start
+        connections.heard(socket)  # started: it holds nothing until it has been quiet for a while
         try:
             if not phone:
                 await websocket.send_json({"event": "token", "token": token})  # for /outputs and /input
@@ -341,30 +384,33 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
                                      'Please call again later.</Say><Hangup/></Response>', media_type="application/xml")
         return PlainTextResponse(twiml(request, form, options.twilio_auth_token), media_type="application/xml")
 
-    sessions = add_session_routes(app, engine, chat_options, speaker, options.sessions, options.session_time_limit_s)
+    sessions = add_session_routes(app, engine, chat_options, speaker, options.sessions, options.session_time_limit_s,
+                                  connections)
     metrics.add_metrics_route(app, engine)  # GET /metrics
     gr.mount_gradio_app(app, ui, path="/", auth=guard_login(options.guard))
     gradio_compat.guard_input_files(ui, ledger.allowed, ledger.forget)
     gradio_compat.bound_queue(ui, options.page_events_per_address, exempt=is_loopback)
     limit_conversations(ui.conversations, options.page_conversations_per_address, gradio_compat.event_address,
                         gr.Warning)
+    link_uploads(ui.conversations, ledger, gradio_compat.event_session)
     gradio_compat.check_audio_files(lambda path: check_header(path, engine.options.max_audio_s))
     gradio_compat.quiet_errors(app)
     for component in compat.page_components(ui):
         compat.end_unknown_outputs(component)
-        compat.check_page_offers(component, lambda body: check_offer(json.dumps(body).encode()))
+        compat.check_page_offers(component, page_offer)
     app.state.uploads_ledger = ledger
     return app
 
 
-def add_lifespan(app: FastAPI, shut_down: Callable[[], Awaitable[None]]) -> None:
-    """Run `shut_down` when `app` stops, inside whatever lifespan the app already has (an app we are
-    mounted into keeps its own start-up and shut-down)."""
+def add_lifespan(app: FastAPI, shut_down: Callable[[], Awaitable[None]], start: Callable[[], None]) -> None:
+    """Run `start` when `app` starts and `shut_down` when it stops, inside whatever lifespan the app
+    already has (an app we are mounted into keeps its own start-up and shut-down)."""
     inner = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
     async def lifespan(served):
         async with inner(served) as state:
+            start()
             try:
                 yield state
             finally:

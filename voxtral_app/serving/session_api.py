@@ -23,6 +23,7 @@ import threading
 from dataclasses import asdict, dataclass
 
 from fastapi import Request, WebSocket
+from fastapi.responses import JSONResponse
 
 from ..audio.pcm import MAX_RATE, MIN_RATE, SAMPLE_RATE
 from ..backends.contract import EngineBusy, EngineFailed
@@ -34,6 +35,7 @@ from ..conversation.conversation import (
 )
 from ..conversation.parking import Parking
 from . import metrics
+from .access import Connections
 from .errors import busy, failed
 from .guard import is_loopback
 from .session import Replies, Session, error
@@ -53,8 +55,6 @@ class SessionOptions:
     max_body_bytes: int = 10_000  # /session/create's JSON body
     resume_s: float = 120.0  # a session whose socket closed keeps its conversation this long for a reconnect (0: off)
     kept_limit: int = 64  # sessions kept for a reconnect at most; past it the oldest ends (each holds its history)
-    pending_per_address: int = 2  # created, not yet connected sessions one client address may hold (loopback:
-    # any number, as for the other per-address limits)
 
 
 class BadMessage(ValueError):
@@ -64,11 +64,14 @@ class BadMessage(ValueError):
 
 
 class Sessions:
-    """The created sessions by id. Owner: the event loop (every method runs there)."""
+    """The created sessions by id. Owner: the event loop (every method runs there). `connections`
+    counts each session against its client address while nobody is connected to it or its socket is
+    quiet (access.Connections, shared with the other routes)."""
 
     def __init__(self, engine, chat_options: ConversationOptions, speaker, options: SessionOptions,
-                 time_limit_s: float | None = None):
+                 time_limit_s: float | None = None, connections: Connections | None = None):
         self.engine = engine
+        self.connections = connections or Connections(exempt=is_loopback)
         self.chat_options = chat_options
         self.speaker = speaker
         self.options = options
@@ -94,6 +97,7 @@ class Sessions:
     def park(self, session: Session) -> None:
         """The socket closed but the session did not end: keep it `resume_s` for a reconnect."""
         session.connected, session.parked = False, True
+        self.connections.let_go(session_key(session))  # a hung-up session holds no slot
         session.conversation.post("cancel")  # nobody hears the rest of a reply in progress; what it said stays
         session.conversation.post("kept", self.options.resume_s)  # not idle while it waits
         self.engine.leave(session.conversation.chat)
@@ -112,6 +116,7 @@ class Sessions:
     def end(self, session: Session) -> None:
         """Never blocks: the conversation and the audio thread close on their own."""
         self.sessions.pop(session.id, None)
+        self.connections.let_go(session_key(session))
         if session.expiry is not None:
             session.expiry.cancel()
         session.conversation.close()
@@ -194,6 +199,8 @@ class Sessions:
             if message["type"] == "websocket.disconnect":
                 return
             pcm, text = message.get("bytes"), message.get("text")
+            if pcm or text:  # not quiet: it holds nothing for the next while (Connections)
+                self.connections.heard(session_key(session))
             try:
                 if pcm is not None:
                     if len(pcm) > limit:
@@ -257,23 +264,33 @@ def session_request(body: dict, chat_options: ConversationOptions) -> tuple[Sett
     return Settings.from_dict(body, Settings(temperature=chat_options.temperature)), rate
 
 
-def add_session_routes(app, engine, chat_options: ConversationOptions, speaker,
-                       options: SessionOptions = SessionOptions(), time_limit_s: float | None = None) -> Sessions:
-    """Serve POST /session/create and WS /ws/audio/{session_id} on `app`; `time_limit_s`: the
-    server's limit per connection (--session-time-limit)."""
-    sessions = Sessions(engine, chat_options, speaker, options, time_limit_s)
-    app.state.sessions = sessions
+def session_key(session: Session) -> tuple:
+    """A session's key in access.Connections.holds."""
+    return ("session", session.id)
 
-    created_by: dict[str, str] = {}  # session id -> the address that created it, until it connects or ends
+
+def add_session_routes(app, engine, chat_options: ConversationOptions, speaker,
+                       options: SessionOptions = SessionOptions(), time_limit_s: float | None = None,
+                       connections: Connections | None = None) -> Sessions:
+    """Serve POST /session/create and WS /ws/audio/{session_id} on `app`; `time_limit_s`: the
+    server's limit per connection (--session-time-limit); `connections`: the server's count of what
+    each address holds unconnected or quiet (one of its own when None)."""
+    sessions = Sessions(engine, chat_options, speaker, options, time_limit_s, connections)
+    app.state.sessions = sessions
 
     @app.post("/session/create")
     async def create_session(request: Request):
-        for session_id in [i for i in created_by if i not in sessions.sessions or sessions.sessions[i].connected]:
-            del created_by[session_id]
         address = request.client.host if request.client else ""
-        if not is_loopback(address) and sum(a == address for a in created_by.values()) >= options.pending_per_address:
-            return failed(429, "too_many_pending", f"Your address has {options.pending_per_address} sessions "
-                          "nobody has connected to yet; connect to one (or wait 10 s) first.")
+        place = object()  # this request's place among what its address holds, until its session has an id
+        if not sessions.connections.hold(place, address):
+            return failed(429, "too_many_pending", "Your address holds sessions nobody has connected to (or other "
+                          "connections not connected, started or speaking); connect to one (or wait 10 s) first.")
+        try:
+            return await create(request, place)
+        finally:
+            sessions.connections.let_go(place)  # unless it went to the session
+
+    async def create(request: Request, place) -> dict | JSONResponse:
         body = b""
         async for chunk in request.stream():
             body += chunk
@@ -291,7 +308,7 @@ def add_session_routes(app, engine, chat_options: ConversationOptions, speaker,
         except EngineFailed as problem:
             metrics.REJECTED.inc()
             return failed(503, "engine_failed", f"The server cannot answer right now ({problem}).")
-        created_by[session.id] = address
+        sessions.connections.rename(place, session_key(session))
         return {"session_id": session.id, "status": "created", "websocket_url": f"/ws/audio/{session.id}",
                 "sample_rate": rate, "settings": asdict(settings), "expires_in_s": options.connect_timeout_s}
 
@@ -318,6 +335,7 @@ def add_session_routes(app, engine, chat_options: ConversationOptions, speaker,
                 return
         session.connected = True
         session.expiry.cancel()
+        sessions.connections.track(session_key(session), websocket.client.host if websocket.client else "")
         await sessions.serve(websocket, session)
 
     return sessions

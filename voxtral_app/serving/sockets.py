@@ -61,12 +61,14 @@ class SocketClosed(Exception):
 class CheckedWebSocket:
     """The socket fastrtc reads: only checked messages reach it, within the deadlines.
 
-    Owned by the connection's task on the event loop.
+    Owned by the connection's task on the event loop. `on_audio()` runs there for each media
+    message that carries audio (access.Connections counts a quiet socket against its address).
     """
 
-    def __init__(self, websocket: WebSocket, phone: bool, time_limit_s: float | None):
+    def __init__(self, websocket: WebSocket, phone: bool, time_limit_s: float | None, on_audio=lambda: None):
         self.websocket = websocket
         self.phone = phone
+        self.on_audio = on_audio
         self.accepted = False
         self.started: dict | None = None  # the `start` message, once it came (fastrtc reads it first)
         self.replayed = False
@@ -127,6 +129,8 @@ class CheckedWebSocket:
                 continue
             if message["event"] == "media":
                 self.last_media = time.monotonic()
+                if message["media"]["payload"]:  # an empty payload keeps the line open but says nothing
+                    self.on_audio()
             return message
 
     async def wait_for_start(self) -> dict:

@@ -5,13 +5,15 @@ each upload is recorded (by the middleware around gradio's upload route) with th
 from; an event may use it only from that address and, from its first use on, only from that page
 session (compat.gradio.guard_input_files asks `allowed`). Each address may upload
 `per_address_bytes` an hour, the server keeps at most `total_bytes`, and a session's files are
-deleted when its page closes.
+deleted when the conversation they were sent into closes (`link_uploads`, `sweep`), or when its
+page closes, whichever comes first.
 """
 
 import asyncio
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -35,18 +37,22 @@ class Upload:
     size: int  # bytes charged (its share of the request body)
     at: float  # monotonic
     session: str | None = None  # the page session that used it first
+    used_at: float | None = None  # clock() at that first use
+    conversation: object | None = None  # the conversation it was sent into (its `closed` Event tells when it ends)
 
 
 class UploadLedger:
     """Uploaded paths and their owners: gradio names an upload by its contents' hash, so two people
     who upload the same file get the same path, each with an entry. Owned by the event loop: the
-    middleware, gradio's event processing and its unload events all run there; files are deleted on
-    a worker thread."""
+    middleware, gradio's event processing, its unload events and the app's sweeper all run there;
+    files are deleted on a worker thread. The page's events tell it from their worker threads which
+    conversation a session's uploads went into through `links`, a queue `sweep()` reads."""
 
     def __init__(self, options: UploadOptions = UploadOptions(), clock=time.monotonic):
         self.options = options
         self.clock = clock
         self.uploads: dict[str, list[Upload]] = {}  # path -> one entry per upload of it
+        self.links: queue.SimpleQueue = queue.SimpleQueue()  # (session, conversation, clock()) from used_in()
 
     def entries(self) -> list[Upload]:
         return [upload for entries in self.uploads.values() for upload in entries]
@@ -80,14 +86,36 @@ class UploadLedger:
         if upload is None:
             logger.warning("refused an event's input file that this page session did not upload")
             return False
-        upload.session = session
+        if upload.session is None:
+            upload.session, upload.used_at = session, self.clock()
         return True
+
+    def used_in(self, session: str, conversation) -> None:
+        """The uploads `session` has used so far went into `conversation` (a page event's, whose
+        audio is decoded by now). Any thread."""
+        self.links.put((session, conversation, self.clock()))
+
+    def sweep(self) -> None:
+        """Delete the uploads whose conversation has closed (the app's sweeper calls this)."""
+        while True:
+            try:
+                session, conversation, at = self.links.get_nowait()
+            except queue.Empty:
+                break
+            for upload in self.entries():
+                if upload.session == session and upload.conversation is None and upload.used_at <= at:
+                    upload.conversation = conversation
+        self.drop(lambda u: u.conversation is not None and u.conversation.closed.is_set())
 
     def forget(self, session: str) -> None:
         """The page closed: forget its uploads, and delete the files nobody else uploaded."""
+        self.drop(lambda u: u.session == session)
+
+    def drop(self, gone_if) -> None:
+        """Forget the uploads `gone_if(upload)` picks, and delete the files nobody else uploaded."""
         gone = []
         for path, entries in list(self.uploads.items()):
-            left = [u for u in entries if u.session != session]
+            left = [u for u in entries if not gone_if(u)]
             if len(left) < len(entries) and not left:
                 gone.append(path)
             if left:
@@ -170,3 +198,19 @@ def limit_conversations(pages, per_address: int, address_of, refuse_turn) -> Non
         return page
 
     pages.take = take_limited
+
+
+def link_uploads(pages, ledger: UploadLedger, session_of) -> None:
+    """Tell `ledger` which conversation each page session's uploads went into: the one a page event
+    finds (ui.PageConversations.live during a call, .take between calls) after decoding them.
+    `session_of()`: the running event's page session (None outside one)."""
+    for name in ("take", "live"):
+        find = getattr(pages, name)
+
+        def found(key, find=find):
+            conversation = find(key)
+            if conversation is not None and (session := session_of()) is not None:
+                ledger.used_in(session, conversation)
+            return conversation
+
+        setattr(pages, name, found)

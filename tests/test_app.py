@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -9,9 +10,11 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import pytest
 
 import app
+from voxtral_app.audio.pcm import SAMPLE_RATE
 from voxtral_app.client import Client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,14 +152,19 @@ def test_listening_addresses_sees_loopback_only_binds():
 
 @pytest.mark.slow  # app.py in a process of its own, served until /health answers, then stopped with SIGTERM
 @pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's /proc/net/tcp")
-def test_as_a_space_runs_it_and_sigterm_with_open_streams_exits_within_10_s(tmp_path):
-    """What a Space does: GRADIO_SERVER_NAME=0.0.0.0 and GRADIO_SERVER_PORT, then `python app.py`; and
-    what it does to stop it: SIGTERM while clients stream."""
+def test_as_a_space_runs_it_without_espeak_and_sigterm_with_open_streams_exits_within_10_s(tmp_path, speech):
+    """What a Space does: GRADIO_SERVER_NAME=0.0.0.0 and GRADIO_SERVER_PORT, then `python app.py`, here on a
+    machine without espeak-ng (text replies, one warning); and what it does to stop it: SIGTERM while
+    clients stream."""
+    bin_dir = tmp_path / "bin"  # a PATH with no programs at all, espeak-ng included
+    bin_dir.mkdir()
+    assert shutil.which("espeak-ng", path=str(bin_dir)) is None
     port = free_port()
-    env = {**os.environ, "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
+           "PATH": str(bin_dir)}
     log = open(tmp_path / "app.log", "w+")
-    process = subprocess.Popen([sys.executable, "app.py", "--model", "tiny-random", "--max-sessions", "2", "--voice",
-                                "espeak"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([sys.executable, "app.py", "--model", "tiny-random", "--max-sessions", "2"], cwd=ROOT,
+                               env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -174,6 +182,18 @@ def test_as_a_space_runs_it_and_sigterm_with_open_streams_exits_within_10_s(tmp_
         children = [line for line in subprocess.run(["ps", "-o", "args=", "--ppid", str(process.pid)],
                                                     capture_output=True, text=True).stdout.splitlines()]
         assert any("-m voxtral_app.model.model_process" in line for line in children), children
+
+        async def spoken_turn():
+            client = await Client.connect(url, spoken=True)  # asks for speech; gets text
+            try:
+                client.say(np.concatenate([speech[: 2 * SAMPLE_RATE], np.zeros(SAMPLE_RATE, np.float32)]))
+                return await client.reply(60)
+            finally:
+                await client.close()
+
+        history = asyncio.run(spoken_turn())
+        assert [m["role"] for m in history] == ["user", "assistant"] and history[1]["content"]
+        assert (tmp_path / "app.log").read_text().count("spoken replies are off") == 1  # one warning, at start
 
         async def run():
             clients = [await Client.connect(url) for _ in range(2)]  # each with its /outputs stream open

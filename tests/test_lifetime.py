@@ -3,13 +3,8 @@ prefill, and an app without a text-to-speech program."""
 
 import asyncio
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
 
-import httpx
 import numpy as np
 import pytest
 from conftest import app_options, write_wav
@@ -98,50 +93,6 @@ def test_a_disconnect_during_a_prefill_does_not_delay_another_client(app_engine,
     print(f"A's update gaps: median {typical * 1000:.0f} ms, worst around B's hang-up "
           f"{max(around, default=0) * 1000:.0f} ms")
     assert around and max(around) - typical < 0.1 + 0.15  # 100 ms target; +150 ms for a prefill of B's turn
-
-
-@pytest.mark.slow  # app.py in a process of its own: imports, a model process and warm-up first
-def test_the_app_serves_text_replies_without_espeak(tmp_path, speech):
-    bin_dir = tmp_path / "bin"  # a PATH with no programs at all, espeak-ng included
-    bin_dir.mkdir()
-    assert shutil.which("espeak-ng", path=str(bin_dir)) is None
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = open(tmp_path / "app.log", "w")
-    env = {**os.environ, "PATH": str(bin_dir)}
-    app = subprocess.Popen([sys.executable, "app.py", "--model", "tiny-random", "--port", str(port)],
-                           cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/health", timeout=1).json()["status"] == "healthy"
-        except (httpx.HTTPError, ValueError):
-            return False
-
-    try:
-        deadline = time.monotonic() + 120
-        while not up() and app.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert app.poll() is None, (tmp_path / "app.log").read_text()[-3000:]
-
-        async def run():
-            client = await Client.connect(url, spoken=True)  # asks for speech; gets text
-            try:
-                client.say(np.concatenate([speech[: 2 * SAMPLE_RATE], np.zeros(SAMPLE_RATE, np.float32)]))
-                return await client.reply(60)
-            finally:
-                await client.close()
-
-        history = asyncio.run(run())
-    finally:
-        app.terminate()
-        app.wait(30)
-        log.close()
-    text = (tmp_path / "app.log").read_text()
-    assert [m["role"] for m in history] == ["user", "assistant"] and history[1]["content"]
-    assert text.count("spoken replies are off") == 1  # one warning, at start
 
 
 def test_hanging_up_during_a_reply_logs_no_error(app_engine, speech, caplog):

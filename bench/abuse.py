@@ -189,17 +189,19 @@ def main() -> None:
     with app_process("tiny-random", args.sessions) as (url, _):
         for name, flood in (("alone", False), ("under every flood", True)):
             latencies, tally = asyncio.run(run(url, args.seconds, flood))
-            answered = [x for x in latencies if x is not None]
+            answered = [x for x in latencies if isinstance(x, float)]  # talk() marks "cut" and "lost" turns too
             refused = any(key.startswith("live client refused") for key in tally)
-            rows.append((name, len(latencies), len(answered), answered, refused, tally))
+            cut = sum(x in ("cut", "lost") for x in latencies)
+            rows.append((name, len(latencies), len(answered), answered, cut, refused, tally))
     with results.recording() as printed:
         print(f"\nlive client: a turn every 6 s for {args.seconds:g} s; --max-sessions {args.sessions}; tiny-random\n")
-        print("| live client | turns | answered | first text p50 / p90 (ms) | ever refused | what the floods got |")
-        print("|---|---|---|---|---|---|")
-        for name, turns, answered, latencies, refused, tally in rows:
+        print("| live client | turns | answered | cut or lost | first text p50 / p90 (ms) | ever refused | "
+              "what the floods got |")
+        print("|---|---|---|---|---|---|---|")
+        for name, turns, answered, latencies, cut, refused, tally in rows:
             got = ", ".join(f"{key} x{count}" for key, count in sorted(tally.items())) or "-"
-            print(f"| {name} | {turns} | {answered} | {percentile(latencies, 50)} / {percentile(latencies, 90)} | "
-                  f"{'yes' if refused else 'no'} | {got} |")
+            print(f"| {name} | {turns} | {answered} | {cut} | {percentile(latencies, 50)} / "
+                  f"{percentile(latencies, 90)} | {'yes' if refused else 'no'} | {got} |")
     results.write("abuse", printed.text, {"rows": rows})
 
 

@@ -123,7 +123,10 @@ def window(a: dict, b: dict) -> str:
 
 
 def users(history: list[dict]) -> int:
-    return sum(m["role"] == "user" for m in history)
+    """The person's turns in a page history: user messages but the captions (what Voxtral heard, in
+    quotes, placed under a turn's clip when its transcript arrives, which may be after its reply)."""
+    return sum(m["role"] == "user" and not (isinstance(m["content"], str) and m["content"].startswith("“"))
+               for m in history)
 
 
 async def talk(url: str, clips: list[np.ndarray], every_s: float, until: float, name: str, heard: dict,

@@ -49,6 +49,7 @@ async def turn(client, clip):
     return await client.reply(60)
 
 
+@pytest.mark.slow  # a live WebRTC call first, then the socket that tries to adopt it
 def test_a_websocket_cannot_adopt_a_live_connection(server, app_engine, speech):
     async def run():
         victim = await Client.connect(server.url)
@@ -236,6 +237,7 @@ def test_socket_misuse_gets_error_events_and_no_tracebacks(server, caplog):
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
 
+@pytest.mark.slow  # waits out the offer deadline
 def test_offers_that_never_connect_are_dropped(app_engine):
     deadline_s = 2.0  # the app's 10 s, shortened
     served = BackgroundServer(create_app(app_engine, app_options(app_engine), ServerOptions(

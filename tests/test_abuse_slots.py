@@ -8,6 +8,7 @@ import secrets
 import time
 
 import httpx
+import pytest
 import websockets
 from conftest import app_options, write_wav
 from servers import BackgroundServer
@@ -76,6 +77,7 @@ def test_one_address_holds_at_most_two_unconnected_sessions_and_a_newcomer_gets_
     assert all(seconds <= 10 for seconds in expires)
 
 
+@pytest.mark.slow  # a page upload turn, then an idle close
 def test_an_upload_is_deleted_when_its_conversation_closes_while_the_page_is_open(app_engine, speech, tmp_path):
     from gradio_client import Client as PageClient
     from gradio_client import handle_file

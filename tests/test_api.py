@@ -85,6 +85,7 @@ def of_type(messages, kind):
     return [m for m in messages if isinstance(m, dict) and m["type"] == kind]
 
 
+@pytest.mark.slow  # spoken turns in real time at two rates
 def test_spoken_and_typed_turns_at_16_and_48_khz(api_server, app_engine, speech):
     clip = speech[: int(1.5 * SAMPLE_RATE)]  # streamed in real time
 

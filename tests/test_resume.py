@@ -141,6 +141,7 @@ def test_a_live_session_is_still_taken_and_an_unknown_id_unknown(server):
     assert resumed == {"type": "resumed", "turns": 1}
 
 
+@pytest.mark.slow  # waits out the resume and time limits
 def test_expired_and_timed_out_sessions_are_gone(small_engine):
     """Past --resume-s the id is unknown; a session that reached the time limit ended for good."""
     server = serve(small_engine, session_time_limit_s=2.0, sessions=SessionOptions(resume_s=0.5))

@@ -66,6 +66,7 @@ def test_two_turns_over_webrtc(live_server, speech, other_speech):
     assert "ms after you stopped" in second[-1]["content"]  # the finished reply's footer
 
 
+@pytest.mark.slow  # two WebRTC calls, a spoken turn each
 def test_two_clients_see_only_their_own_history(live_server, speech, other_speech):
     async def run():
         a = await Client.connect(live_server.url)
@@ -240,6 +241,7 @@ def loud_samples(chunks) -> int:
     return int(sum((np.abs(chunk) > 0.05).sum() for chunk in chunks))
 
 
+@pytest.mark.slow  # a spoken turn and its spoken reply in real time
 def test_spoken_replies_in_the_browser_path(live_server, speech):
     async def run():
         client = await Client.connect(live_server.url, spoken=True)

@@ -214,6 +214,29 @@ def test_one_address_opens_at_most_two_page_conversations(page, app_engine):
     assert not any("conversations open" in w for s in sessions[:2] + [newcomer] for w in warnings[s]), warnings
 
 
+def test_page_conversations_and_unconnected_sessions_share_one_count_per_address(page, app_engine):
+    """An address's idle page conversation and its created-but-unconnected session are counted together:
+    two in all, whichever route the third comes from, while another address is still served."""
+    parking = page.app.state.ui.parking
+    sessions = [secrets.token_hex(5) for _ in range(2)]
+    warnings: list = []
+    try:
+        with client("203.0.113.30") as http, client("203.0.113.31") as elsewhere:
+            join(http, page, "send_text", ["Hello there.", None, "chat", "auto", 0.2], sessions[0])
+            outcome(http, page, sessions[0])  # its conversation now waits between turns
+            created = http.post(f"{page.url}/session/create", json={})
+            second = http.post(f"{page.url}/session/create", json={})
+            join(http, page, "send_text", ["And me?", None, "chat", "auto", 0.2], sessions[1])
+            outcome(http, page, sessions[1], logs=warnings)
+            newcomer = elsewhere.post(f"{page.url}/session/create", json={})
+    finally:
+        parking.close_all()
+    assert created.status_code == 200
+    assert second.status_code == 429 and second.json()["meta"]["error"] == "too_many_pending", second.text
+    assert any("conversations open on this page" in w for w in warnings), warnings
+    assert newcomer.status_code == 200, newcomer.text
+
+
 def test_uploads_are_capped_per_address_and_in_total(app_engine, speech, tmp_path):
     from voxtral_app.serving.app import ServerOptions
     from voxtral_app.serving.uploads import UploadOptions

@@ -16,7 +16,9 @@ every slot (or fastrtc's own connection cap) full of ghosts.
 import logging
 import re
 import secrets
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..compat import fastrtc as compat
@@ -61,8 +63,10 @@ class Connections:
     """Connection ids, their tokens and readers, and what each client address holds (`holds`, keyed
     by `webrtc_key()`, a socket, or a session's key) with the remote ICE candidates each connection
     named (`candidates`). Owned by the event loop: the routes, the socket tasks and the sweeper task
-    call it, nothing else. `exempt(address)`: addresses not counted (loopback); `clock`: monotonic
-    seconds (tests move it by hand)."""
+    call it; the page's worker threads only ask `pending()`, so `holds` is guarded by `held` too.
+    `exempt(address)`: addresses not counted (loopback); `clock`: monotonic seconds (tests move it by
+    hand); `others(address)`: what else the address holds (the page's conversations without a call,
+    uploads.limit_conversations), counted with its holds."""
 
     def __init__(self, options: AccessOptions = AccessOptions(), exempt=lambda address: False, clock=time.monotonic):
         self.options = options
@@ -71,6 +75,8 @@ class Connections:
         self.claims: dict[str, Claim] = {}
         self.seen: dict[str, float] = {}  # peers not claimed here (the page's): when the sweeper first saw them
         self.holds: dict[object, Hold] = {}
+        self.held = threading.Lock()  # guards `holds`; never held while another lock is taken
+        self.others: Callable[[str], int] = lambda address: 0
         self.candidates: dict[tuple, int] = {}  # webrtc_key() -> remote candidates named so far
 
     def claim(self, connection_id, transport_name: str, taken: bool = False) -> str:
@@ -94,43 +100,53 @@ class Connections:
         """Count a new offer or socket (`key`) against `address`; False (refuse it) when the address
         holds `pending_per_address` already, or `key` is counted already (a second offer of one id:
         letting it go would free the first's place)."""
-        if key in self.holds:
-            return False
-        if self.exempt(address):
+        others = 0 if self.exempt(address) else self.others(address)  # asked before `held` is taken
+        with self.held:
+            if key in self.holds:
+                return False
+            if self.exempt(address):
+                return True
+            if self.count(address) + others >= self.options.pending_per_address:
+                logger.info("refused an offer or socket: its address holds %d unconnected or quiet ones",
+                            self.options.pending_per_address)
+                return False
+            self.holds[key] = Hold(address, self.clock())
             return True
-        if self.pending(address) >= self.options.pending_per_address:
-            logger.info("refused an offer or socket: its address holds %d unconnected or quiet ones",
-                        self.options.pending_per_address)
-            return False
-        self.holds[key] = Hold(address, self.clock())
-        return True
 
     def track(self, key, address: str) -> None:
         """Count a connected socket (`key`, whatever it held before) only once it has been quiet for
         `quiet_s` (a session-API socket: its session was counted when it was created)."""
         if not self.exempt(address):
             now = self.clock()
-            self.holds[key] = Hold(address, now, heard=now)
+            with self.held:
+                self.holds[key] = Hold(address, now, heard=now)
 
     def rename(self, key, new_key) -> None:
         """What `key` holds is held under `new_key` from now on (a request's place, once it has an id)."""
-        if (hold := self.holds.pop(key, None)) is not None:
-            self.holds[new_key] = hold
+        with self.held:
+            if (hold := self.holds.pop(key, None)) is not None:
+                self.holds[new_key] = hold
 
     def pending(self, address: str) -> int:
-        """What `address` holds now: offers not connected, sockets not started or quiet."""
+        """What `address` holds now: offers not connected, sockets not started or quiet (any thread)."""
+        with self.held:
+            return self.count(address)
+
+    def count(self, address: str) -> int:
         now = self.clock()
         return sum(1 for hold in self.holds.values() if hold.address == address and (
             hold.heard is None or now - hold.heard > self.options.quiet_s))
 
     def heard(self, key) -> None:
         """A socket started, or sent audio: it holds nothing for the next `quiet_s`."""
-        if (hold := self.holds.get(key)) is not None:
-            hold.heard = self.clock()
+        with self.held:
+            if (hold := self.holds.get(key)) is not None:
+                hold.heard = self.clock()
 
     def let_go(self, key) -> None:
         """The offer connected or failed, the socket closed, the session ended or hung up."""
-        self.holds.pop(key, None)
+        with self.held:
+            self.holds.pop(key, None)
 
     def name_candidates(self, key: tuple, count: int) -> bool:
         """Whether connection `key` may name `count` more remote ICE candidates (and count them)."""
@@ -150,10 +166,11 @@ class Connections:
                 present.add(connection_id)
                 key = webrtc_key(mixin, connection_id)
                 keys.add(key)
-                if (hold := self.holds.get(key)) is not None:
-                    hold.seen = True
-                    if state == "connected":
-                        self.let_go(key)
+                with self.held:
+                    if (hold := self.holds.get(key)) is not None:
+                        hold.seen = True
+                if hold is not None and state == "connected":
+                    self.let_go(key)
                 claim = self.claims.get(connection_id)
                 age = now - (claim.claimed if claim else self.seen.setdefault(connection_id, now))
                 conversation = getattr(handler, "conversation", None)
@@ -166,7 +183,9 @@ class Connections:
                 await compat.drop_connection(mixin, connection_id)
         self.seen = {i: t for i, t in self.seen.items() if i in present}
         self.candidates = {key: n for key, n in self.candidates.items() if key in keys}
-        for key, hold in list(self.holds.items()):  # an offer whose peer is gone (or never came) holds nothing
+        with self.held:
+            holds = list(self.holds.items())
+        for key, hold in holds:  # an offer whose peer is gone (or never came) holds nothing
             gone = hold.seen or now - hold.since > self.options.offer_deadline_s
             if isinstance(key, tuple) and key[0] == "webrtc" and key not in keys and gone:
                 self.let_go(key)

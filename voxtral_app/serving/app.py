@@ -390,8 +390,8 @@ def create_app(engine: Engine, chat_options: ConversationOptions | None = None, 
     gr.mount_gradio_app(app, ui, path="/", auth=guard_login(options.guard))
     gradio_compat.guard_input_files(ui, ledger.allowed, ledger.forget)
     gradio_compat.bound_queue(ui, options.page_events_per_address, exempt=is_loopback)
-    limit_conversations(ui.conversations, options.page_conversations_per_address, gradio_compat.event_address,
-                        gr.Warning)
+    connections.others = limit_conversations(ui.conversations, options.page_conversations_per_address,
+                                             gradio_compat.event_address, gr.Warning, held=connections.pending)
     link_uploads(ui.conversations, ledger, gradio_compat.event_session)
     gradio_compat.check_audio_files(lambda path: check_header(path, engine.options.max_audio_s))
     gradio_compat.quiet_errors(app)

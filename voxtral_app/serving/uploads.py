@@ -16,6 +16,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .guard import is_loopback, refuse
@@ -172,25 +173,36 @@ class UploadGate:
                 logger.warning("gradio's upload route answered something other than a JSON list")
 
 
-def limit_conversations(pages, per_address: int, address_of, refuse_turn) -> None:
+def limit_conversations(pages, per_address: int, address_of, refuse_turn,
+                        held: Callable[[str], int] = lambda address: 0) -> Callable[[str], int]:
     """At most `per_address` conversations opened by the page's typed or uploaded turns without a call
     (ui.PageConversations.take: a script's request without a page load gets a new page key each
-    time, so made-up requests each opened one and took every slot) per client address.
+    time, so made-up requests each opened one and took every slot) per client address, counted with
+    what else it `held` (access.Connections.pending: unconnected offers and sessions, quiet sockets).
     `address_of()`: the running event's client address; `refuse_turn(message)` tells the person.
-    `owners` is guarded by `lock`."""
+    -> the number of such conversations an address has (any thread). `owners` is guarded by `lock`."""
     take = pages.take
-    lock = threading.Lock()
+    lock = threading.Lock()  # never held while another lock is taken
     owners: dict[str, tuple[str, object]] = {}  # page key -> (address, the conversation it opened)
+
+    def opened(address: str) -> int:
+        with lock:
+            for gone in [k for k, (_, page) in owners.items() if page.closed.is_set()]:
+                del owners[gone]
+            return sum(a == address for a, _ in owners.values())
 
     def take_limited(key):
         address = address_of() or ""
         if is_loopback(address):  # exempt, as for the other per-address limits
             return take(key)
+        elsewhere = held(address)  # asked before `lock` is taken
         with lock:
             for gone in [k for k, (_, page) in owners.items() if page.closed.is_set()]:
                 del owners[gone]
-            if key.value not in owners and sum(a == address for a, _ in owners.values()) >= per_address:
-                refuse_turn(f"Your address has {per_address} conversations open on this page; close one first.")
+            mine = sum(a == address for a, _ in owners.values())
+            if key.value not in owners and mine + elsewhere >= per_address:
+                refuse_turn(f"Your address has {per_address} conversations open on this page or connections "
+                            "waiting elsewhere; close one first.")
                 return None
             page = take(key)  # under the lock: two requests at once cannot both take the last place
             if page is not None:
@@ -198,6 +210,7 @@ def limit_conversations(pages, per_address: int, address_of, refuse_turn) -> Non
         return page
 
     pages.take = take_limited
+    return opened
 
 
 def link_uploads(pages, ledger: UploadLedger, session_of) -> None:

@@ -16,6 +16,7 @@ from twilio.request_validator import RequestValidator
 
 from voxtral_app.audio.pcm import SAMPLE_RATE
 from voxtral_app.serving.app import ServerOptions, create_app
+from voxtral_app.serving.handler import PHONE_PIECE_S
 
 PHONE_RATE = 8_000  # Hz, Twilio's mu-law
 FRAME_S = 0.02
@@ -62,6 +63,10 @@ class Call:
             await asyncio.sleep(FRAME_S)
         raise TimeoutError(f"no such message; got events {sorted({m.get('event') for m in self.received})}")
 
+    def pieces(self) -> list[int]:
+        """The length of each media message received, in mu-law bytes (samples)."""
+        return [len(base64.b64decode(m["media"]["payload"])) for m in self.received if m.get("event") == "media"]
+
     def reply_audio(self) -> np.ndarray:
         payloads = [base64.b64decode(m["media"]["payload"]) for m in self.received if m.get("event") == "media"]
         pcm = ulaw2lin(b"".join(payloads))
@@ -79,6 +84,8 @@ def test_the_callers_mulaw_is_g711():
 
 @pytest.mark.slow  # a call in real time: three spoken turns, two spoken replies
 def test_phone_call_two_spoken_turns_and_barge_in(app_engine, speech, other_speech):
+    """Replies come back as speech in short pieces: fastrtc waits out 0.75x a piece's length before the
+    next whatever happens meanwhile, so a long piece held back the reply after a barge-in."""
     server = BackgroundServer(create_app(app_engine, app_options(app_engine, reply_tokens=400)))
     silence = np.zeros(SAMPLE_RATE, np.float32)
 
@@ -89,7 +96,7 @@ def test_phone_call_two_spoken_turns_and_barge_in(app_engine, speech, other_spee
             await call.speak(np.concatenate([speech[: 3 * SAMPLE_RATE], silence]))
             await call.wait_for(lambda m: m.get("event") == "media")
             await asyncio.sleep(2.0)
-            first = call.reply_audio()
+            first, pieces = call.reply_audio(), call.pieces()
             call.received.clear()
 
             await ws.send(json.dumps({"event": "mark", "streamSid": SID, "mark": {"name": "reply-1"}}))
@@ -102,14 +109,15 @@ def test_phone_call_two_spoken_turns_and_barge_in(app_engine, speech, other_spee
 
             await ws.send(json.dumps({"event": "stop", "streamSid": SID}))
             call.reader.cancel()
-            return first, clear
+            return first, pieces + call.pieces(), clear
 
     try:
-        first, clear = asyncio.run(run())
+        first, pieces, clear = asyncio.run(run())
     finally:
         server.stop()
     assert len(first) > 0.5 * PHONE_RATE and np.abs(first).max() > 0.05  # real speech came back
     assert clear["streamSid"] == SID
+    assert max(pieces) <= PHONE_PIECE_S * PHONE_RATE, max(pieces) / PHONE_RATE  # mu-law: a byte a sample
 
 
 def test_phone_bad_messages_do_not_end_the_call(live_server):

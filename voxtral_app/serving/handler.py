@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 OUTPUT_RATE = 24_000  # Hz of the audio track fastrtc sends back
 EMIT_WAIT_S = 0.02  # emit() blocks this long for an output (fastrtc calls it in a loop)
 PHONE_RATE = 8_000  # Hz, Twilio's mu-law; phone audio is resampled on our threads, never on the event loop
+# fastrtc sends a phone's audio a piece at a time and sleeps 0.75x each piece's length before the next,
+# deaf to a barge-in's clear: a whole sentence as one piece held the next reply back by up to ~9 s
+PHONE_PIECE_S = 0.2
 PEER_SILENT_S = 5.0  # a live microphone sends frames even in silence: none for this long means the peer is gone
 HEARD_FRAMES_MAX = 250  # WebRTC frames (5 s) waiting for the hearing thread; more are dropped, not queued
 ALIVE_EVERY_S = 10.0  # while audio arrives, the conversation hears so this often (its idle clock starts again)
@@ -301,7 +304,7 @@ class VoxtralHandler(StreamHandler):
             if not self.rendered:
                 return None
         item = self.rendered.popleft()
-        if isinstance(item, CloseStream):
+        if isinstance(item, CloseStream | tuple):  # a tuple: the rest of a phone reply's audio, a piece
             return item
         if item == HUSH:
             logger.debug("%s: hush", self.transport_name)
@@ -380,8 +383,13 @@ class VoxtralHandler(StreamHandler):
         if output.audio is None:
             return outputs
         rate, samples = output.audio
-        if self.phone_mode and rate != PHONE_RATE:  # here, not in fastrtc's librosa call on the event loop
-            samples, rate = soxr.resample(samples, rate, PHONE_RATE).astype(np.float32), PHONE_RATE
+        if self.phone_mode:
+            if rate != PHONE_RATE:  # here, not in fastrtc's librosa call on the event loop
+                samples, rate = soxr.resample(samples, rate, PHONE_RATE).astype(np.float32), PHONE_RATE
+            piece = int(PHONE_PIECE_S * PHONE_RATE)  # the rest goes next, before anything rendered after it; a
+            self.rendered.extendleft((rate, samples[i:i + piece])  # hush clears what fastrtc has queued of it
+                                     for i in reversed(range(piece, len(samples), piece)))
+            samples = samples[:piece]
         return (rate, samples), outputs
 
     def stop_speaking(self) -> None:

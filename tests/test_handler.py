@@ -18,6 +18,7 @@ from voxtral_app.conversation.parking import Parking
 from voxtral_app.serving import handler as handlers
 from voxtral_app.serving.handler import VoxtralHandler
 from voxtral_app.serving.page_calls import PageCalls, PageKey
+from voxtral_app.serving.ui import PageConversations
 
 FRAME = 960  # samples per 20 ms at 48 kHz, as aiortc's Opus decoder hands them
 
@@ -175,6 +176,40 @@ def test_a_pages_connections_continue_its_one_conversation(engine):
     finally:
         parking.close_all()
     assert conversation.closed.wait(10)
+
+
+def test_a_page_closed_while_its_call_parks_the_conversation_frees_its_slot(engine):
+    """Closing a tab ends its call and unloads its page at about the same moment. An unload that came
+    after the call let go of the conversation but before it was parked found it nowhere, and the
+    conversation then held its slot for --resume-s; now the parking closes it. So for a typed turn's
+    reply that ends after its page has closed."""
+    parking = Parking(resume_s=120)
+    calls = PageCalls(parking)
+    page = VoxtralHandler(engine, ConversationOptions(), calls=calls)
+    pages = PageConversations(engine, page, calls)
+    key = PageKey()
+    pages.opened("a-page-session", key)
+    connection = page_connection(page)
+    connection.set_args(controls(key))
+    conversation = connection.conversation
+    park = calls.park
+
+    def unloaded_first(*args):
+        pages.closed("a-page-session")  # the call has let go (its conversation_of is None), not yet parked
+        park(*args)
+
+    calls.park = unloaded_first
+    try:
+        connection.shutdown()
+        assert conversation.closed.wait(10) and len(parking) == 0
+        calls.park = park
+        typed = pages.take(key := PageKey())  # a typed turn between calls has the conversation out
+        pages.opened("another-page-session", key)
+        pages.closed("another-page-session")
+        pages.park(key, typed)  # its reply done
+        assert typed.closed.wait(10) and len(parking) == 0
+    finally:
+        parking.close_all()
 
 
 def test_a_pages_call_ends_in_words_at_its_time_limit_at_shutdown_and_when_refused(engine):

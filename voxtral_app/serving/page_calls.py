@@ -7,10 +7,13 @@ The page (ui.py) makes a PageKey when it loads and keeps it server-side; the pag
 
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 
 from ..conversation.conversation import Conversation
 from .chat_view import ChatView
+
+GONE_KEPT_S = 600.0  # a closed page's key is remembered this long: longer than a call takes to notice its end
 
 
 @dataclass(frozen=True)
@@ -41,12 +44,15 @@ class PageConversation:
 class PageCalls:
     """Where each page's conversation is: held by the page's connection (its call), or parked
     between calls (`parking`, a conversation.parking.Parking of PageConversations). Any thread:
-    `holders` (page key -> the connection holding its conversation) is guarded by `lock`."""
+    `holders` (page key -> the connection holding its conversation) and `gone` (closed pages' keys ->
+    when, kept GONE_KEPT_S for a connection or typed turn that still has their conversation out)
+    are guarded by `lock`."""
 
     def __init__(self, parking):
         self.parking = parking
         self.lock = threading.Lock()
         self.holders: dict[str, object] = {}
+        self.gone: dict[str, float] = {}
 
     def take(self, key: PageKey, taker: "object | None" = None) -> PageConversation | None:
         """The page's conversation for `taker` (a new connection; None: a typed or uploaded turn
@@ -62,16 +68,36 @@ class PageCalls:
 
     def park(self, key: PageKey, page: PageConversation, holder: "object | None" = None) -> None:
         """Keep the page's conversation for its next call (or typed turn). It still counts against
-        --max-sessions: the page is open (its unload closes it), someone may type into it any time."""
-        self.release(key, holder)
-        page.conversation.post("kept", self.parking.resume_s)  # not idle while it waits for the page
-        self.parking.park(key.value, page)
+        --max-sessions: the page is open (its unload closes it), someone may type into it any time.
+        A page that has closed meanwhile (`forget`) gets it closed instead."""
+        with self.lock:  # held while parking: the page's unload looks in the parking only after
+            gone = self._release(key, holder)
+            if not gone:
+                page.conversation.post("kept", self.parking.resume_s)  # not idle while it waits for the page
+                self.parking.park(key.value, page)
+        if gone:
+            page.close()
 
     def release(self, key: PageKey, holder: "object | None") -> None:
         """`holder` no longer holds the page's conversation (it parked it, or never got one)."""
         with self.lock:
-            if holder is not None and self.holders.get(key.value) is holder:
-                del self.holders[key.value]
+            self._release(key, holder)
+
+    def _release(self, key: PageKey, holder: "object | None") -> bool:
+        """Under `lock`: let `holder` go. -> whether the page has closed (`forget`)."""
+        if holder is not None and self.holders.get(key.value) is holder:
+            del self.holders[key.value]
+        return key.value in self.gone
+
+    def forget(self, key: PageKey) -> None:
+        """The page has closed: its conversation closes, even if its connection parks it only now."""
+        now = time.monotonic()
+        with self.lock:
+            self.gone[key.value] = now
+            while (oldest := next(iter(self.gone.items()), None)) and oldest[1] < now - GONE_KEPT_S:
+                del self.gone[oldest[0]]  # in the order they closed
+        if (page := self.parking.take(key.value)) is not None:
+            page.close()
 
     def live(self, key: PageKey | None) -> Conversation | None:
         """The page's conversation while its call is up."""

@@ -143,8 +143,7 @@ class PageConversations:
             return
         if (conversation := self.live(key)) is not None:  # its call is still up (until ICE notices): end it too
             conversation.close()
-        if (page := self.calls.parking.take(key.value)) is not None:
-            page.close()
+        self.calls.forget(key)  # parked, or parked by its connection from now on
 
 
 def build_ui(engine, handler: VoxtralHandler, concurrency_limit: int, time_limit: float | None,

@@ -60,6 +60,7 @@ def test_real_speech_file_reads(speech):
     assert 20 < len(speech) / SAMPLE_RATE < 21
 
 
+@pytest.mark.slow  # 40 s of audio: two encoder chunks through the engine
 def test_over_long_audio_through_the_engine(engine, speech):
     chat = engine.open_chat()
     try:

@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 
+@pytest.mark.slow  # gradio clients upload from more page sessions than slots
 def test_uploads_from_more_page_sessions_than_slots_give_their_slots_back(app_engine, speech, tmp_path, monkeypatch):
     from gradio_client import Client as PageClient
     from gradio_client import handle_file
@@ -95,6 +96,7 @@ def test_a_disconnect_during_a_prefill_does_not_delay_another_client(app_engine,
     assert around and max(around) - typical < 0.1 + 0.15  # 100 ms target; +150 ms for a prefill of B's turn
 
 
+@pytest.mark.slow  # a WebRTC call hung up mid-reply (2000 tokens)
 def test_hanging_up_during_a_reply_logs_no_error(app_engine, speech, caplog):
     """The reply goes on streaming after the page has gone: nothing is sent on its closed data channel
     (fastrtc logged aiortc's InvalidStateError with a traceback for every update, issue 9's "Stop")."""

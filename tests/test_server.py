@@ -152,6 +152,7 @@ def mulaw_frames(audio, rate, frame_s=0.02):
         yield base64.b64encode(lin2ulaw(pcm[i:i + step])).decode()
 
 
+@pytest.mark.slow  # a WebSocket turn sent in real time
 def test_websocket_turn_and_bad_messages(live_server, speech):
     async def run():
         ws_url = live_server.url.replace("http", "ws") + "/websocket/offer"

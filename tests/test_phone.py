@@ -63,13 +63,16 @@ class Call:
             await asyncio.sleep(FRAME_S)
         raise TimeoutError(f"no such message; got events {sorted({m.get('event') for m in self.received})}")
 
+    def payloads(self) -> list[bytes]:
+        """The mu-law audio of each media message received (a byte a sample)."""
+        return [base64.b64decode(m["media"]["payload"]) for m in self.received if m.get("event") == "media"]
+
     def pieces(self) -> list[int]:
-        """The length of each media message received, in mu-law bytes (samples)."""
-        return [len(base64.b64decode(m["media"]["payload"])) for m in self.received if m.get("event") == "media"]
+        """The length of each media message received, in samples."""
+        return [len(payload) for payload in self.payloads()]
 
     def reply_audio(self) -> np.ndarray:
-        payloads = [base64.b64decode(m["media"]["payload"]) for m in self.received if m.get("event") == "media"]
-        pcm = ulaw2lin(b"".join(payloads))
+        pcm = ulaw2lin(b"".join(self.payloads()))
         return pcm.astype(np.float32) / 32768
 
 

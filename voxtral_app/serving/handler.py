@@ -386,10 +386,11 @@ class VoxtralHandler(StreamHandler):
         if self.phone_mode:
             if rate != PHONE_RATE:  # here, not in fastrtc's librosa call on the event loop
                 samples, rate = soxr.resample(samples, rate, PHONE_RATE).astype(np.float32), PHONE_RATE
-            piece = int(PHONE_PIECE_S * PHONE_RATE)  # the rest goes next, before anything rendered after it; a
-            self.rendered.extendleft((rate, samples[i:i + piece])  # hush clears what fastrtc has queued of it
-                                     for i in reversed(range(piece, len(samples), piece)))
-            samples = samples[:piece]
+            step = int(PHONE_PIECE_S * PHONE_RATE)
+            pieces = [samples[i:i + step] for i in range(0, len(samples), step)] or [samples]
+            # the rest go next, before anything rendered after this output; a hush clears what fastrtc has queued
+            self.rendered.extendleft((rate, piece) for piece in reversed(pieces[1:]))
+            samples = pieces[0]
         return (rate, samples), outputs
 
     def stop_speaking(self) -> None:

@@ -212,6 +212,18 @@ def test_a_page_closed_while_its_call_parks_the_conversation_frees_its_slot(engi
         parking.close_all()
 
 
+def test_closed_pages_are_remembered_within_a_bound(monkeypatch):
+    """A client that opens and closes pages as fast as it can does not grow the closed pages' keys without end."""
+    from voxtral_app.serving import page_calls
+
+    monkeypatch.setattr(page_calls, "GONE_MAX", 100)
+    calls = PageCalls(Parking(resume_s=120))
+    keys = [PageKey() for _ in range(1000)]
+    for key in keys:
+        calls.forget(key)
+    assert len(calls.gone) == 100 and keys[-1].value in calls.gone and keys[0].value not in calls.gone
+
+
 def test_a_pages_call_ends_in_words_at_its_time_limit_at_shutdown_and_when_refused(engine):
     now = [100.0]
     parking = Parking(resume_s=120)

@@ -14,6 +14,7 @@ from ..conversation.conversation import Conversation
 from .chat_view import ChatView
 
 GONE_KEPT_S = 600.0  # a closed page's key is remembered this long: longer than a call takes to notice its end
+GONE_MAX = 50_000  # and at most this many (~8 MB), however fast pages open and close
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ class PageCalls:
     """Where each page's conversation is: held by the page's connection (its call), or parked
     between calls (`parking`, a conversation.parking.Parking of PageConversations). Any thread:
     `holders` (page key -> the connection holding its conversation) and `gone` (closed pages' keys ->
-    when, kept GONE_KEPT_S for a connection or typed turn that still has their conversation out)
-    are guarded by `lock`."""
+    when, kept GONE_KEPT_S, GONE_MAX at most, for a connection or typed turn that still has their
+    conversation out) are guarded by `lock`."""
 
     def __init__(self, parking):
         self.parking = parking
@@ -94,7 +95,8 @@ class PageCalls:
         now = time.monotonic()
         with self.lock:
             self.gone[key.value] = now
-            while (oldest := next(iter(self.gone.items()), None)) and oldest[1] < now - GONE_KEPT_S:
+            while (oldest := next(iter(self.gone.items()), None)) and (oldest[1] < now - GONE_KEPT_S
+                                                                        or len(self.gone) > GONE_MAX):
                 del self.gone[oldest[0]]  # in the order they closed
         if (page := self.parking.take(key.value)) is not None:
             page.close()

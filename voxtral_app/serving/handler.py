@@ -35,7 +35,8 @@ OUTPUT_RATE = 24_000  # Hz of the audio track fastrtc sends back
 EMIT_WAIT_S = 0.02  # emit() blocks this long for an output (fastrtc calls it in a loop)
 PHONE_RATE = 8_000  # Hz, Twilio's mu-law; phone audio is resampled on our threads, never on the event loop
 # fastrtc sends a phone's audio a piece at a time and sleeps 0.75x each piece's length before the next,
-# deaf to a barge-in's clear: a whole sentence as one piece held the next reply back by up to ~9 s
+# deaf to a barge-in's clear: a whole sentence (up to ~12 s of speech) as one piece held the next reply
+# back for up to 0.75x its length
 PHONE_PIECE_S = 0.2
 PEER_SILENT_S = 5.0  # a live microphone sends frames even in silence: none for this long means the peer is gone
 HEARD_FRAMES_MAX = 250  # WebRTC frames (5 s) waiting for the hearing thread; more are dropped, not queued
